@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make demo` (set up, then train digits-cnn at 2 ranks) and `make test`.
+# Both run scripts/setup.sh first, which is idempotent and takes seconds once everything is installed.
+VENV ?= $(CURDIR)/.venv
+BIN := $(VENV)/bin
+NP ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-parallel test-e2e lint clean
+
+setup:
+	VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-parallel: setup
+	$(BIN)/python -m pytest tests/parallel $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,59 @@
+"""hvdtrain: data-parallel Keras training on Horovod, and compression of the trained models.
+
+The public API for a user's own ``model.fit`` script::
+
+    import hvdtrain
+    hvdtrain.init()                                      # Horovod, threads per rank, GPU by local rank
+    ds = hvdtrain.shard(dataset, batch_size=32)          # equal batches on every rank
+    opt = hvdtrain.wrap_optimizer(tf.keras.optimizers.Adam(1e-3 * hvdtrain.size()))
+    model.compile(optimizer=opt, loss=..., metrics=[...])
+    model.fit(ds, callbacks=hvdtrain.callbacks.default_callbacks(...), verbose=int(hvdtrain.is_chief()))
+
+Importing is cheap: nothing initialises and TensorFlow is not imported until it is needed.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hvdtrain.distributed import (
+    allreduce,
+    barrier,
+    broadcast_object,
+    init,
+    is_chief,
+    local_rank,
+    local_size,
+    rank,
+    size,
+    wrap_optimizer,
+)
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__version__ = "0.1.0"
+
+
+def shard(dataset: "tf.data.Dataset", batch_size: int | None = None, num_examples: int | None = None):
+    """This rank's shard of a finite, unbatched ``dataset``, with the same number of batches on every rank.
+
+    See :func:`hvdtrain.data.sharding.shard_dataset`.
+    """
+    from hvdtrain.data.sharding import shard_dataset
+
+    return shard_dataset(dataset, rank(), size(), batch_size=batch_size, num_examples=num_examples)
+
+
+def __getattr__(name: str):
+    # `hvdtrain.callbacks` imports TensorFlow, so it is loaded on first use.
+    if name == "callbacks":
+        import importlib
+
+        return importlib.import_module("hvdtrain.callbacks")
+    raise AttributeError(f"module 'hvdtrain' has no attribute '{name}'")
+
+
+__all__ = [
+    "allreduce", "barrier", "broadcast_object", "callbacks", "init", "is_chief", "local_rank", "local_size",
+    "rank", "shard", "size", "wrap_optimizer",
+]

@@ -1,0 +1,224 @@
+"""Keras callbacks for data-parallel training, and their order.
+
+``default_callbacks(...)`` returns them in the order that matters:
+
+1. ``broadcast`` (``BroadcastGlobalVariablesCallback(0)``): after the first batch every rank holds rank 0's
+   weights and optimizer state, whatever its random init.
+2. ``metric_average`` (``MetricAverageCallback``): replaces each epoch's logs by the mean over ranks. It comes
+   before every callback that reads the logs (early stopping, checkpoints, loggers), so that all ranks see the same
+   numbers and take the same decisions; a decision taken on one rank only leaves the others hanging.
+3. :class:`LearningRateScheduleCallback`: warmup then schedule, the same on every rank.
+4. :class:`NanGuard`: stops with a message naming the epoch and step when the loss is NaN or Inf.
+5. ``EarlyStopping`` (optional) on averaged validation loss.
+6. Chief only: :class:`CheckpointCallback`, :class:`MetricsLogger` and ``TensorBoard``. Other ranks write nothing.
+
+Each callback is importable by name for users who assemble their own list.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from hvdtrain import artifacts, distributed
+from hvdtrain.errors import HvdtrainError
+
+
+def broadcast_initial_state(root_rank: int = 0) -> tf.keras.callbacks.Callback:
+    """Broadcast all model and optimizer variables from ``root_rank`` at the end of the first batch."""
+    return distributed.broadcast_callback(root_rank)
+
+
+def metric_average() -> tf.keras.callbacks.Callback:
+    """Average the logged metrics across ranks at every epoch end."""
+    return distributed.metric_average_callback()
+
+
+class LearningRateScheduleCallback(tf.keras.callbacks.Callback):
+    """Set the optimizer's learning rate before each batch from ``schedule(global_step)``.
+
+    Args:
+        schedule: a function of the optimizer step, e.g. :class:`hvdtrain.schedule.WarmupSchedule`.
+        steps_per_epoch: batches per epoch on each rank (to count steps across epochs).
+        initial_step: step to start from (a resumed run).
+    """
+
+    def __init__(self, schedule, steps_per_epoch: int, initial_step: int = 0):
+        super().__init__()
+        self.schedule = schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.step = initial_step
+        self._epoch = 0
+
+    def _set(self, value: float) -> None:
+        opt = self.model.optimizer
+        inner = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer
+        inner.learning_rate.assign(value) if hasattr(inner.learning_rate, "assign") else setattr(
+            inner, "learning_rate", value
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self.step = max(self.step, epoch * self.steps_per_epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.step = self._epoch * self.steps_per_epoch + batch
+        self._set(self.schedule(self.step))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lr"] = float(self.schedule(self.step))
+
+
+class NanGuard(tf.keras.callbacks.Callback):
+    """Stop training with a clear error when the loss becomes NaN or Inf.
+
+    Under ``mixed_float16`` the loss scaler already skips overflowing steps, but a NaN *loss* is still a divergence.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise HvdtrainError(
+                f"loss became {float(loss)} at epoch {self._epoch + 1}, step {batch + 1}; "
+                "lower train.learning_rate or raise train.warmup_epochs"
+            )
+
+
+class CheckpointCallback(tf.keras.callbacks.Callback):
+    """Chief-only checkpoints of weights, optimizer state and progress, written atomically; keeps the last K.
+
+    Each checkpoint is a directory ``epoch-NNNN/`` holding a TensorFlow checkpoint and ``state.json``; it is
+    written under a temporary name and renamed into place, so a crash never leaves a half-written one. A checkpoint
+    whose loss is NaN is never written.
+    """
+
+    def __init__(self, directory: str | Path, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0):
+        super().__init__()
+        self.directory = Path(directory)
+        self.every_epochs = max(1, every_epochs)
+        self.keep = max(1, keep)
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if (epoch + 1) % self.every_epochs:
+            return
+        if any(isinstance(v, float) and not math.isfinite(v) for v in logs.values()):
+            return
+        save_checkpoint(self.model, self.directory, epoch + 1, self.steps_per_epoch, logs)
+        prune_checkpoints(self.directory, self.keep)
+
+
+_CKPT = re.compile(r"^epoch-(\d{4,})$")
+
+
+def save_checkpoint(model: tf.keras.Model, directory: str | Path, epoch: int, steps_per_epoch: int,
+                    logs: dict[str, Any] | None = None) -> Path:
+    """Write ``directory/epoch-NNNN`` atomically; returns its path."""
+    target = Path(directory) / f"epoch-{epoch:04d}"
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    with artifacts.atomic_path(target, suffix=".tmp") as tmp:
+        tmp.mkdir()
+        ckpt.write(str(tmp / "ckpt"))
+        artifacts.write_json(tmp / "state.json", {
+            "epoch": epoch, "steps_per_epoch": steps_per_epoch, "step": epoch * steps_per_epoch,
+            "logs": {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))},
+        })
+    return target
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and _CKPT.match(p.name)]
+    return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class MetricsLogger(tf.keras.callbacks.Callback):
+    """Chief-only ``metrics.jsonl``: one line per epoch with the averaged metrics, lr, time and throughput."""
+
+    def __init__(self, path: str | Path, examples_per_epoch: int, rows: list[dict] | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.examples_per_epoch = examples_per_epoch
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._start
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+        row["epoch_seconds"] = seconds
+        row["examples_per_sec"] = self.examples_per_epoch / seconds if seconds > 0 else None
+        self.rows.append(row)
+        artifacts.write_jsonl(self.path, self.rows)
+
+
+def default_callbacks(
+    *,
+    schedule=None,
+    steps_per_epoch: int = 0,
+    output_dir: str | Path | None = None,
+    examples_per_epoch: int = 0,
+    checkpoint_every_epochs: int = 1,
+    keep_checkpoints: int = 3,
+    early_stopping_patience: int = 0,
+    tensorboard: bool = True,
+    initial_step: int = 0,
+) -> list[tf.keras.callbacks.Callback]:
+    """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
+
+    Args:
+        schedule: learning rate as a function of the step (None keeps the optimizer's rate).
+        steps_per_epoch: batches per epoch on each rank (needed with ``schedule`` and checkpoints).
+        output_dir: where the chief writes checkpoints, ``metrics.jsonl`` and TensorBoard logs (None: nothing).
+        examples_per_epoch: examples all ranks process per epoch, for the throughput in ``metrics.jsonl``.
+        checkpoint_every_epochs, keep_checkpoints: checkpoint cadence and how many to keep.
+        early_stopping_patience: epochs without ``val_loss`` improvement before stopping (0: off).
+        tensorboard: write TensorBoard logs on the chief.
+        initial_step: optimizer step to start the schedule from (resumed runs).
+
+    Returns:
+        A list for ``model.fit(callbacks=...)``.
+    """
+    cbs: list[tf.keras.callbacks.Callback] = [broadcast_initial_state(0), metric_average()]
+    if schedule is not None:
+        if steps_per_epoch < 1:
+            raise ValueError("default_callbacks(schedule=...) needs steps_per_epoch")
+        cbs.append(LearningRateScheduleCallback(schedule, steps_per_epoch, initial_step))
+    cbs.append(NanGuard())
+    if early_stopping_patience:
+        cbs.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
+                                                    restore_best_weights=True))
+    if output_dir is not None and distributed.is_chief():
+        out = Path(output_dir)
+        cbs.append(CheckpointCallback(out / "checkpoints", checkpoint_every_epochs, keep_checkpoints,
+                                      steps_per_epoch))
+        cbs.append(MetricsLogger(out / "metrics.jsonl", examples_per_epoch))
+        if tensorboard:
+            cbs.append(tf.keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), profile_batch=0))
+    return cbs

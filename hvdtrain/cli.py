@@ -1,0 +1,102 @@
+"""The ``hvdtrain`` command: train | recipes | models (more commands land with their issues).
+
+Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from hvdtrain.errors import HvdtrainError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's own logs")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--recipe", help="a recipe shipped with hvdtrain (see `hvdtrain recipes`); default digits-cnn")
+    src.add_argument("--config", help="a YAML config file of your own")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``hvdtrain`` command."""
+    top = argparse.ArgumentParser(prog="hvdtrain", description="Data-parallel Keras training on Horovod.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (one process, or every rank under horovodrun/mpirun)")
+    _config_args(p)
+    p.add_argument("--output", required=True, help="directory for the run's artifacts (written by rank 0)")
+    _common(p)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    _common(p)
+    p = sub.add_parser("models", help="list the registered models and their parameters")
+    _common(p)
+    return top
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hvdtrain import config, train
+
+    cfg = config.load(args.recipe, args.config, args.overrides)
+    train.run(cfg, args.output)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from hvdtrain import config
+
+    for name in config.recipe_names():
+        cfg = config.load(name)
+        print(f"{name:22s} model={cfg.model.name:13s} data={cfg.data.source}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import models
+
+    for name in models.names():
+        params = ", ".join(f"{k}={v!r}" for k, v in models.params_of(name).items())
+        print(f"{name:13s} {params}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = parser().parse_args(argv)
+    if not args.debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return COMMANDS[args.command](args)
+    except HvdtrainError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hvdtrain: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hvdtrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"hvdtrain: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+def entry() -> None:
+    """Console-script wrapper."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,272 @@
+"""One typed, strict, frozen config.
+
+A run is described by a :class:`Config`: a tree of frozen dataclasses loaded from a YAML recipe shipped with the
+package (``--recipe NAME``) or a user's file (``--config FILE``), then overridden by ``--set section.key=value``.
+Unknown keys and wrong types raise :class:`~hvdtrain.errors.ConfigError` naming the key and the nearest valid one.
+Each component receives only its own section (``build_model(cfg.model)``, ``make_data(cfg.data)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hvdtrain.errors import ConfigError, closest
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which registered builder to call and the keyword arguments to give it (checked against its signature)."""
+
+    name: str = "cnn"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they are batched on each rank."""
+
+    source: Literal["digits", "synthetic", "tfrecord", "text", "npz"] = "digits"
+    path: str = ""
+    batch_size_per_rank: int = 64
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.0
+    shuffle_buffer: int = 10_000
+    # synthetic / image sources
+    image_size: int = 0
+    num_classes: int = 0
+    num_examples: int = 0
+    # language-model sources
+    context_length: int = 128
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: epochs, optimizer, learning rate and its schedule, precision, checkpoints."""
+
+    epochs: int = 10
+    optimizer: Literal["sgd", "momentum", "adam", "adamw"] = "adam"
+    learning_rate: float = 1e-3
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    warmup_epochs: float = 1.0
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_decay_epochs: float = 10.0
+    step_decay_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+    seed: int = 0
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 3
+    early_stopping_patience: int = 0
+    elastic: bool = False
+    commit_every_batches: int = 50
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How gradients travel between ranks and the Horovod knobs set before ``hvd.init()``."""
+
+    grad_compression: Literal["none", "fp16"] = "none"
+    backward_passes_per_step: int = 1
+    reduce_op: Literal["average", "sum", "adasum"] = "average"
+    fusion_threshold_mb: float = 0.0
+    cycle_time_ms: float = 0.0
+    autotune: bool = False
+    autotune_log: str = ""
+    hierarchical_allreduce: bool = False
+    timeline: str = ""
+    threads_per_rank: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    folder = resources.files("hvdtrain") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)  # configs are data, never code
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of sections (model, data, train, distributed)")
+    return data
+
+
+def load_recipe_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of a shipped recipe."""
+    names = recipe_names()
+    if name not in names:
+        raise ConfigError(f"unknown recipe '{name}'{closest(name, names)}; available: {', '.join(names)}")
+    text = (resources.files("hvdtrain") / "recipes" / f"{name}.yaml").read_text()
+    return _read_yaml(text, f"recipe '{name}'")
+
+
+def load_file_dict(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a user's YAML config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; give a YAML file or use --recipe NAME")
+    return _read_yaml(p.read_text(), f"config file '{p}'")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as YAML (``3`` is an int, ``[1, 2]`` a list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' must look like section.key=value, e.g. --set train.epochs=3")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``--set a.b=c`` applied."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            names = [str(a) for a in allowed]
+            raise ConfigError(
+                f"{key}: '{value}' is not one of {', '.join(names)}{closest(str(value), names)}"
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            raise ConfigError(f"unknown config key '{full}'{closest(full, valid)}; valid keys: {', '.join(valid)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{full}.")
+        else:
+            kwargs[key] = _check_type(value, hint, full)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain mapping."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load(recipe: str | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe or a config file, apply ``--set`` overrides, validate, and freeze."""
+    if recipe and config_file:
+        raise ConfigError("give either --recipe or --config, not both")
+    raw = load_file_dict(config_file) if config_file else load_recipe_dict(recipe or "digits-cnn")
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span keys or need ranges; types were checked while building."""
+    positive = {
+        "data.batch_size_per_rank": cfg.data.batch_size_per_rank,
+        "train.epochs": cfg.train.epochs,
+        "train.steps_per_execution": cfg.train.steps_per_execution,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "distributed.backward_passes_per_step": cfg.distributed.backward_passes_per_step,
+        "data.context_length": cfg.data.context_length,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate must be positive, got {cfg.train.learning_rate}")
+    if cfg.train.warmup_epochs < 0:
+        raise ConfigError(f"train.warmup_epochs must be 0 or more, got {cfg.train.warmup_epochs}")
+    for key in ("test_fraction", "validation_fraction"):
+        value = getattr(cfg.data, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
+    if cfg.data.source in ("tfrecord", "npz") and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for ``config.yaml`` and ``summary.json``)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, loadable again with ``--config``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

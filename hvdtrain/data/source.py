@@ -1,0 +1,91 @@
+"""What a data source hands to training: per-rank tf.data pipelines plus the shapes the model must fit."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from hvdtrain.data.sharding import shard_indices
+from hvdtrain.errors import DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass
+class Splits:
+    """In-memory train / validation / test arrays and the model's input shape and number of classes."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    input_shape: tuple[int, ...]
+    num_classes: int
+    task: str = "classification"  # or "language_model": targets are next bytes, loss is reported in bits
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples."""
+        return len(self.x_train)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The arrays of ``train``, ``val`` or ``test``."""
+        return {
+            "train": (self.x_train, self.y_train),
+            "val": (self.x_val, self.y_val),
+            "test": (self.x_test, self.y_test),
+        }[name]
+
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+        """An endless, shuffled, batched pipeline of this rank's equal shard of the training split.
+
+        The shuffle is seeded per rank, so a run is reproducible, and reshuffled every pass.
+        """
+        idx = shard_indices(self.num_train, rank, size, equal=True)
+        ds = tf.data.Dataset.from_tensor_slices((self.x_train[idx], self.y_train[idx]))
+        ds = ds.shuffle(min(len(idx), shuffle_buffer), seed=seed + rank, reshuffle_each_iteration=True)
+        return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+    def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
+        """This rank's shard of ``val`` or ``test``, batched; None when the split is empty."""
+        x, y = self.split(name)
+        if len(x) == 0:
+            return None
+        idx = shard_indices(len(x), rank, size, equal=equal) if len(x) >= size else np.arange(len(x))
+        return tf.data.Dataset.from_tensor_slices((x[idx], y[idx])).batch(batch_size).prefetch(AUTOTUNE)
+
+
+def split_arrays(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    test_fraction: float,
+    validation_fraction: float,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    task: str = "classification",
+) -> Splits:
+    """Shuffle once with a fixed seed (the same on every rank) and cut into train / validation / test."""
+    if len(x) == 0:
+        raise DataError("the dataset is empty; check data.path")
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} examples but y has {len(y)}; they must match")
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = int(round(len(x) * test_fraction))
+    n_val = int(round(len(x) * validation_fraction))
+    x_test, y_test = x[:n_test], y[:n_test]
+    x_val, y_val = x[n_test : n_test + n_val], y[n_test : n_test + n_val]
+    x_train, y_train = x[n_test + n_val :], y[n_test + n_val :]
+    if len(x_train) == 0:
+        raise DataError("no training examples are left after the test and validation splits; lower the fractions")
+    if num_classes is None:
+        num_classes = int(y.max()) + 1
+    return Splits(
+        x_train, y_train, x_val, y_val, x_test, y_test,
+        input_shape=tuple(input_shape or x.shape[1:]), num_classes=num_classes, task=task,
+    )

@@ -1,0 +1,286 @@
+"""The only module that imports Horovod.
+
+Everything distributed goes through here: the six steps of Horovod use (init, pin a device, scale the learning
+rate — see :mod:`hvdtrain.plan` —, wrap the optimizer, broadcast the initial state, checkpoint on rank 0 — see
+:mod:`hvdtrain.callbacks`), the Horovod knobs that must be set before ``hvd.init()``, threads per rank, and the
+collectives that the rest of hvdtrain needs (averaging numbers, broadcasting Python objects).
+
+Run under ``horovodrun``/``mpirun`` it uses the launcher's ranks; run as a plain process it is a world of size 1,
+so the same script works in both.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_initialized = False
+
+
+@dataclass(frozen=True)
+class HorovodKnobs:
+    """Horovod settings read from the environment at ``hvd.init()`` (so they must be set before it)."""
+
+    fusion_threshold_mb: float = 0.0
+    cycle_time_ms: float = 0.0
+    autotune: bool = False
+    autotune_log: str = ""
+    hierarchical_allreduce: bool = False
+    timeline: str = ""
+    enable_xla_ops: bool = False
+
+    def environment(self) -> dict[str, str]:
+        """The ``HOROVOD_*`` variables these knobs stand for (unset knobs leave Horovod's defaults)."""
+        env: dict[str, str] = {}
+        if self.fusion_threshold_mb:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(int(self.fusion_threshold_mb * 1024 * 1024))
+        if self.cycle_time_ms:
+            env["HOROVOD_CYCLE_TIME"] = str(self.cycle_time_ms)
+        if self.autotune:
+            env["HOROVOD_AUTOTUNE"] = "1"
+            if self.autotune_log:
+                env["HOROVOD_AUTOTUNE_LOG"] = self.autotune_log
+        if self.hierarchical_allreduce:
+            env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
+        if self.timeline:
+            env["HOROVOD_TIMELINE"] = self.timeline
+        if self.enable_xla_ops:
+            env["HOROVOD_ENABLE_XLA_OPS"] = "1"
+        return env
+
+
+def _launched() -> bool:
+    """True when a launcher (horovodrun with Gloo, mpirun, srun) started this process as one of several ranks."""
+    keys = ("HOROVOD_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+    return any(k in os.environ for k in keys)
+
+
+def init(knobs: HorovodKnobs | None = None, threads_per_rank: int = 0, pin_gpu: bool = True) -> None:
+    """Initialise Horovod once per process.
+
+    Args:
+        knobs: Horovod tuning set into the environment before ``hvd.init()``.
+        threads_per_rank: TensorFlow intra-op threads for this rank; 0 gives each rank on a host an equal share
+            of the cores this process may use, so ranks do not fight over them.
+        pin_gpu: make only the GPU of this rank's local rank visible.
+    """
+    global _initialized
+    if _initialized:
+        return
+    for key, value in (knobs or HorovodKnobs()).environment().items():
+        os.environ.setdefault(key, value)
+    if not _launched():
+        # A plain process is a world of size 1. Gloo needs no launcher for that; MPI's singleton start refuses
+        # to run as root and spawns a daemon, so it is not used here.
+        os.environ.setdefault("HOROVOD_CONTROLLER", "gloo")
+        os.environ.setdefault("HOROVOD_CPU_OPERATIONS", "gloo")
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    _initialized = True
+
+    threads = threads_per_rank or max(1, len(os.sched_getaffinity(0)) // max(1, hvd.local_size()))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    except RuntimeError:
+        pass  # TensorFlow already started (a user's script ran ops first); its thread pools are fixed now.
+    if pin_gpu:
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            gpu = gpus[hvd.local_rank() % len(gpus)]
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+                tf.config.set_visible_devices(gpu, "GPU")
+            except RuntimeError:
+                pass
+
+
+def is_initialized() -> bool:
+    """Whether :func:`init` has run in this process."""
+    return _initialized
+
+
+def _hvd():
+    if not _initialized:
+        raise RuntimeError("call hvdtrain.init() before asking for ranks or collectives")
+    import horovod.tensorflow.keras as hvd
+
+    return hvd
+
+
+def rank() -> int:
+    """This process's rank among all ranks (0 is the chief)."""
+    return _hvd().rank()
+
+
+def size() -> int:
+    """Number of ranks."""
+    return _hvd().size()
+
+
+def local_rank() -> int:
+    """This process's rank on its host (selects its GPU)."""
+    return _hvd().local_rank()
+
+
+def local_size() -> int:
+    """Number of ranks on this host."""
+    return _hvd().local_size()
+
+
+def is_chief() -> bool:
+    """True on rank 0, the only rank that writes files and prints progress."""
+    return rank() == 0
+
+
+def controller() -> str:
+    """``"gloo"`` or ``"mpi"``: the controller Horovod is running with."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    return "gloo" if hvd_tf.gloo_enabled() else "mpi"
+
+
+def built_controllers() -> dict[str, bool]:
+    """Which controllers this Horovod build has (``horovodrun --check-build`` in Python)."""
+    import horovod.tensorflow as hvd_tf
+
+    return {"gloo": hvd_tf.gloo_built(), "mpi": hvd_tf.mpi_built(), "nccl": hvd_tf.nccl_built()}
+
+
+REDUCE_OPS = ("average", "sum", "adasum")
+
+
+def _reduce_op(name: str):
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    ops = {"average": hvd_tf.Average, "sum": hvd_tf.Sum, "adasum": hvd_tf.Adasum}
+    if name not in ops:
+        raise ValueError(f"reduce_op must be one of {', '.join(REDUCE_OPS)}, got '{name}'")
+    return ops[name]
+
+
+def _grad_compression(name: str):
+    hvd = _hvd()
+    kinds = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+    if name not in kinds:
+        raise ValueError(f"grad_compression must be 'none' or 'fp16', got '{name}'")
+    return kinds[name]
+
+
+def wrap_optimizer(
+    optimizer,
+    *,
+    grad_compression: str = "none",
+    backward_passes_per_step: int = 1,
+    reduce_op: str = "average",
+    precision: str = "float32",
+):
+    """Return ``optimizer`` ready for ``model.compile``: gradients allreduced across ranks.
+
+    Args:
+        optimizer: a Keras optimizer.
+        grad_compression: ``"fp16"`` sends gradients as float16 over the wire (halves allreduce bytes).
+        backward_passes_per_step: accumulate gradients locally over this many batches before one allreduce.
+        reduce_op: ``"average"`` (default), ``"sum"`` or ``"adasum"``.
+        precision: ``"mixed_float16"`` adds dynamic loss scaling *outside* the Horovod optimizer, so every rank
+            checks the averaged gradients for inf/NaN and all ranks skip the same steps.
+
+    Returns:
+        The wrapped optimizer.
+    """
+    import tensorflow as tf
+
+    hvd = _hvd()
+    op = _reduce_op(reduce_op)
+    if reduce_op == "adasum" and controller() != "mpi" and size() > 1:
+        raise ValueError("reduce_op=adasum needs Horovod's MPI controller: launch with mpirun or horovodrun --mpi")
+    if isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+        raise ValueError("pass the plain optimizer; wrap_optimizer(precision='mixed_float16') adds loss scaling")
+    dist = hvd.DistributedOptimizer(
+        optimizer,
+        compression=_grad_compression(grad_compression),
+        backward_passes_per_step=backward_passes_per_step,
+        average_aggregated_gradients=backward_passes_per_step > 1,
+        op=op,
+    )
+    if precision == "mixed_float16":
+        dist = tf.keras.mixed_precision.LossScaleOptimizer(dist)
+    return dist
+
+
+def gradient_tape(tape, grad_compression: str = "none"):
+    """Wrap a ``tf.GradientTape`` so ``tape.gradient`` returns gradients averaged across ranks.
+
+    For custom train steps (distillation): ``optimizer.apply_gradients`` alone does not average.
+    """
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    return hvd_tf.DistributedGradientTape(tape, compression=_grad_compression(grad_compression))
+
+
+def broadcast_callback(root_rank: int = 0):
+    """Keras callback: broadcast all model and optimizer variables from ``root_rank`` after the first batch."""
+    return _hvd().callbacks.BroadcastGlobalVariablesCallback(root_rank)
+
+
+def metric_average_callback():
+    """Keras callback: replace each epoch's logged metrics by their average over ranks."""
+    return _hvd().callbacks.MetricAverageCallback()
+
+
+def broadcast_variables(variables, root_rank: int = 0) -> None:
+    """Overwrite ``variables`` on every rank with their values on ``root_rank``."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    if variables:
+        hvd_tf.broadcast_variables(variables, root_rank=root_rank)
+
+
+def allreduce(value, op: str = "average", name: str | None = None) -> np.ndarray:
+    """Reduce a number or array over all ranks; returns a NumPy value on every rank."""
+    import horovod.tensorflow as hvd_tf
+    import tensorflow as tf
+
+    _hvd()
+    tensor = tf.convert_to_tensor(np.asarray(value, dtype=np.float64))
+    return hvd_tf.allreduce(tensor, op=_reduce_op(op), name=name).numpy()
+
+
+def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
+    """Send a picklable Python object from ``root_rank`` to every rank."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    return hvd_tf.broadcast_object(obj, root_rank=root_rank)
+
+
+def allgather_object(obj: Any) -> list[Any]:
+    """Gather one picklable object from each rank, in rank order, on every rank."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    return hvd_tf.allgather_object(obj)
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    hvd_tf.barrier()
+
+
+def shutdown() -> None:
+    """Shut Horovod down (tests that init more than once in a process)."""
+    global _initialized
+    if _initialized:
+        _hvd().shutdown()
+        _initialized = False

@@ -1,0 +1,103 @@
+"""World-size arithmetic, in one place.
+
+Every number that depends on how many ranks run — global batch, batch per rank, steps per epoch, the scaled
+learning rate, warmup steps — is computed here once, logged once by the chief, and saved in ``summary.json``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from hvdtrain.errors import DataError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run does, per rank and in total."""
+
+    world_size: int
+    batch_size_per_rank: int
+    global_batch_size: int
+    examples_per_rank: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    base_learning_rate: float
+    learning_rate: float
+    warmup_steps: int
+    backward_passes_per_step: int
+
+    def as_dict(self) -> dict:
+        """The plan as plain data."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return (
+            f"{self.world_size} rank(s) x {self.batch_size_per_rank} examples = global batch "
+            f"{self.global_batch_size}; {self.steps_per_epoch} steps/epoch x {self.epochs} epochs; "
+            f"lr {self.base_learning_rate:g} -> {self.learning_rate:g} (warmup {self.warmup_steps} steps)"
+        )
+
+
+def scale_learning_rate(base: float, world_size: int, rule: str) -> float:
+    """Scale a single-rank learning rate for ``world_size`` ranks: ``linear``, ``sqrt`` or ``none``."""
+    if rule == "linear":
+        return base * world_size
+    if rule == "sqrt":
+        return base * math.sqrt(world_size)
+    if rule == "none":
+        return base
+    raise ValueError(f"unknown lr_scaling rule '{rule}'")
+
+
+def make_plan(
+    *,
+    num_train_examples: int,
+    world_size: int,
+    batch_size_per_rank: int,
+    epochs: int,
+    learning_rate: float,
+    lr_scaling: str = "linear",
+    warmup_epochs: float = 0.0,
+    backward_passes_per_step: int = 1,
+) -> Plan:
+    """Compute the plan; every rank computes the same numbers from the same inputs.
+
+    Each rank gets ``num_train_examples // world_size`` examples (the remainder is dropped so that every rank runs
+    the same number of steps: ranks with more batches would hang at the last allreduce).
+    """
+    if num_train_examples < world_size:
+        raise DataError(
+            f"{num_train_examples} training examples cannot be shared by {world_size} ranks; "
+            "use fewer ranks or more data"
+        )
+    per_rank = num_train_examples // world_size
+    steps = per_rank // batch_size_per_rank
+    if steps < 1:
+        raise DataError(
+            f"each rank has {per_rank} examples, fewer than one batch of {batch_size_per_rank}; "
+            f"lower data.batch_size_per_rank to at most {per_rank} or use fewer ranks"
+        )
+    if backward_passes_per_step > 1:
+        # Whole accumulation cycles only, so that no gradients are left unapplied at an epoch's end.
+        steps = (steps // backward_passes_per_step) * backward_passes_per_step
+        if steps < 1:
+            raise DataError(
+                f"{per_rank // batch_size_per_rank} batches per rank are fewer than "
+                f"distributed.backward_passes_per_step={backward_passes_per_step}"
+            )
+    global_batch = batch_size_per_rank * world_size
+    return Plan(
+        world_size=world_size,
+        batch_size_per_rank=batch_size_per_rank,
+        global_batch_size=global_batch,
+        examples_per_rank=per_rank,
+        steps_per_epoch=steps,
+        epochs=epochs,
+        total_steps=steps * epochs,
+        base_learning_rate=learning_rate,
+        learning_rate=scale_learning_rate(learning_rate, world_size, lr_scaling),
+        warmup_steps=int(round(warmup_epochs * steps)),
+        backward_passes_per_step=backward_passes_per_step,
+    )

@@ -1,0 +1,221 @@
+"""One training run, start to end: config -> Horovod -> plan -> data -> model -> fit -> artifacts."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import artifacts, distributed
+from hvdtrain.config import Config, TrainConfig, to_yaml
+from hvdtrain.errors import ConfigError, DataError, HvdtrainError
+from hvdtrain.plan import Plan, make_plan
+
+SUMMARY_KEYS = [
+    "model", "world_size", "global_batch_size", "epochs", "test_accuracy", "test_loss",
+    "test_bits_per_byte", "test_perplexity", "examples_per_sec", "wall_seconds",
+]
+
+
+def log(msg: str) -> None:
+    """Print on the chief only."""
+    if distributed.is_chief():
+        print(f"[hvdtrain] {msg}", flush=True)
+
+
+def knobs_for(cfg: Config) -> distributed.HorovodKnobs:
+    """Horovod knobs from the ``distributed`` section (and XLA from ``train``)."""
+    d = cfg.distributed
+    return distributed.HorovodKnobs(
+        fusion_threshold_mb=d.fusion_threshold_mb, cycle_time_ms=d.cycle_time_ms, autotune=d.autotune,
+        autotune_log=d.autotune_log, hierarchical_allreduce=d.hierarchical_allreduce, timeline=d.timeline,
+        enable_xla_ops=cfg.train.jit_compile,
+    )
+
+
+def make_optimizer(cfg: TrainConfig, learning_rate: float):
+    """The (not yet distributed) Keras optimizer named by ``train.optimizer``."""
+    import tensorflow as tf
+
+    opts = tf.keras.optimizers
+    if cfg.optimizer == "sgd":
+        return opts.SGD(learning_rate)
+    if cfg.optimizer == "momentum":
+        return opts.SGD(learning_rate, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adam":
+        return opts.Adam(learning_rate)
+    return opts.AdamW(learning_rate, weight_decay=cfg.weight_decay)
+
+
+def build_model(cfg: Config, input_shape, num_classes):
+    """Build the configured model; a bad parameter becomes a config error."""
+    import models
+
+    try:
+        return models.build(cfg.model.name, input_shape=input_shape, num_classes=num_classes, **cfg.model.params)
+    except models.ModelParamError as exc:
+        raise ConfigError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model '{cfg.model.name}' cannot be built with {cfg.model.params}: {exc}") from None
+
+
+def loss_and_metrics(task: str):
+    """Loss and metrics for a task; language models report loss per byte (converted to bits later)."""
+    import tensorflow as tf
+
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return loss, [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+
+def prepare_output(output_dir: str | None, cfg: Config) -> Path | None:
+    """Create the output directory and save the resolved config (chief); every rank learns whether it worked."""
+    if output_dir is None:
+        return None
+    out = Path(output_dir)
+    error = None
+    if distributed.is_chief():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            artifacts.write_text(out / "config.yaml", to_yaml(cfg))
+        except OSError as exc:
+            error = f"cannot write to output directory '{out}': {exc.strerror or exc}; choose another --output"
+    # Agree on the outcome so that no rank goes on alone into a collective that the failed rank never joins.
+    error = distributed.broadcast_object(error) if distributed.size() > 1 else error
+    if error:
+        raise HvdtrainError(error)
+    return out
+
+
+def evaluate(model, splits, split: str, batch_size: int) -> dict[str, float]:
+    """Loss and accuracy on a whole split: each rank evaluates its part, the sums are reduced across ranks."""
+    rank, size = distributed.rank(), distributed.size()
+    x, _ = splits.split(split)
+    n_total = len(x)
+    if n_total == 0:
+        return {}
+    ds = splits.eval_dataset(split, rank, size, batch_size, equal=False)
+    n_local = len(range(rank, n_total, size)) if n_total >= size else n_total
+    result = model.evaluate(ds, verbose=0, return_dict=True)
+    local = [result["loss"] * n_local, result.get("accuracy", 0.0) * n_local, float(n_local)]
+    if n_total >= size and size > 1:
+        local = list(distributed.allreduce(local, op="sum", name=f"evaluate_{split}"))
+    loss, acc, n = local
+    return {"loss": loss / n, "accuracy": acc / n}
+
+
+def save_model(model, path: Path) -> None:
+    """Save the trained model without its optimizer, atomically.
+
+    The Horovod optimizer is a class made at run time that a plain process cannot load; a clone with the same
+    weights saves as a standard ``.keras`` file that loads anywhere (checkpoints keep the optimizer state).
+    """
+    import tensorflow as tf
+
+    clone = tf.keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    with artifacts.atomic_path(path) as tmp:
+        clone.save(tmp)
+
+
+def throughput(rows: list[dict[str, Any]]) -> float | None:
+    """Median examples/s over epochs, leaving out the first (graph building and warm-up) when there are more."""
+    values = [r["examples_per_sec"] for r in rows if r.get("examples_per_sec")]
+    if len(values) > 1:
+        values = values[1:]
+    return statistics.median(values) if values else None
+
+
+def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = None) -> dict[str, Any]:
+    """Train ``cfg`` data-parallel on every rank of the job; returns the summary (the same on every rank).
+
+    Args:
+        cfg: the validated config.
+        output_dir: where the chief writes artifacts (None writes nothing).
+        verbose: Keras verbosity on the chief (default: a progress bar on a terminal, one line per epoch otherwise).
+    """
+    distributed.init(knobs_for(cfg), threads_per_rank=cfg.distributed.threads_per_rank)
+    import tensorflow as tf
+
+    from hvdtrain import callbacks as cb
+    from hvdtrain import data
+    from hvdtrain.schedule import WarmupSchedule
+
+    rank, size = distributed.rank(), distributed.size()
+    started = time.perf_counter()
+    out = prepare_output(output_dir, cfg)
+
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
+    splits = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
+    plan: Plan = make_plan(
+        num_train_examples=splits.num_train, world_size=size, batch_size_per_rank=cfg.data.batch_size_per_rank,
+        epochs=cfg.train.epochs, learning_rate=cfg.train.learning_rate, lr_scaling=cfg.train.lr_scaling,
+        warmup_epochs=cfg.train.warmup_epochs, backward_passes_per_step=cfg.distributed.backward_passes_per_step,
+    )
+    log(plan.describe())
+
+    model = build_model(cfg, splits.input_shape, splits.num_classes)
+    optimizer = distributed.wrap_optimizer(
+        make_optimizer(cfg.train, plan.learning_rate),
+        grad_compression=cfg.distributed.grad_compression,
+        backward_passes_per_step=cfg.distributed.backward_passes_per_step,
+        reduce_op=cfg.distributed.reduce_op,
+        precision=cfg.train.precision,
+    )
+    loss, metrics = loss_and_metrics(splits.task)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                  steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
+
+    schedule = WarmupSchedule(
+        base_lr=plan.base_learning_rate if plan.warmup_steps else plan.learning_rate,
+        peak_lr=plan.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
+        kind=cfg.train.schedule, step_every=max(1, int(cfg.train.step_decay_epochs * plan.steps_per_epoch)),
+        step_factor=cfg.train.step_decay_factor,
+    )
+    callbacks = cb.default_callbacks(
+        schedule=schedule, steps_per_epoch=plan.steps_per_epoch, output_dir=out,
+        examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size,
+        checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
+        early_stopping_patience=cfg.train.early_stopping_patience,
+    )
+    train_ds = splits.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
+    val_ds = splits.eval_dataset("val", rank, size, plan.batch_size_per_rank, equal=True)
+    if verbose is None:
+        verbose = (1 if sys.stdout.isatty() else 2)
+    fit_started = time.perf_counter()
+    model.fit(train_ds, epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch, validation_data=val_ds,
+              callbacks=callbacks, verbose=verbose if distributed.is_chief() else 0)
+    fit_seconds = time.perf_counter() - fit_started
+
+    test = evaluate(model, splits, "test", plan.batch_size_per_rank)
+    logger = next((c for c in callbacks if isinstance(c, cb.MetricsLogger)), None)
+    rows = logger.rows if logger else []
+    summary: dict[str, Any] = {
+        "model": cfg.model.name,
+        "task": splits.task,
+        **plan.as_dict(),
+        "train_examples": splits.num_train,
+        "test_examples": len(splits.x_test),
+        "test_loss": test.get("loss"),
+        "test_accuracy": test.get("accuracy"),
+        "examples_per_sec": throughput(rows),
+        "fit_seconds": fit_seconds,
+        "precision": cfg.train.precision,
+        "controller": distributed.controller(),
+    }
+    if splits.task == "language_model" and test:
+        summary["test_bits_per_byte"] = test["loss"] / math.log(2)
+        summary["test_perplexity"] = math.exp(test["loss"])
+    summary["wall_seconds"] = time.perf_counter() - started
+
+    if out is not None and distributed.is_chief():
+        save_model(model, out / "model.keras")
+        if rows:
+            artifacts.plot_curves(rows, out / "curves.png", title=f"{cfg.model.name}, {size} rank(s)")
+        artifacts.write_json(out / "summary.json", summary)
+        print("\n" + artifacts.format_summary(summary, SUMMARY_KEYS), flush=True)
+        print(f"\nartifacts in {out}/", flush=True)
+    return summary

@@ -1,0 +1,8 @@
+"""Model builders: pure functions, registered by name, returning uncompiled Keras models.
+
+    import models
+    model = models.build("cnn", input_shape=(8, 8, 1), num_classes=10, filters=(32, 64))
+"""
+from models.registry import ModelParamError, build, builder, check_params, names, params_of, register
+
+__all__ = ["ModelParamError", "build", "builder", "check_params", "names", "params_of", "register"]

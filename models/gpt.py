@@ -1,0 +1,1 @@
+"""GPT-style language model (see the models issue)."""

@@ -1,0 +1,1 @@
+"""ResNet family (see the models issue)."""

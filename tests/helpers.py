@@ -1,0 +1,47 @@
+"""Helpers for the tests: running commands, and scripts at 2 ranks under horovodrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def env() -> dict[str, str]:
+    """Environment for child processes: the venv first on PATH, quiet TensorFlow."""
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    e["PYTHONPATH"] = str(ROOT)
+    return e
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capture its output, and fail the test with that output when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", env()), **kw)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                    f"\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def horovodrun(args: list[str], np: int = 2, timeout: float = 300, check: bool = True,
+               extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``horovodrun -np N -H localhost:N ARGS`` (Gloo), as a user runs it."""
+    cmd = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", *(extra or []), *map(str, args)]
+    return run(cmd, timeout=timeout, check=check)
+
+
+def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: float = 300) -> list[dict]:
+    """Run ``tests/parallel/workers/SCRIPT`` at ``np`` ranks; each rank writes ``rank{r}.json``; return them."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    horovodrun([sys.executable, ROOT / "tests" / "parallel" / "workers" / script, outdir, *args],
+               np=np, timeout=timeout)
+    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(np)]

@@ -1,0 +1,56 @@
+"""The distributed core at 2 real Horovod ranks (horovodrun), checking what each rank did."""
+import numpy as np
+import pytest
+
+from tests.helpers import run_parallel
+
+pytestmark = pytest.mark.parallel
+
+
+def test_ranks_end_with_identical_weights_after_training_on_different_data(tmp_path):
+    r0, r1 = run_parallel("train_identical.py", tmp_path / "wrapped")
+    assert r0["size"] == r1["size"] == 2
+    assert r0["first_labels"] != r1["first_labels"]  # each rank saw its own shard
+    assert not np.allclose(r0["init"], r1["init"])  # and started from its own random init
+    final0, final1 = np.array(r0["final"]), np.array(r1["final"])
+    assert not np.allclose(final0, r0["init"])  # training moved the weights
+    np.testing.assert_array_equal(final0, final1)
+
+
+def test_negative_control_without_horovod_the_ranks_diverge(tmp_path):
+    """The same script with a plain optimizer and no broadcast: proves the test above can fail."""
+    r0, r1 = run_parallel("train_identical.py", tmp_path / "plain", "--plain")
+    assert np.abs(np.array(r0["final"]) - np.array(r1["final"])).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def callbacks_run(tmp_path_factory):
+    return run_parallel("callbacks_behaviour.py", tmp_path_factory.mktemp("callbacks"))
+
+
+def test_metric_average_reports_the_mean_over_ranks(callbacks_run):
+    r0, r1 = callbacks_run
+    for epoch in range(3):
+        # a metric worth 0 on rank 0 and 1 on rank 1 reaches later callbacks as 0.5 on both
+        assert r0["logs"][epoch]["rank_value"] == r1["logs"][epoch]["rank_value"] == 0.5
+        # the ranks' own losses differ (different data); both later see their mean
+        local = [r0["local_loss"][epoch], r1["local_loss"][epoch]]
+        assert local[0] != local[1]
+        assert r0["logs"][epoch]["loss"] == pytest.approx(np.mean(local), rel=1e-5)
+        assert r1["logs"][epoch]["loss"] == r0["logs"][epoch]["loss"]
+
+
+def test_learning_rate_is_scaled_by_world_size_and_warmed_up(callbacks_run):
+    for r in callbacks_run:
+        plan, lrs = r["plan"], r["lrs"]
+        assert plan["world_size"] == 2
+        assert plan["learning_rate"] == pytest.approx(2 * plan["base_learning_rate"])
+        warm = plan["warmup_steps"]
+        assert warm == 2 * plan["steps_per_epoch"]
+        assert len(lrs) == plan["total_steps"]
+        assert lrs[0] == pytest.approx(plan["base_learning_rate"])
+        # linear ramp over the warmup, then the scaled rate
+        expected = [plan["base_learning_rate"] * (1 + s / warm) for s in range(warm)]
+        np.testing.assert_allclose(lrs[:warm], expected, rtol=1e-5)
+        np.testing.assert_allclose(lrs[warm:], plan["learning_rate"], rtol=1e-6)
+    assert callbacks_run[0]["lrs"] == callbacks_run[1]["lrs"]

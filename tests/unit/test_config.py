@@ -1,0 +1,69 @@
+import pytest
+
+from hvdtrain import config
+from hvdtrain.errors import ConfigError
+
+
+def test_every_recipe_loads():
+    names = config.recipe_names()
+    assert "digits-cnn" in names and "digits-mlp" in names
+    for name in names:
+        cfg = config.load(name)
+        assert cfg.train.epochs >= 1
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = config.load("digits-cnn", overrides=["train.epochs=3", "train.learning_rate=0.01",
+                                               "model.params.filters=[8, 16]", "train.schedule=step"])
+    assert cfg.train.epochs == 3 and cfg.train.learning_rate == 0.01
+    assert cfg.model.params["filters"] == [8, 16]
+    assert cfg.train.schedule == "step"
+
+
+def test_config_is_frozen():
+    cfg = config.load("digits-cnn")
+    with pytest.raises(Exception):
+        cfg.train.epochs = 5
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epoch=3", ["'train.epoch'", "did you mean 'train.epochs'"]),
+    ("trian.epochs=3", ["'trian'", "did you mean 'train'"]),
+    ("data.batch_size=8", ["'data.batch_size'", "did you mean 'data.batch_size_per_rank'"]),
+    ("train.epochs=three", ["train.epochs", "expected an integer", "three"]),
+    ("train.optimizer=adamm", ["train.optimizer", "did you mean 'adam'"]),
+    ("train.jit_compile=3", ["train.jit_compile", "true or false"]),
+    ("train.epochs=0", ["train.epochs must be at least 1"]),
+    ("train.epochs", ["section.key=value"]),
+])
+def test_strict_errors_name_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        config.load("digits-cnn", overrides=[override])
+    for w in words:
+        assert w in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_recipe_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'digits-cnn'"):
+        config.load("digit-cnn")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load("digits-mlp", overrides=["train.epochs=2"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(config_file=str(path)) == cfg
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(config_file=str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(config_file=str(bad))
+    code = tmp_path / "code.yaml"
+    code.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError):  # yaml.safe_load: configs are data, never code
+        config.load(config_file=str(code))
