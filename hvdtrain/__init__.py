@@ -28,6 +28,8 @@ from hvdtrain.distributed import (
     wrap_optimizer,
 )
 
+from hvdtrain.schedule import WarmupSchedule
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -55,5 +57,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "allreduce", "barrier", "broadcast_object", "callbacks", "init", "is_chief", "local_rank", "local_size",
-    "rank", "shard", "size", "wrap_optimizer",
+    "rank", "shard", "size", "wrap_optimizer", "WarmupSchedule",
 ]

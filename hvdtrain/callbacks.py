@@ -113,13 +113,24 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        logs = scalars(logs)
         if (epoch + 1) % self.every_epochs:
             return
-        if any(isinstance(v, float) and not math.isfinite(v) for v in logs.values()):
-            return
+        if not all(math.isfinite(v) for v in logs.values()):
+            return  # never keep a diverged model
         save_checkpoint(self.model, self.directory, epoch + 1, self.steps_per_epoch, logs)
         prune_checkpoints(self.directory, self.keep)
+
+
+def scalars(logs: dict[str, Any] | None) -> dict[str, float]:
+    """The numeric entries of Keras logs as Python floats (they arrive as NumPy or tensor scalars)."""
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 _CKPT = re.compile(r"^epoch-(\d{4,})$")
@@ -135,7 +146,7 @@ def save_checkpoint(model: tf.keras.Model, directory: str | Path, epoch: int, st
         ckpt.write(str(tmp / "ckpt"))
         artifacts.write_json(tmp / "state.json", {
             "epoch": epoch, "steps_per_epoch": steps_per_epoch, "step": epoch * steps_per_epoch,
-            "logs": {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))},
+            "logs": scalars(logs),
         })
     return target
 
@@ -171,7 +182,7 @@ class MetricsLogger(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._start
         row = {"epoch": epoch + 1}
-        row.update({k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+        row.update(scalars(logs))
         row["epoch_seconds"] = seconds
         row["examples_per_sec"] = self.examples_per_epoch / seconds if seconds > 0 else None
         self.rows.append(row)

@@ -258,6 +258,12 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
+    import models  # the builders' signatures are the schema of model.params
+
+    try:
+        models.check_params(cfg.model.name, cfg.model.params)
+    except models.ModelParamError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.data.source in ("tfrecord", "npz") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
 

@@ -145,8 +145,8 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
 
     rank, size = distributed.rank(), distributed.size()
     started = time.perf_counter()
-    out = prepare_output(output_dir, cfg)
 
+    # Everything that can fail on bad input runs before the first file is written (and the same on every rank).
     tf.keras.utils.set_random_seed(cfg.train.seed)
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     splits = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
@@ -158,6 +158,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
     log(plan.describe())
 
     model = build_model(cfg, splits.input_shape, splits.num_classes)
+    out = prepare_output(output_dir, cfg)
     optimizer = distributed.wrap_optimizer(
         make_optimizer(cfg.train, plan.learning_rate),
         grad_compression=cfg.distributed.grad_compression,

@@ -15,7 +15,8 @@ HOROVOD_VERSION=0.28.1
 log() { printf '[setup] %s\n' "$*"; }
 
 # 1. Debian packages: compilers and cmake for the Horovod build, OpenMPI for mpirun and Horovod's MPI controller.
-debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client)
+# strace: the test that only rank 0 writes files traces what each rank opens for writing.
+debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -32,11 +32,11 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw) -> subpr
     return proc
 
 
-def horovodrun(args: list[str], np: int = 2, timeout: float = 300, check: bool = True,
-               extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``horovodrun -np N -H localhost:N ARGS`` (Gloo), as a user runs it."""
+def horovodrun(args: list, np: int = 2, timeout: float = 300, check: bool = True,
+               extra: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``horovodrun -np N -H localhost:N [EXTRA] ARGS``, as a user runs it."""
     cmd = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", *(extra or []), *map(str, args)]
-    return run(cmd, timeout=timeout, check=check)
+    return run(cmd, timeout=timeout, check=check, cwd=cwd)
 
 
 def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: float = 300) -> list[dict]:
