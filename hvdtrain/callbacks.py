@@ -7,6 +7,7 @@
 2. ``metric_average`` (``MetricAverageCallback``): replaces each epoch's logs by the mean over ranks. It comes
    before every callback that reads the logs (early stopping, checkpoints, loggers), so that all ranks see the same
    numbers and take the same decisions; a decision taken on one rank only leaves the others hanging.
+   :class:`LanguageModelMetrics` (language models) derives bits per byte and perplexity from the averaged loss.
 3. :class:`LearningRateScheduleCallback`: warmup then schedule, the same on every rank.
 4. :class:`NanGuard`: stops with a message naming the epoch and step when the loss is NaN or Inf.
 5. ``EarlyStopping`` (optional) on averaged validation loss.
@@ -73,6 +74,19 @@ class LearningRateScheduleCallback(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["lr"] = float(self.schedule(self.step))
+
+
+class LanguageModelMetrics(tf.keras.callbacks.Callback):
+    """Add bits per byte and perplexity, derived from the (averaged) loss in nats per byte, to the epoch logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for prefix in ("", "val_"):
+            if f"{prefix}loss" in logs:
+                nats = float(logs[f"{prefix}loss"])
+                logs[f"{prefix}bits_per_byte"] = nats / math.log(2)
+                logs[f"{prefix}perplexity"] = math.exp(min(nats, 50.0))
 
 
 class NanGuard(tf.keras.callbacks.Callback):
@@ -200,6 +214,7 @@ def default_callbacks(
     early_stopping_patience: int = 0,
     tensorboard: bool = True,
     initial_step: int = 0,
+    language_model: bool = False,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -212,11 +227,14 @@ def default_callbacks(
         early_stopping_patience: epochs without ``val_loss`` improvement before stopping (0: off).
         tensorboard: write TensorBoard logs on the chief.
         initial_step: optimizer step to start the schedule from (resumed runs).
+        language_model: add bits per byte and perplexity to the logs.
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
     """
     cbs: list[tf.keras.callbacks.Callback] = [broadcast_initial_state(0), metric_average()]
+    if language_model:
+        cbs.append(LanguageModelMetrics())
     if schedule is not None:
         if steps_per_epoch < 1:
             raise ValueError("default_callbacks(schedule=...) needs steps_per_epoch")

@@ -1,4 +1,4 @@
-"""The ``hvdtrain`` command: train | recipes | models (more commands land with their issues).
+"""The ``hvdtrain`` command: train | generate | recipes | models.
 
 Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
 """
@@ -34,6 +34,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the run's artifacts (written by rank 0)")
     _common(p)
 
+    p = sub.add_parser("generate", help="sample text from a trained gpt")
+    p.add_argument("--model", required=True, help="a run directory or its model.keras")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
+    _common(p)
+
     p = sub.add_parser("recipes", help="list the shipped recipes")
     _common(p)
     p = sub.add_parser("models", help="list the registered models and their parameters")
@@ -46,6 +56,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.recipe, args.config, args.overrides)
     train.run(cfg, args.output)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hvdtrain import generate, modelio
+
+    model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
+    out = generate.sample(model, args.prompt.encode("utf-8"), args.max_tokens, args.temperature, args.top_k,
+                          args.seed)
+    sys.stdout.write(args.prompt + out.decode("utf-8", errors="replace") + "\n")
     return 0
 
 
@@ -67,7 +87,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

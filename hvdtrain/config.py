@@ -38,13 +38,15 @@ class DataConfig:
     test_fraction: float = 0.2
     validation_fraction: float = 0.0
     shuffle_buffer: int = 10_000
-    # synthetic / image sources
+    # image sources (0: the source's default or what the data says)
     image_size: int = 0
     num_classes: int = 0
+    # synthetic: examples to make; tfrecord: the known record count, which skips counting the files
     num_examples: int = 0
     # language-model sources
     context_length: int = 128
     augment: bool = True
+    label_offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,6 @@
 """One training run, start to end: config -> Horovod -> plan -> data -> model -> fit -> artifacts."""
 from __future__ import annotations
 
-import math
-import os
 import statistics
 import sys
 import time
@@ -11,7 +9,8 @@ from typing import Any
 
 from hvdtrain import artifacts, distributed
 from hvdtrain.config import Config, TrainConfig, to_yaml
-from hvdtrain.errors import ConfigError, DataError, HvdtrainError
+from hvdtrain.evaluation import evaluate
+from hvdtrain.errors import ConfigError, HvdtrainError
 from hvdtrain.plan import Plan, make_plan
 
 SUMMARY_KEYS = [
@@ -62,8 +61,12 @@ def build_model(cfg: Config, input_shape, num_classes):
         raise ConfigError(f"model '{cfg.model.name}' cannot be built with {cfg.model.params}: {exc}") from None
 
 
-def loss_and_metrics(task: str):
-    """Loss and metrics for a task; language models report loss per byte (converted to bits later)."""
+def loss_and_metrics():
+    """Cross-entropy on float32 logits, and accuracy (per next byte for language models).
+
+    For a language model the loss is the mean over every position, in nats per byte; bits per byte and perplexity
+    are derived from it after averaging across ranks (:class:`hvdtrain.callbacks.LanguageModelMetrics`).
+    """
     import tensorflow as tf
 
     loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -87,23 +90,6 @@ def prepare_output(output_dir: str | None, cfg: Config) -> Path | None:
     if error:
         raise HvdtrainError(error)
     return out
-
-
-def evaluate(model, splits, split: str, batch_size: int) -> dict[str, float]:
-    """Loss and accuracy on a whole split: each rank evaluates its part, the sums are reduced across ranks."""
-    rank, size = distributed.rank(), distributed.size()
-    x, _ = splits.split(split)
-    n_total = len(x)
-    if n_total == 0:
-        return {}
-    ds = splits.eval_dataset(split, rank, size, batch_size, equal=False)
-    n_local = len(range(rank, n_total, size)) if n_total >= size else n_total
-    result = model.evaluate(ds, verbose=0, return_dict=True)
-    local = [result["loss"] * n_local, result.get("accuracy", 0.0) * n_local, float(n_local)]
-    if n_total >= size and size > 1:
-        local = list(distributed.allreduce(local, op="sum", name=f"evaluate_{split}"))
-    loss, acc, n = local
-    return {"loss": loss / n, "accuracy": acc / n}
 
 
 def save_model(model, path: Path) -> None:
@@ -166,7 +152,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
         reduce_op=cfg.distributed.reduce_op,
         precision=cfg.train.precision,
     )
-    loss, metrics = loss_and_metrics(splits.task)
+    loss, metrics = loss_and_metrics()
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
 
@@ -181,6 +167,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
         examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size,
         checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
         early_stopping_patience=cfg.train.early_stopping_patience,
+        language_model=splits.task == "language_model",
     )
     train_ds = splits.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
     val_ds = splits.eval_dataset("val", rank, size, plan.batch_size_per_rank, equal=True)
@@ -199,7 +186,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
         "task": splits.task,
         **plan.as_dict(),
         "train_examples": splits.num_train,
-        "test_examples": len(splits.x_test),
+        "test_examples": splits.num_examples("test"),
         "test_loss": test.get("loss"),
         "test_accuracy": test.get("accuracy"),
         "examples_per_sec": throughput(rows),
@@ -208,8 +195,9 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
         "controller": distributed.controller(),
     }
     if splits.task == "language_model" and test:
-        summary["test_bits_per_byte"] = test["loss"] / math.log(2)
-        summary["test_perplexity"] = math.exp(test["loss"])
+        summary["test_bits_per_byte"] = test["bits_per_byte"]
+        summary["test_perplexity"] = test["perplexity"]
+        summary["tokens_per_sec"] = (summary["examples_per_sec"] or 0) * splits.input_shape[0] or None
     summary["wall_seconds"] = time.perf_counter() - started
 
     if out is not None and distributed.is_chief():

@@ -1,25 +1,46 @@
-"""Data sources by name, each returning :class:`~hvdtrain.data.source.Splits`; sharding in ``sharding.py``."""
+"""Data sources by name, and sharding across ranks (``sharding.py``).
+
+A source returns an object with ``input_shape``, ``num_classes``, ``task``, ``num_train``, ``num_examples(split)``,
+``train_dataset(rank, size, batch_size, seed, shuffle_buffer)`` and ``eval_dataset(split, rank, size, batch_size,
+equal)``: :class:`~hvdtrain.data.source.Splits` for in-memory data, :class:`~hvdtrain.data.tfrecord.TFRecordSource`
+for TFRecord shards.
+"""
 from __future__ import annotations
 
 from hvdtrain.data.sharding import shard_dataset, shard_files, shard_indices
 from hvdtrain.data.source import Splits
 
+LANGUAGE_MODELS = ("gpt",)
 
-def load(cfg, seed: int = 0, model_name: str = "") -> Splits:
+
+def load(cfg, seed: int = 0, model_name: str = ""):
     """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`)."""
     if cfg.source == "digits":
         from hvdtrain.data import digits
 
         return digits.load(cfg.test_fraction, cfg.validation_fraction, seed)
+    if cfg.source == "npz":
+        from hvdtrain.data import npz
+
+        return npz.load(cfg.path, cfg.test_fraction, cfg.validation_fraction, cfg.num_classes, seed)
+    if cfg.source == "text":
+        from hvdtrain.data import text
+
+        return text.load(cfg.path, cfg.context_length, cfg.validation_fraction, cfg.test_fraction)
+    if cfg.source == "tfrecord":
+        from hvdtrain.data.tfrecord import TFRecordSource
+
+        return TFRecordSource(cfg.path, cfg.image_size, cfg.num_classes, cfg.label_offset, cfg.augment,
+                              cfg.num_examples)
     if cfg.source == "synthetic":
         from hvdtrain.data import synthetic
 
-        if model_name == "gpt":
+        if model_name in LANGUAGE_MODELS:
             return synthetic.load((cfg.context_length,), cfg.num_classes or 256, cfg.num_examples or 2048,
                                   seed, task="language_model")
         size = cfg.image_size or 32
         return synthetic.load((size, size, 3), cfg.num_classes or 10, cfg.num_examples or 2048, seed)
-    raise NotImplementedError(f"data.source={cfg.source} is not available yet")
+    raise ValueError(f"unknown data.source '{cfg.source}'")
 
 
-__all__ = ["Splits", "load", "shard_dataset", "shard_files", "shard_indices"]
+__all__ = ["LANGUAGE_MODELS", "Splits", "load", "shard_dataset", "shard_files", "shard_indices"]

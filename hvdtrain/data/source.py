@@ -1,4 +1,9 @@
-"""What a data source hands to training: per-rank tf.data pipelines plus the shapes the model must fit."""
+"""What a data source hands to training: per-rank tf.data pipelines plus the shapes the model must fit.
+
+Every source (in-memory arrays here, TFRecord files in ``tfrecord.py``) offers the same small interface:
+``input_shape``, ``num_classes``, ``task``, ``num_examples(split)``, ``train_dataset(...)`` (endless, equal
+batches per rank) and ``eval_dataset(...)`` (finite, this rank's part of a split).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +36,10 @@ class Splits:
         """Number of training examples."""
         return len(self.x_train)
 
+    def num_examples(self, name: str) -> int:
+        """Number of examples in ``train``, ``val`` or ``test``."""
+        return len(self.split(name)[0])
+
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The arrays of ``train``, ``val`` or ``test``."""
         return {
@@ -50,11 +59,19 @@ class Splits:
         return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
     def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
-        """This rank's shard of ``val`` or ``test``, batched; None when the split is empty."""
+        """This rank's shard of ``val`` or ``test``, batched; None when the split is empty.
+
+        With ``equal`` every rank gets the same count (for averaged validation metrics); without it the shards
+        cover the whole split (for exact test metrics summed over ranks). A split smaller than the number of
+        ranks goes whole to rank 0.
+        """
         x, y = self.split(name)
         if len(x) == 0:
             return None
-        idx = shard_indices(len(x), rank, size, equal=equal) if len(x) >= size else np.arange(len(x))
+        if len(x) < size:
+            idx = np.arange(len(x)) if rank == 0 else np.arange(0)
+        else:
+            idx = shard_indices(len(x), rank, size, equal=equal)
         return tf.data.Dataset.from_tensor_slices((x[idx], y[idx])).batch(batch_size).prefetch(AUTOTUNE)
 
 

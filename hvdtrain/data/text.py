@@ -1,0 +1,82 @@
+"""Text corpora for byte-level language models.
+
+Files matching a glob are read as bytes and concatenated; the embedded default is CPython's own
+``pydoc_data.topics`` (about 465,000 characters of English reference text that ship with every Python, so nothing
+is downloaded). The corpus is cut *contiguously* into train / validation / test, so no window of the held-out text
+overlaps the training text, and each part into windows of ``context_length + 1`` bytes: the input is the first
+``context_length`` bytes, the target the same window shifted by one.
+"""
+from __future__ import annotations
+
+import glob
+import math
+from pathlib import Path
+
+import numpy as np
+
+from hvdtrain.data.source import Splits
+from hvdtrain.errors import DataError
+
+VOCAB_SIZE = 256
+
+
+def embedded_corpus() -> bytes:
+    """The default corpus: every topic of ``pydoc_data.topics``, in a fixed order, as UTF-8 bytes."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def read_corpus(pattern: str) -> bytes:
+    """Bytes of every file matching ``pattern`` (sorted, joined by a newline)."""
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+    if not files:
+        raise DataError(f"no text files match data.path='{pattern}'; give a file, or a glob such as 'corpus/*.txt'")
+    data = b"\n".join(Path(f).read_bytes() for f in files)
+    if not data:
+        raise DataError(f"the text files matching '{pattern}' are empty")
+    return data
+
+
+def windows(data: np.ndarray, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows: inputs ``data[i*T : i*T+T]`` and targets shifted by one byte."""
+    n = (len(data) - 1) // context_length
+    if n < 1:
+        return np.zeros((0, context_length), np.int32), np.zeros((0, context_length), np.int32)
+    x = data[: n * context_length].reshape(n, context_length)
+    y = data[1 : n * context_length + 1].reshape(n, context_length)
+    return x.astype(np.int32), y.astype(np.int32)
+
+
+def unigram_entropy_bits(data: bytes | np.ndarray) -> float:
+    """Entropy in bits per byte of the byte frequencies: what a model that ignores context can reach at best."""
+    counts = np.bincount(np.frombuffer(bytes(data), np.uint8) if isinstance(data, bytes) else data,
+                         minlength=VOCAB_SIZE)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def load(path: str, context_length: int, validation_fraction: float, test_fraction: float) -> Splits:
+    """Load a corpus (``path`` a file or glob, or empty for the embedded default) as windows of bytes."""
+    corpus = read_corpus(path) if path else embedded_corpus()
+    data = np.frombuffer(corpus, np.uint8)
+    n_test = int(len(data) * test_fraction)
+    n_val = int(len(data) * validation_fraction)
+    train = data[: len(data) - n_test - n_val]
+    val = data[len(train) : len(train) + n_val]
+    test = data[len(train) + n_val :]
+    x_train, y_train = windows(train, context_length)
+    if len(x_train) == 0:
+        raise DataError(
+            f"the corpus has {len(data)} bytes, too few for one training window of {context_length + 1}; "
+            "lower data.context_length or give more text"
+        )
+    x_val, y_val = windows(val, context_length)
+    x_test, y_test = windows(test, context_length)
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, input_shape=(context_length,),
+                  num_classes=VOCAB_SIZE, task="language_model")
+
+
+def bits(nats: float) -> float:
+    """Nats per byte to bits per byte."""
+    return nats / math.log(2)

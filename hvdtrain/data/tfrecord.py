@@ -1,0 +1,147 @@
+"""Image classification from TFRecord shards in the common ImageNet layout.
+
+Each record is a ``tf.train.Example`` with ``image/encoded`` (JPEG or PNG bytes) and ``image/class/label``
+(int64). ``data.path`` is a directory holding ``train-*`` and ``validation-*`` shards (the layout of the usual
+ImageNet conversion scripts), or a glob of training shards. Labels of that layout start at 1 (0 was
+"background"): set ``data.label_offset=-1`` for them.
+
+Training reads this rank's files (by file when there are at least as many files as ranks, else by example),
+interleaved in parallel, shuffled with a per-rank seed, augmented (crop and flip) and normalised; evaluation
+resizes and centre-crops only. The training stream repeats, so every rank runs the same number of steps per epoch
+(computed from the total count) however uneven the files are.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from hvdtrain.data.sharding import shard_files
+from hvdtrain.errors import DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_KEY, LABEL_KEY = "image/encoded", "image/class/label"
+MEAN = (0.485, 0.456, 0.406)  # ImageNet channel statistics, for inputs in [0, 1]
+STD = (0.229, 0.224, 0.225)
+CACHE_LIMIT_BYTES = 512 * 1024 * 1024  # cache the raw records in memory below this size
+
+
+def find_files(path: str) -> tuple[list[str], list[str]]:
+    """Training and validation shards under ``path`` (a directory, or a glob of training shards)."""
+    if os.path.isdir(path):
+        train = sorted(glob.glob(os.path.join(path, "train*")))
+        val = sorted(glob.glob(os.path.join(path, "validation*")) + glob.glob(os.path.join(path, "val-*")))
+    else:
+        train, val = sorted(glob.glob(path)), []
+    train = [f for f in train if os.path.isfile(f)]
+    if not train:
+        raise DataError(
+            f"no TFRecord training files at data.path='{path}'; give a directory with train-* shards or a glob"
+        )
+    return train, val
+
+
+def check_features(path: str) -> None:
+    """Fail clearly when the first record lacks the expected features (instead of deep inside tf.data)."""
+    try:
+        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+    except tf.errors.DataLossError:
+        raise DataError(f"'{path}' is not a TFRecord file (or is corrupt)") from None
+    if first is None:
+        raise DataError(f"'{path}' holds no records; remove it or regenerate the shard")
+    try:
+        example = tf.train.Example.FromString(first.numpy())
+    except Exception:  # noqa: BLE001 - any parse failure means "not an Example"
+        raise DataError(f"records in '{path}' are not tf.train.Example protos") from None
+    found = sorted(example.features.feature.keys())
+    missing = [k for k in (IMAGE_KEY, LABEL_KEY) if k not in found]
+    if missing:
+        raise DataError(f"records in '{path}' lack {', '.join(missing)} (they have: {', '.join(found) or 'none'}); "
+                        "hvdtrain reads the ImageNet layout: image/encoded and image/class/label")
+
+
+def count_records(files: list[str]) -> int:
+    """Number of records in ``files`` (one pass over the data)."""
+    return sum(int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files)
+
+
+class TFRecordSource:
+    """Training / test image streams from TFRecord shards; the same interface as in-memory ``Splits``."""
+
+    task = "classification"
+
+    def __init__(self, path: str, image_size: int, num_classes: int, label_offset: int = 0, augment: bool = True,
+                 num_examples: int = 0):
+        if num_classes < 1:
+            raise DataError("data.source=tfrecord needs data.num_classes (e.g. --set data.num_classes=1000)")
+        self.train_files, self.test_files = find_files(path)
+        check_features(self.train_files[0])
+        self.image_size = image_size or 224
+        self.input_shape = (self.image_size, self.image_size, 3)
+        self.num_classes = num_classes
+        self.label_offset = label_offset
+        self.augment = augment
+        self._counts = {"train": num_examples or count_records(self.train_files), "val": 0,
+                        "test": count_records(self.test_files) if self.test_files else 0}
+        if self._counts["train"] == 0:
+            raise DataError(f"the TFRecord training files at '{path}' hold no records")
+        self._cache = sum(Path(f).stat().st_size for f in self.train_files) < CACHE_LIMIT_BYTES
+
+    @property
+    def num_train(self) -> int:
+        """Number of training records."""
+        return self._counts["train"]
+
+    def num_examples(self, name: str) -> int:
+        """Records in ``train``, ``val`` (none: the validation shards serve as ``test``) or ``test``."""
+        return self._counts[name]
+
+    def _parse(self, record, training: bool):
+        feats = tf.io.parse_single_example(record, {
+            IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+            LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+        })
+        image = tf.io.decode_image(feats[IMAGE_KEY], channels=3, expand_animations=False)
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        size = self.image_size
+        # Resize the shorter side to 1.14 x size (the usual 256 for 224), then crop size x size.
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = (size * 1.14) / tf.reduce_min(shape)
+        image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
+        if training and self.augment:
+            image = tf.image.random_crop(image, (size, size, 3))
+            image = tf.image.random_flip_left_right(image)
+        else:
+            image = tf.image.resize_with_crop_or_pad(image, size, size)
+        image = (image - MEAN) / STD
+        label = tf.cast(feats[LABEL_KEY], tf.int32) + self.label_offset
+        return image, label
+
+    def _records(self, files: list[str], rank: int, size: int, seed: int | None) -> tf.data.Dataset:
+        if len(files) >= size:
+            mine = shard_files(files, rank, size)
+            ds = tf.data.Dataset.from_tensor_slices(mine)
+            if seed is not None:
+                ds = ds.shuffle(len(mine), seed=seed + rank, reshuffle_each_iteration=True)
+            return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(mine)),
+                                 num_parallel_calls=AUTOTUNE)
+        return tf.data.TFRecordDataset(files).shard(size, rank)
+
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+        """This rank's endless, shuffled, augmented, batched training stream."""
+        ds = self._records(self.train_files, rank, size, seed)
+        if self._cache:
+            ds = ds.cache()
+        ds = ds.shuffle(shuffle_buffer, seed=seed + rank, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(lambda r: self._parse(r, True), num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+    def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
+        """This rank's part of the test shards, resized and centre-cropped (``equal`` is not guaranteed here)."""
+        if name != "test" or not self.test_files:
+            return None
+        ds = self._records(self.test_files, rank, size, None)
+        return ds.map(lambda r: self._parse(r, False), num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(
+            AUTOTUNE)

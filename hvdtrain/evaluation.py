@@ -1,0 +1,52 @@
+"""Exact metrics on a whole split, computed in parts by every rank and summed across ranks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hvdtrain import distributed
+
+
+def local_sums(model, dataset) -> np.ndarray:
+    """``[sum of cross-entropy, number correct, count]`` over ``dataset`` (count is examples, or tokens).
+
+    One compiled function per batch shape: eager calls would cost more than these small models.
+    """
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        logits = tf.cast(model(x, training=False), tf.float32)
+        ce = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
+        return tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
+
+    total = np.zeros(3, np.float64)
+    if dataset is not None:
+        for x, y in dataset:
+            total += step(x, y).numpy()
+    return total
+
+
+def metrics_from_sums(sums, task: str) -> dict[str, float]:
+    """Loss and accuracy (and bits per byte and perplexity for language models) from summed parts."""
+    loss_sum, hits, count = (float(v) for v in sums)
+    if count == 0:
+        return {}
+    out = {"loss": loss_sum / count, "accuracy": hits / count, "count": int(count)}
+    if task == "language_model":
+        out["bits_per_byte"] = out["loss"] / math.log(2)
+        out["perplexity"] = math.exp(out["loss"])
+    return out
+
+
+def evaluate(model, source, split: str, batch_size: int) -> dict[str, float]:
+    """Metrics of ``model`` on the whole ``split`` of ``source``; the same result on every rank."""
+    if not source.num_examples(split):
+        return {}
+    rank, size = distributed.rank(), distributed.size()
+    sums = local_sums(model, source.eval_dataset(split, rank, size, batch_size, equal=False))
+    if size > 1:
+        sums = distributed.allreduce(sums, op="sum", name=f"evaluate_{split}")
+    return metrics_from_sums(sums, source.task)
