@@ -28,7 +28,7 @@ class HorovodKnobs:
     autotune: bool = False
     autotune_log: str = ""
     hierarchical_allreduce: bool = False
-    timeline: str = ""
+    timeline: str = ""  # a path, or "DYNAMIC" to start it later with start_timeline()
     enable_xla_ops: bool = False
 
     def environment(self) -> dict[str, str]:
@@ -197,9 +197,16 @@ def wrap_optimizer(
     import tensorflow as tf
 
     hvd = _hvd()
+    if reduce_op == "adasum":
+        # Horovod's Keras DistributedOptimizer raises "op currently only supports Average and Sum".
+        raise ValueError("reduce_op=adasum is not supported with Keras optimizers by Horovod 0.28 (only average "
+                         "and sum); use hvdtrain.distributed.gradient_tape(..., reduce_op='adasum') in a custom loop")
     op = _reduce_op(reduce_op)
-    if reduce_op == "adasum" and controller() != "mpi" and size() > 1:
-        raise ValueError("reduce_op=adasum needs Horovod's MPI controller: launch with mpirun or horovodrun --mpi")
+    if precision == "mixed_float16" and backward_passes_per_step > 1:
+        # Seen at 2 ranks: each rank's loss scaler checks its *local* gradients on the passes that only
+        # accumulate, so an overflow on one rank changes that rank's loss scale alone and the ranks drift apart.
+        raise ValueError("mixed_float16 loss scaling with backward_passes_per_step > 1 lets ranks disagree; "
+                         "use backward_passes_per_step=1 or mixed_bfloat16")
     if isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
         raise ValueError("pass the plain optimizer; wrap_optimizer(precision='mixed_float16') adds loss scaling")
     dist = hvd.DistributedOptimizer(
@@ -214,15 +221,19 @@ def wrap_optimizer(
     return dist
 
 
-def gradient_tape(tape, grad_compression: str = "none"):
-    """Wrap a ``tf.GradientTape`` so ``tape.gradient`` returns gradients averaged across ranks.
+def gradient_tape(tape, grad_compression: str = "none", reduce_op: str = "average"):
+    """Wrap a ``tf.GradientTape`` so ``tape.gradient`` returns gradients reduced across ranks.
 
-    For custom train steps (distillation): ``optimizer.apply_gradients`` alone does not average.
+    For custom train steps (distillation): ``optimizer.apply_gradients`` alone does not average. ``adasum`` is
+    available here (Horovod's MPI controller), unlike with Keras optimizers.
     """
     import horovod.tensorflow as hvd_tf
 
     _hvd()
-    return hvd_tf.DistributedGradientTape(tape, compression=_grad_compression(grad_compression))
+    if reduce_op == "adasum" and size() > 1 and controller() != "mpi":
+        raise ValueError("reduce_op=adasum needs Horovod's MPI controller: launch with mpirun or horovodrun --mpi")
+    return hvd_tf.DistributedGradientTape(tape, compression=_grad_compression(grad_compression),
+                                          op=_reduce_op(reduce_op))
 
 
 def broadcast_callback(root_rank: int = 0):
@@ -268,6 +279,11 @@ def allgather_object(obj: Any) -> list[Any]:
 
     _hvd()
     return hvd_tf.allgather_object(obj)
+
+
+def start_timeline(path: str) -> None:
+    """Start Horovod's timeline (Chrome trace JSON, written by rank 0) once the file's folder exists."""
+    _hvd().start_timeline(path, mark_cycles=False)
 
 
 def barrier() -> None:

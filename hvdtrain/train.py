@@ -1,6 +1,7 @@
 """One training run, start to end: config -> Horovod -> plan -> data -> model -> fit -> artifacts."""
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -25,14 +26,45 @@ def log(msg: str) -> None:
         print(f"[hvdtrain] {msg}", flush=True)
 
 
-def knobs_for(cfg: Config) -> distributed.HorovodKnobs:
-    """Horovod knobs from the ``distributed`` section (and XLA from ``train``)."""
+def knobs_for(cfg: Config, output_dir: str | None = None) -> distributed.HorovodKnobs:
+    """Horovod knobs from the ``distributed`` section (and XLA from ``train``).
+
+    Relative paths of the timeline and the autotune log are taken inside the output directory.
+    """
     d = cfg.distributed
+
+    def place(path: str) -> str:
+        if not path or os.path.isabs(path) or output_dir is None:
+            return path
+        return str(Path(output_dir) / path)
+
+    autotune_log = place(d.autotune_log)
+    if autotune_log:
+        # Horovod opens this file in hvd.init(), before the output directory is otherwise created.
+        Path(autotune_log).parent.mkdir(parents=True, exist_ok=True)
+    # The timeline is started after the output directory exists (see run()), not through HOROVOD_TIMELINE.
     return distributed.HorovodKnobs(
         fusion_threshold_mb=d.fusion_threshold_mb, cycle_time_ms=d.cycle_time_ms, autotune=d.autotune,
-        autotune_log=d.autotune_log, hierarchical_allreduce=d.hierarchical_allreduce, timeline=d.timeline,
-        enable_xla_ops=cfg.train.jit_compile,
+        autotune_log=autotune_log, hierarchical_allreduce=d.hierarchical_allreduce,
+        timeline="DYNAMIC" if d.timeline else "", enable_xla_ops=cfg.train.jit_compile,
     )
+
+
+def check_options(cfg: Config) -> None:
+    """Reject option combinations that this machine or Horovod cannot run, before anything is written."""
+    import tensorflow as tf
+
+    if cfg.train.jit_compile and not tf.config.list_physical_devices("GPU"):
+        raise ConfigError(
+            "train.jit_compile=true needs a GPU: Horovod's allreduce has XLA kernels for GPUs only "
+            "(HOROVOD_ENABLE_XLA_OPS, set by hvdtrain); set train.jit_compile=false on CPUs"
+        )
+    if cfg.distributed.reduce_op == "adasum":
+        raise ConfigError("distributed.reduce_op=adasum is not supported with Keras optimizers by Horovod 0.28; "
+                          "use average or sum")
+    if cfg.train.precision == "mixed_float16" and cfg.distributed.backward_passes_per_step > 1:
+        raise ConfigError("train.precision=mixed_float16 with distributed.backward_passes_per_step > 1 lets ranks' "
+                          "loss scales disagree; use mixed_bfloat16, or backward_passes_per_step=1")
 
 
 def make_optimizer(cfg: TrainConfig, learning_rate: float):
@@ -122,7 +154,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
         output_dir: where the chief writes artifacts (None writes nothing).
         verbose: Keras verbosity on the chief (default: a progress bar on a terminal, one line per epoch otherwise).
     """
-    distributed.init(knobs_for(cfg), threads_per_rank=cfg.distributed.threads_per_rank)
+    distributed.init(knobs_for(cfg, output_dir), threads_per_rank=cfg.distributed.threads_per_rank)
     import tensorflow as tf
 
     from hvdtrain import callbacks as cb
@@ -131,6 +163,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
 
     rank, size = distributed.rank(), distributed.size()
     started = time.perf_counter()
+    check_options(cfg)
 
     # Everything that can fail on bad input runs before the first file is written (and the same on every rank).
     tf.keras.utils.set_random_seed(cfg.train.seed)
@@ -145,6 +178,9 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
 
     model = build_model(cfg, splits.input_shape, splits.num_classes)
     out = prepare_output(output_dir, cfg)
+    if cfg.distributed.timeline:
+        timeline = Path(cfg.distributed.timeline)
+        distributed.start_timeline(str(timeline if timeline.is_absolute() or out is None else out / timeline))
     optimizer = distributed.wrap_optimizer(
         make_optimizer(cfg.train, plan.learning_rate),
         grad_compression=cfg.distributed.grad_compression,

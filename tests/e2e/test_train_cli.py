@@ -87,6 +87,10 @@ def test_single_process_without_horovodrun(tmp_path):
     (["--recipe", "digit-cnn"], "unknown recipe 'digit-cnn' (did you mean 'digits-cnn'?)"),
     (["--recipe", "digits-cnn", "--set", "model.params.filterz=[8]"], "did you mean 'model.params.filters'"),
     (["--config", "/nonexistent/x.yaml"], "does not exist"),
+    (["--recipe", "digits-mlp", "--set", "train.jit_compile=true"], "needs a GPU"),
+    (["--recipe", "digits-mlp", "--set", "distributed.reduce_op=adasum"], "use average or sum"),
+    (["--recipe", "digits-mlp", "--set", "train.precision=mixed_float16",
+      "--set", "distributed.backward_passes_per_step=2"], "loss scales disagree"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(tmp_path, args, message):
     out = tmp_path / "bad"
@@ -96,6 +100,15 @@ def test_usage_errors_are_one_line_with_exit_2(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_runs_from_the_cli(tmp_path, precision):
+    out = tmp_path / precision
+    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "train.epochs=2",
+         "--set", f"train.precision={precision}", "--output", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == precision and summary["test_accuracy"] > 0.5
 
 
 def test_debug_shows_the_traceback(tmp_path):

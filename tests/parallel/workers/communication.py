@@ -1,0 +1,59 @@
+"""Communication options at N ranks, from the same initial weights and the same per-rank batches:
+
+- ``accumulated``: backward_passes_per_step=K over K batches of size B, SGD;
+- ``large_batch``: one step on the K batches joined (size K*B), SGD — must match ``accumulated``;
+- ``fp32`` and ``fp16``: several steps without and with fp16 gradient compression — must stay close.
+"""
+import sys
+
+import common
+import numpy as np
+import tensorflow as tf
+
+import hvdtrain
+import models
+from hvdtrain import distributed
+
+outdir = sys.argv[1]
+K, B, STEPS = 4, 8, 5
+hvdtrain.init()
+rank = hvdtrain.rank()
+rng = np.random.default_rng(rank)
+xs = rng.random((K, B, 8, 8, 1), dtype=np.float32)
+ys = rng.integers(0, 10, (K, B))
+tf.keras.utils.set_random_seed(3)
+init = models.build("mlp", input_shape=(8, 8, 1), num_classes=10, dropout=0.0).get_weights()
+init = distributed.broadcast_object(init)
+
+
+def trained(steps_fn, **wrap):
+    model = models.build("mlp", input_shape=(8, 8, 1), num_classes=10, dropout=0.0)
+    model.set_weights(init)
+    model.compile(hvdtrain.wrap_optimizer(tf.keras.optimizers.SGD(0.5), **wrap),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    steps_fn(model)
+    return np.concatenate([w.ravel() for w in model.get_weights()]).tolist()
+
+
+def k_small(model):
+    for i in range(K):
+        model.train_on_batch(xs[i], ys[i])
+
+
+def one_large(model):
+    model.train_on_batch(xs.reshape(K * B, 8, 8, 1), ys.reshape(K * B))
+
+
+def several(model):
+    for s in range(STEPS):
+        model.train_on_batch(xs[s % K], ys[s % K])
+
+
+common.report(
+    outdir, rank,
+    init=np.concatenate([w.ravel() for w in init]).tolist(),
+    accumulated=trained(k_small, backward_passes_per_step=K),
+    large_batch=trained(one_large),
+    fp32=trained(several),
+    fp16=trained(several, grad_compression="fp16"),
+)
