@@ -1,4 +1,4 @@
-"""The ``hvdtrain`` command: train | generate | recipes | models.
+"""The ``hvdtrain`` command: train | benchmark | generate | recipes | models.
 
 Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
 """
@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from hvdtrain.errors import HvdtrainError
 
@@ -34,6 +35,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the run's artifacts (written by rank 0)")
     _common(p)
 
+    p = sub.add_parser("benchmark", help="throughput, scaling and allreduce; or the comparison with plain Horovod")
+    _config_args(p)
+    p.add_argument("--np", default="1,2", help="rank counts, e.g. 1,2,4")
+    p.add_argument("--scaling", default="weak,strong", help="weak (fixed batch per rank), strong (fixed global)")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    p.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows (or launches) per setting; median reported")
+    p.add_argument("--compare-baseline", action="store_true",
+                   help="compare `hvdtrain train` with the canonical Horovod+Keras loop, interleaved")
+    p.add_argument("--launcher-args", default="--gloo", help="extra horovodrun arguments")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
+    p.add_argument("--output", required=True, help="directory for benchmark.json and benchmark.png")
+    _common(p)
+
     p = sub.add_parser("generate", help="sample text from a trained gpt")
     p.add_argument("--model", required=True, help="a run directory or its model.keras")
     p.add_argument("--prompt", default="", help="text to continue")
@@ -56,6 +71,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.recipe, args.config, args.overrides)
     train.run(cfg, args.output)
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from hvdtrain import artifacts, benchmark, config
+    from hvdtrain.errors import UsageError
+
+    try:
+        nps = sorted({int(n) for n in args.np.split(",") if n.strip()})
+    except ValueError:
+        raise UsageError(f"--np '{args.np}' must be rank counts separated by commas, e.g. 1,2") from None
+    modes = [m.strip() for m in args.scaling.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("weak", "strong")]
+    if bad or not modes or not nps or min(nps) < 1:
+        raise UsageError("--scaling takes weak and/or strong; --np takes positive rank counts")
+    launcher = args.launcher_args.split()
+    if args.compare_baseline:
+        report = benchmark.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
+                                            launcher, args.timeout)
+    else:
+        cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
+        report = benchmark.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
+                                   args.repeats, launcher, args.timeout)
+    out = Path(args.output)
+    artifacts.write_json(out / "benchmark.json", report)
+    if report["kind"] == "scaling":
+        benchmark.plot_scaling(report, out / "benchmark.png")
+    benchmark.print_report(report)
+    print(f"\nwritten: {out}/benchmark.json" + (f", {out}/benchmark.png" if report["kind"] == "scaling" else ""))
     return 0
 
 
@@ -87,7 +131,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -281,17 +281,39 @@ def allgather_object(obj: Any) -> list[Any]:
     return hvd_tf.allgather_object(obj)
 
 
+def time_allreduce(num_bytes: int, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per allreduce (average) of a float32 tensor of ``num_bytes``, once per repeat, on every rank."""
+    import time
+
+    import horovod.tensorflow as hvd_tf
+    import tensorflow as tf
+
+    _hvd()
+    tensor = tf.ones([max(1, num_bytes // 4)], tf.float32)
+    name = f"bench_allreduce_{num_bytes}"
+    for _ in range(warmup):
+        hvd_tf.allreduce(tensor, op=hvd_tf.Average, name=name).numpy()
+    times = []
+    for _ in range(repeats):
+        barrier()
+        start = time.perf_counter()
+        hvd_tf.allreduce(tensor, op=hvd_tf.Average, name=name).numpy()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def start_timeline(path: str) -> None:
     """Start Horovod's timeline (Chrome trace JSON, written by rank 0) once the file's folder exists."""
     _hvd().start_timeline(path, mark_cycles=False)
 
 
 def barrier() -> None:
-    """Wait until every rank reaches this point."""
+    """Wait until every rank reaches this point (a tiny allreduce: Horovod 0.28's TF API has no barrier)."""
     import horovod.tensorflow as hvd_tf
+    import tensorflow as tf
 
     _hvd()
-    hvd_tf.barrier()
+    hvd_tf.allreduce(tf.zeros([1]), op=hvd_tf.Sum, name="hvdtrain_barrier").numpy()
 
 
 def shutdown() -> None:
