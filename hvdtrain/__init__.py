@@ -5,9 +5,9 @@ The public API for a user's own ``model.fit`` script::
     import hvdtrain
     hvdtrain.init()                                      # Horovod, threads per rank, GPU by local rank
     ds = hvdtrain.shard(dataset, batch_size=32)          # equal batches on every rank
-    opt = hvdtrain.wrap_optimizer(tf.keras.optimizers.Adam(1e-3 * hvdtrain.size()))
-    model.compile(optimizer=opt, loss=..., metrics=[...])
-    model.fit(ds, callbacks=hvdtrain.callbacks.default_callbacks(...), verbose=int(hvdtrain.is_chief()))
+    lr = hvdtrain.WarmupSchedule(base_lr=1e-3, peak_lr=1e-3 * hvdtrain.size(), warmup_steps=100)
+    model.compile(optimizer=hvdtrain.wrap_optimizer(tf.keras.optimizers.Adam(lr)), loss=..., metrics=[...])
+    model.fit(ds, callbacks=hvdtrain.callbacks.default_callbacks(...), verbose=2 if hvdtrain.is_chief() else 0)
 
 Importing is cheap: nothing initialises and TensorFlow is not imported until it is needed.
 """
@@ -28,8 +28,6 @@ from hvdtrain.distributed import (
     wrap_optimizer,
 )
 
-from hvdtrain.schedule import WarmupSchedule
-
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -47,11 +45,13 @@ def shard(dataset: "tf.data.Dataset", batch_size: int | None = None, num_example
 
 
 def __getattr__(name: str):
-    # `hvdtrain.callbacks` imports TensorFlow, so it is loaded on first use.
-    if name == "callbacks":
-        import importlib
+    # These import TensorFlow, so they are loaded on first use.
+    import importlib
 
+    if name == "callbacks":
         return importlib.import_module("hvdtrain.callbacks")
+    if name == "WarmupSchedule":
+        return importlib.import_module("hvdtrain.schedule").WarmupSchedule
     raise AttributeError(f"module 'hvdtrain' has no attribute '{name}'")
 
 

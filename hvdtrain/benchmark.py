@@ -206,7 +206,8 @@ def compare_baseline(recipe: str | None, overrides: list[str], np_: int, repeats
                     launch(np_, [sys.executable, str(baseline), "--model", cfg.model.name,
                                  "--epochs", str(cfg.train.epochs),
                                  "--batch-size-per-rank", str(cfg.data.batch_size_per_rank),
-                                 "--learning-rate", str(cfg.train.learning_rate), "--result", str(out_file)],
+                                 "--learning-rate", str(cfg.train.learning_rate), "--result", str(out_file),
+                                 "--checkpoint-dir", tmp],
                            launcher_args, timeout)
                     row["baseline"] = json.loads(out_file.read_text())["examples_per_sec"]
             row["ratio"] = row["hvdtrain"] / row["baseline"]

@@ -8,8 +8,12 @@
    before every callback that reads the logs (early stopping, checkpoints, loggers), so that all ranks see the same
    numbers and take the same decisions; a decision taken on one rank only leaves the others hanging.
    :class:`LanguageModelMetrics` (language models) derives bits per byte and perplexity from the averaged loss.
-3. :class:`LearningRateScheduleCallback`: warmup then schedule, the same on every rank.
+3. :class:`LearningRateLogger`: the learning rate into the logs (the schedule runs in the graph, see
+   :mod:`hvdtrain.schedule`).
 4. :class:`NanGuard`: stops with a message naming the epoch and step when the loss is NaN or Inf.
+
+None of them converts the logs to NumPy on every batch except the NaN guard (which must read the loss); with
+``steps_per_execution=N`` that is once per N steps.
 5. ``EarlyStopping`` (optional) on averaged validation loss.
 6. Chief only: :class:`CheckpointCallback`, :class:`MetricsLogger` and ``TensorBoard``. Other ranks write nothing.
 
@@ -40,40 +44,19 @@ def metric_average() -> tf.keras.callbacks.Callback:
     return distributed.metric_average_callback()
 
 
-class LearningRateScheduleCallback(tf.keras.callbacks.Callback):
-    """Set the optimizer's learning rate before each batch from ``schedule(global_step)``.
+class LearningRateLogger(tf.keras.callbacks.Callback):
+    """Put the learning rate of the epoch's last step into the epoch logs (as ``lr``).
 
-    Args:
-        schedule: a function of the optimizer step, e.g. :class:`hvdtrain.schedule.WarmupSchedule`.
-        steps_per_epoch: batches per epoch on each rank (to count steps across epochs).
-        initial_step: step to start from (a resumed run).
+    The rate itself comes from the optimizer's schedule (:class:`hvdtrain.schedule.WarmupSchedule`), inside the
+    graph; this callback only reads it once per epoch.
     """
 
-    def __init__(self, schedule, steps_per_epoch: int, initial_step: int = 0):
-        super().__init__()
-        self.schedule = schedule
-        self.steps_per_epoch = steps_per_epoch
-        self.step = initial_step
-        self._epoch = 0
-
-    def _set(self, value: float) -> None:
-        opt = self.model.optimizer
-        inner = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer
-        inner.learning_rate.assign(value) if hasattr(inner.learning_rate, "assign") else setattr(
-            inner, "learning_rate", value
-        )
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        self.step = max(self.step, epoch * self.steps_per_epoch)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.step = self._epoch * self.steps_per_epoch + batch
-        self._set(self.schedule(self.step))
-
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["lr"] = float(self.schedule(self.step))
+        if logs is None:
+            return
+        opt = self.model.optimizer
+        lr = getattr(opt, "inner_optimizer", opt).learning_rate  # LossScaleOptimizer wraps the real one
+        logs["lr"] = float(lr(opt.iterations - 1) if callable(lr) else tf.keras.backend.get_value(lr))
 
 
 class LanguageModelMetrics(tf.keras.callbacks.Callback):
@@ -205,7 +188,6 @@ class MetricsLogger(tf.keras.callbacks.Callback):
 
 def default_callbacks(
     *,
-    schedule=None,
     steps_per_epoch: int = 0,
     output_dir: str | Path | None = None,
     examples_per_epoch: int = 0,
@@ -213,20 +195,17 @@ def default_callbacks(
     keep_checkpoints: int = 3,
     early_stopping_patience: int = 0,
     tensorboard: bool = True,
-    initial_step: int = 0,
     language_model: bool = False,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
     Args:
-        schedule: learning rate as a function of the step (None keeps the optimizer's rate).
-        steps_per_epoch: batches per epoch on each rank (needed with ``schedule`` and checkpoints).
+        steps_per_epoch: batches per epoch on each rank (recorded in checkpoints, to resume mid-run).
         output_dir: where the chief writes checkpoints, ``metrics.jsonl`` and TensorBoard logs (None: nothing).
         examples_per_epoch: examples all ranks process per epoch, for the throughput in ``metrics.jsonl``.
         checkpoint_every_epochs, keep_checkpoints: checkpoint cadence and how many to keep.
         early_stopping_patience: epochs without ``val_loss`` improvement before stopping (0: off).
         tensorboard: write TensorBoard logs on the chief.
-        initial_step: optimizer step to start the schedule from (resumed runs).
         language_model: add bits per byte and perplexity to the logs.
 
     Returns:
@@ -235,11 +214,7 @@ def default_callbacks(
     cbs: list[tf.keras.callbacks.Callback] = [broadcast_initial_state(0), metric_average()]
     if language_model:
         cbs.append(LanguageModelMetrics())
-    if schedule is not None:
-        if steps_per_epoch < 1:
-            raise ValueError("default_callbacks(schedule=...) needs steps_per_epoch")
-        cbs.append(LearningRateScheduleCallback(schedule, steps_per_epoch, initial_step))
-    cbs.append(NanGuard())
+    cbs += [LearningRateLogger(), NanGuard()]
     if early_stopping_patience:
         cbs.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
                                                     restore_best_weights=True))

@@ -117,8 +117,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from hvdtrain import config
 
     for name in config.recipe_names():
-        cfg = config.load(name)
-        print(f"{name:22s} model={cfg.model.name:13s} data={cfg.data.source}")
+        raw = config.load_recipe_dict(name)
+        model, data = raw.get("model", {}).get("name", "?"), raw.get("data", {}).get("source", "?")
+        print(f"{name:24s} model={model:13s} data={data}")
     return 0
 
 

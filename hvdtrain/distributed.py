@@ -238,7 +238,11 @@ def gradient_tape(tape, grad_compression: str = "none", reduce_op: str = "averag
 
 def broadcast_callback(root_rank: int = 0):
     """Keras callback: broadcast all model and optimizer variables from ``root_rank`` after the first batch."""
-    return _hvd().callbacks.BroadcastGlobalVariablesCallback(root_rank)
+    callback = _hvd().callbacks.BroadcastGlobalVariablesCallback(root_rank)
+    # It never reads the logs; without this flag Keras converts them to NumPy after every batch for it, a
+    # device-to-host sync per step.
+    callback._supports_tf_logs = True
+    return callback
 
 
 def metric_average_callback():

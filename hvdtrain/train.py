@@ -67,8 +67,8 @@ def check_options(cfg: Config) -> None:
                           "loss scales disagree; use mixed_bfloat16, or backward_passes_per_step=1")
 
 
-def make_optimizer(cfg: TrainConfig, learning_rate: float):
-    """The (not yet distributed) Keras optimizer named by ``train.optimizer``."""
+def make_optimizer(cfg: TrainConfig, learning_rate):
+    """The (not yet distributed) Keras optimizer named by ``train.optimizer``; the rate may be a schedule."""
     import tensorflow as tf
 
     opts = tf.keras.optimizers
@@ -181,8 +181,14 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
     if cfg.distributed.timeline:
         timeline = Path(cfg.distributed.timeline)
         distributed.start_timeline(str(timeline if timeline.is_absolute() or out is None else out / timeline))
+    schedule = WarmupSchedule(
+        base_lr=plan.base_learning_rate if plan.warmup_steps else plan.learning_rate,
+        peak_lr=plan.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
+        kind=cfg.train.schedule, step_every=max(1, int(cfg.train.step_decay_epochs * plan.steps_per_epoch)),
+        step_factor=cfg.train.step_decay_factor,
+    )
     optimizer = distributed.wrap_optimizer(
-        make_optimizer(cfg.train, plan.learning_rate),
+        make_optimizer(cfg.train, schedule),
         grad_compression=cfg.distributed.grad_compression,
         backward_passes_per_step=cfg.distributed.backward_passes_per_step,
         reduce_op=cfg.distributed.reduce_op,
@@ -191,15 +197,8 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
     loss, metrics = loss_and_metrics()
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
-
-    schedule = WarmupSchedule(
-        base_lr=plan.base_learning_rate if plan.warmup_steps else plan.learning_rate,
-        peak_lr=plan.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
-        kind=cfg.train.schedule, step_every=max(1, int(cfg.train.step_decay_epochs * plan.steps_per_epoch)),
-        step_factor=cfg.train.step_decay_factor,
-    )
     callbacks = cb.default_callbacks(
-        schedule=schedule, steps_per_epoch=plan.steps_per_epoch, output_dir=out,
+        steps_per_epoch=plan.steps_per_epoch, output_dir=out,
         examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size,
         checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
         early_stopping_patience=cfg.train.early_stopping_patience,

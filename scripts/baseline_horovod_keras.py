@@ -2,7 +2,7 @@
 
 Written the way Horovod's own Keras examples are (examples/tensorflow2/tensorflow2_keras_mnist.py): hvd.init,
 pin threads, scale the learning rate by hvd.size(), hvd.DistributedOptimizer, BroadcastGlobalVariablesCallback and
-MetricAverageCallback, a repeated tf.data pipeline per rank, plain model.fit. Same model, data, batch and epochs as
+MetricAverageCallback, a ModelCheckpoint on rank 0, a repeated tf.data pipeline per rank, plain model.fit. Same model, data, batch and epochs as
 the hvdtrain run it is compared with; it reports the median examples/s over epochs after the first.
 
 This file imports Horovod directly on purpose: it *is* the hand-written boilerplate hvdtrain replaces.
@@ -30,6 +30,7 @@ parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--batch-size-per-rank", type=int, default=32)
 parser.add_argument("--learning-rate", type=float, default=0.001)
 parser.add_argument("--result", required=True)
+parser.add_argument("--checkpoint-dir", required=True)
 args = parser.parse_args()
 
 hvd.init()
@@ -60,7 +61,10 @@ class EpochTimer(tf.keras.callbacks.Callback):
 
 
 timer = EpochTimer()
-callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback(), timer]
+callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback()]
+if hvd.rank() == 0:  # as in Horovod's examples: checkpoints on rank 0 only
+    callbacks.append(tf.keras.callbacks.ModelCheckpoint(os.path.join(args.checkpoint_dir, "checkpoint-{epoch}.h5")))
+callbacks.append(timer)
 model.fit(dataset, steps_per_epoch=steps, epochs=args.epochs, callbacks=callbacks,
           verbose=2 if hvd.rank() == 0 else 0)
 if hvd.rank() == 0:

@@ -8,7 +8,12 @@ def test_every_recipe_loads():
     names = config.recipe_names()
     assert "digits-cnn" in names and "digits-mlp" in names
     for name in names:
-        cfg = config.load(name)
+        raw = config.load_recipe_dict(name)
+        needs_path = raw["data"]["source"] in ("tfrecord", "npz") and not raw["data"].get("path")
+        if needs_path:  # recipes for users' data name the key to set
+            with pytest.raises(ConfigError, match="needs data.path"):
+                config.load(name)
+        cfg = config.load(name, overrides=["data.path=/data/x"] if needs_path else [])
         assert cfg.train.epochs >= 1
 
 

@@ -38,13 +38,19 @@ def test_plan_keeps_whole_accumulation_cycles():
 
 
 def test_warmup_is_linear_then_schedule():
-    s = WarmupSchedule(base_lr=0.1, peak_lr=0.4, warmup_steps=10, total_steps=110, kind="cosine")
+    def s(step):
+        return float(sched(step))
+
+    sched = WarmupSchedule(base_lr=0.1, peak_lr=0.4, warmup_steps=10, total_steps=110, kind="cosine")
     assert s(0) == pytest.approx(0.1)
     assert s(5) == pytest.approx(0.25)
     assert s(10) == pytest.approx(0.4)
     assert s(60) == pytest.approx(0.2)
     assert s(110) == pytest.approx(0.0, abs=1e-12)
     step = WarmupSchedule(base_lr=0.4, peak_lr=0.4, kind="step", step_every=10, step_factor=0.5)
-    assert [step(i) for i in (0, 9, 10, 25)] == pytest.approx([0.4, 0.4, 0.2, 0.1])
+    assert [float(step(i)) for i in (0, 9, 10, 25)] == pytest.approx([0.4, 0.4, 0.2, 0.1])
     const = WarmupSchedule(base_lr=1.0, peak_lr=1.0)
-    assert all(math.isclose(const(i), 1.0) for i in range(5))
+    assert all(math.isclose(float(const(i)), 1.0) for i in range(5))
+    assert WarmupSchedule.from_config(sched.get_config()).get_config() == sched.get_config()
+    with pytest.raises(ValueError, match="one of constant"):
+        WarmupSchedule(0.1, 0.1, kind="linear")

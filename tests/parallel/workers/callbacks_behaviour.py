@@ -24,6 +24,7 @@ plan = make_plan(num_train_examples=splits.num_train, world_size=size, batch_siz
 schedule = WarmupSchedule(plan.base_learning_rate, plan.learning_rate, plan.warmup_steps, plan.total_steps)
 
 
+
 class Inject(tf.keras.callbacks.Callback):
     """Before averaging: a metric equal to the rank, and the rank's own loss."""
 
@@ -43,18 +44,19 @@ class Record(tf.keras.callbacks.Callback):
         super().__init__()
         self.logs, self.lrs = [], []
 
-    def on_train_batch_begin(self, batch, logs=None):
-        self.lrs.append(float(self.model.optimizer.learning_rate.numpy()))
+    def on_train_batch_end(self, batch, logs=None):
+        # the rate the optimizer applied in the step just taken (Keras keeps it as the current learning rate)
+        self.lrs.append(float(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
         self.logs.append({k: float(v) for k, v in logs.items()})
 
 
 model = models.build("mlp", input_shape=(8, 8, 1), num_classes=10)
-model.compile(hvdtrain.wrap_optimizer(tf.keras.optimizers.SGD(plan.learning_rate)),
+model.compile(hvdtrain.wrap_optimizer(tf.keras.optimizers.SGD(schedule)),
               tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 inject, record = Inject(), Record()
-cbs = [inject, *cb.default_callbacks(schedule=schedule, steps_per_epoch=plan.steps_per_epoch), record]
+cbs = [inject, *cb.default_callbacks(steps_per_epoch=plan.steps_per_epoch), record]
 ds = splits.train_dataset(rank, size, plan.batch_size_per_rank, seed=0, shuffle_buffer=2000)
 model.fit(ds, epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=cbs, verbose=0)
 common.report(outdir, rank, plan=plan.as_dict(), local_loss=inject.local_loss, logs=record.logs, lrs=record.lrs)
