@@ -1,4 +1,4 @@
-"""The ``hvdtrain`` command: train | benchmark | generate | recipes | models.
+"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | recipes | models.
 
 Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
 """
@@ -47,6 +47,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher-args", default="--gloo", help="extra horovodrun arguments")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     p.add_argument("--output", required=True, help="directory for benchmark.json and benchmark.png")
+    _common(p)
+
+    p = sub.add_parser("compress", help="prune, quantize or distill a trained model; report size/accuracy/latency")
+    p.add_argument("--model", required=True, help="a trained model.keras (or its run directory)")
+    p.add_argument("--method", required=True,
+                   help="prune | qat | ptq-dynamic | ptq-fp16 | ptq-int8 | distill | pipeline")
+    _config_args(p)
+    p.add_argument("--output", required=True, help="directory for the artifacts and compression_report.json")
+    p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a .keras or .tflite model on its run's test data")
+    p.add_argument("--model", required=True, help="a .keras or .tflite file, or a run directory")
+    _config_args(p)
+    p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
     p = sub.add_parser("generate", help="sample text from a trained gpt")
@@ -103,6 +118,46 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(model_path: str, args: argparse.Namespace):
+    """The config of the run that made ``model_path`` (its config.yaml), unless --recipe/--config says otherwise."""
+    from hvdtrain import config, modelio
+
+    if args.recipe or args.config:
+        return config.load(args.recipe, args.config, args.overrides)
+    found = modelio.resolve(model_path).parent / "config.yaml"
+    if not found.is_file():
+        from hvdtrain.errors import UsageError
+
+        raise UsageError(f"no config.yaml next to '{model_path}' to say which data it was trained on; "
+                         "give --recipe NAME or --config FILE")
+    return config.load(config_file=str(found), overrides=args.overrides)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from hvdtrain import compression
+
+    if args.method not in compression.METHODS:
+        from hvdtrain.errors import UsageError, closest
+
+        raise UsageError(f"unknown method '{args.method}'{closest(args.method, compression.METHODS)}; "
+                         f"methods: {', '.join(compression.METHODS)}")
+    cfg = run_config(args.model, args)
+    compression.run(args.method, args.model, cfg, args.output, allow_unsafe=args.allow_unsafe)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from hvdtrain import evaluation
+
+    cfg = run_config(args.model, args)
+    result = evaluation.evaluate_file(args.model, cfg, allow_unsafe=args.allow_unsafe)
+    if result is not None:
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from hvdtrain import generate, modelio
 
@@ -132,13 +187,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "compress": cmd_compress, "evaluate": cmd_evaluate,
+            "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parser().parse_args(argv)
-    if not args.debug:
+    if args.debug:
+        os.environ["HVDTRAIN_DEBUG"] = "1"
+    else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return COMMANDS[args.command](args)

@@ -92,6 +92,36 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """How ``hvdtrain compress`` prunes, quantizes and distills a trained model."""
+
+    fine_tune_epochs: int = 5
+    learning_rate: float = 1e-3
+    # pruning
+    target_sparsity: float = 0.8
+    sparsity_schedule: Literal["polynomial", "constant"] = "polynomial"
+    initial_sparsity: float = 0.0
+    pruning_frequency: int = 10
+    structured_2_4: bool = False
+    # quantization
+    representative_examples: int = 256
+    int8_io: bool = False
+    qat_fallback: bool = False
+    # distillation
+    student: str = "cnn"
+    student_params: dict[str, Any] = field(default_factory=lambda: {"filters": [8, 16], "dense_units": 32})
+    temperature: float = 4.0
+    alpha: float = 0.1
+    distill_epochs: int = 10
+    baseline_seeds: int = 3
+    # pipeline: distill -> prune -> this quantization
+    pipeline_quantization: Literal["ptq-int8", "qat"] = "ptq-int8"
+    # report
+    latency_rounds: int = 5
+    latency_calls: int = 50
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -99,6 +129,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +297,16 @@ def validate(cfg: Config) -> None:
         models.check_params(cfg.model.name, cfg.model.params)
     except models.ModelParamError as exc:
         raise ConfigError(str(exc)) from None
+    c = cfg.compression
+    if not 0.0 <= c.initial_sparsity <= c.target_sparsity < 1.0:
+        raise ConfigError("compression: need 0 <= initial_sparsity <= target_sparsity < 1, got "
+                          f"{c.initial_sparsity} and {c.target_sparsity}")
+    if not 0.0 <= c.alpha <= 1.0 or c.temperature <= 0:
+        raise ConfigError("compression.alpha must be in [0, 1] and compression.temperature positive")
+    try:
+        models.check_params(c.student, c.student_params)
+    except models.ModelParamError as exc:
+        raise ConfigError(str(exc).replace("model.params.", "compression.student_params.")) from None
     if cfg.data.source in ("tfrecord", "npz") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
 

@@ -1,0 +1,180 @@
+"""Compression of trained models: pruning, quantization (QAT and post-training), distillation, and the pipeline.
+
+One entry point, :func:`run`, for every method: it loads the trained model and the run's data, applies the method
+(training-based methods fine-tune data-parallel on every rank), exports on rank 0 and writes the report
+(``compression_report.json``, a table, ``compression_tradeoff.png``) next to the artifacts. No Horovod here: ranks
+and collectives come from :mod:`hvdtrain.distributed`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import artifacts, distributed
+from hvdtrain.compression.common import Artifact
+from hvdtrain.config import Config
+from hvdtrain.errors import DataError, UsageError
+
+METHODS = ("prune", "qat", "ptq-dynamic", "ptq-fp16", "ptq-int8", "distill", "pipeline")
+PTQ = {"ptq-dynamic": "dynamic", "ptq-fp16": "float16", "ptq-int8": "int8"}
+
+
+def check_fit(model, source, what: str = "the model") -> None:
+    """Fail clearly when a model's input or output does not match the data."""
+    want_in, got_in = tuple(source.input_shape), tuple(model.input_shape[1:])
+    if want_in != got_in:
+        raise DataError(f"{what} takes inputs of shape {got_in}, but the data has {want_in}; "
+                        "compress with the data the model was trained on (the run's config.yaml)")
+    classes = model.output_shape[-1]
+    if classes != source.num_classes:
+        raise DataError(f"{what} has {classes} outputs, but the data has {source.num_classes} classes")
+
+
+class _Session:
+    """The state of one compression run: config, data, teacher, output directory, artifacts."""
+
+    def __init__(self, cfg: Config, source, teacher, out: Path | None):
+        self.cfg, self.source, self.teacher, self.out = cfg, source, teacher, out
+        self.artifacts: list[Artifact] = []
+        self.extra: dict[str, Any] = {}
+
+    def keras(self, name: str, model, method: str, notes=None, save_scope=None) -> Artifact:
+        """Save a Keras artifact on the chief and record it."""
+        path = (self.out or Path(".")) / f"{name}.keras"
+        if self.out is not None and distributed.is_chief():
+            from hvdtrain.train import save_model
+
+            if save_scope is not None:
+                with save_scope():
+                    save_model(model, path)
+            else:
+                save_model(model, path)
+        art = Artifact(name, "keras", path, method, model, notes or {})
+        self.artifacts.append(art)
+        return art
+
+    def tflite(self, name: str, model, method: str, mode: str, from_name: str, **kw) -> Artifact | None:
+        """Export a TFLite artifact on the chief and record it."""
+        from hvdtrain.compression.export import to_tflite
+
+        if self.out is None or not distributed.is_chief():
+            return None
+        path = to_tflite(model, self.out / f"{name}.tflite", mode, **kw)
+        art = Artifact(name, "tflite", path, method, None, {"from": from_name, "mode": mode})
+        self.artifacts.append(art)
+        return art
+
+
+def _representative(s: _Session):
+    from hvdtrain.compression.quantize import representative_examples
+
+    return representative_examples(s.source, s.cfg.compression.representative_examples, s.cfg.train.seed)
+
+
+def _prune(s: _Session, model, name: str = "pruned"):
+    from hvdtrain.compression.prune import prune
+
+    stripped, notes = prune(model, s.source, s.cfg)
+    s.keras(name, stripped, "prune", notes)
+    s.tflite(f"{name}-float32", stripped, "prune", "float32", name)
+    return stripped
+
+
+def _qat(s: _Session, model, name: str = "qat"):
+    import tensorflow_model_optimization as tfmot
+
+    from hvdtrain.compression.quantize import quantization_aware
+
+    qat, notes = quantization_aware(model, s.source, s.cfg, s.cfg.model.name)
+    s.keras(name, qat, "qat", notes, save_scope=tfmot.quantization.keras.quantize_scope)
+    s.tflite(f"{name}-int8", qat, "qat", "int8", name, quantization_aware=True)
+    return qat
+
+
+def _ptq(s: _Session, model, method: str, from_name: str, name: str | None = None):
+    mode = PTQ[method]
+    kw = {"representative": _representative(s), "int8_io": s.cfg.compression.int8_io} if mode == "int8" else {}
+    return s.tflite(name or f"{from_name}-{method}", model, method, mode, from_name, **kw)
+
+
+def _distill(s: _Session):
+    from hvdtrain.compression.common import count_params
+    from hvdtrain.compression.distill import distill
+    from hvdtrain.evaluation import evaluate
+
+    c = s.cfg.compression
+    student = distill(s.teacher, s.source, s.cfg)
+    s.keras("student", student, "distill", {"student": c.student, "student_params": c.student_params,
+                                            "alpha": c.alpha, "temperature": c.temperature})
+    s.tflite("student-float32", student, "distill", "float32", "student")
+    # The same student without the teacher (alpha=1: labels only), same epochs, over several seeds.
+    metric = "bits_per_byte" if s.source.task == "language_model" else "accuracy"
+    batch = s.cfg.data.batch_size_per_rank
+    distilled, alone = [], []
+    for seed in range(c.baseline_seeds):
+        with_teacher = student if seed == s.cfg.train.seed else distill(s.teacher, s.source, s.cfg, seed=seed)
+        distilled.append(evaluate(with_teacher, s.source, "test", batch)[metric])
+        baseline = distill(s.teacher, s.source, s.cfg, seed=seed, alpha=1.0)
+        alone.append(evaluate(baseline, s.source, "test", batch)[metric])
+    s.extra["distillation"] = {
+        "metric": metric, "seeds": list(range(c.baseline_seeds)), "distilled": distilled, "without_teacher": alone,
+        "distilled_mean": sum(distilled) / len(distilled), "without_teacher_mean": sum(alone) / len(alone),
+        "teacher_params": count_params(s.teacher)[0], "student_params": count_params(student)[0],
+    }
+    return student
+
+
+def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
+        allow_unsafe: bool = False) -> dict[str, Any] | None:
+    """Compress the model at ``model_path`` with ``method``; returns the report on the chief (None elsewhere)."""
+    from hvdtrain import data, modelio
+    from hvdtrain.compression import report as rep
+    from hvdtrain.train import knobs_for, prepare_output
+
+    if method not in METHODS:
+        from hvdtrain.errors import closest
+
+        raise UsageError(f"unknown method '{method}'{closest(method, METHODS)}; methods: {', '.join(METHODS)}")
+    distributed.init(knobs_for(cfg), threads_per_rank=cfg.distributed.threads_per_rank)
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
+    check_fit(teacher, source, f"'{model_path}'")
+    out = prepare_output(output_dir, cfg)
+    s = _Session(cfg, source, teacher, out)
+
+    s.keras("float32", teacher, "none")
+    s.tflite("float32-tflite", teacher, "none", "float32", "float32")
+    if method == "prune":
+        _prune(s, teacher)
+    elif method == "qat":
+        _qat(s, teacher)
+    elif method in PTQ:
+        _ptq(s, teacher, method, "float32")
+    elif method == "distill":
+        _distill(s)
+    else:  # pipeline: distill, then prune the student, then quantize it
+        student = _distill(s)
+        pruned = _prune(s, student, "student-pruned")
+        if cfg.compression.pipeline_quantization == "qat":
+            _qat(s, pruned, "pipeline-qat")
+        else:
+            _ptq(s, pruned, "ptq-int8", "student-pruned", "pipeline-int8")
+
+    if out is None or not distributed.is_chief():
+        return None
+    c = cfg.compression
+    report = rep.build_report(s.artifacts, source, c.latency_rounds, c.latency_calls, reference="float32")
+    report.update({"method": method, "model": str(model_path), **s.extra})
+    artifacts.write_json(out / "compression_report.json", report)
+    rep.plot(report, out / "compression_tradeoff.png")
+    rep.print_table(report)
+    if "distillation" in s.extra:
+        d = s.extra["distillation"]
+        print(f"\ndistillation ({d['metric']}, mean over seeds {d['seeds']}): with teacher "
+              f"{d['distilled_mean']:.4f}, without {d['without_teacher_mean']:.4f}; student "
+              f"{d['student_params']} vs teacher {d['teacher_params']} parameters")
+    print(f"\nreport: {out}/compression_report.json, {out}/compression_tradeoff.png")
+    return report

@@ -1,0 +1,83 @@
+"""Knowledge distillation (Hinton et al., 2015) into any registered student, data-parallel.
+
+loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+The custom ``train_step`` goes through ``optimizer.minimize(loss, vars, tape=tape)``: Horovod averages gradients
+inside the optimizer's gradient computation, which ``apply_gradients`` alone would skip (each rank would then
+train its own student; see ../shared/STACK.md). The teacher is frozen and only run in inference mode.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+import models
+from hvdtrain.compression.common import fine_tune
+from hvdtrain.config import Config
+
+
+class Distiller(tf.keras.Model):
+    """Trains ``student`` against labels and a frozen ``teacher``; evaluates the student alone."""
+
+    def __init__(self, student: tf.keras.Model, teacher: tf.keras.Model, alpha: float, temperature: float):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.teacher.trainable = False
+        self.alpha, self.temperature = alpha, temperature
+        self.hard_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.soft_loss = tf.keras.losses.KLDivergence()
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+        self.accuracy = tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy]
+
+    def call(self, x, training=False):
+        return self.student(x, training=training)
+
+    def distillation_loss(self, y, student_logits, teacher_logits):
+        """The weighted sum of the hard-label loss and the softened KL term."""
+        t = self.temperature
+        hard = self.hard_loss(y, student_logits)
+        if self.alpha >= 1.0:
+            return hard
+        soft = self.soft_loss(tf.nn.softmax(teacher_logits / t), tf.nn.softmax(student_logits / t))
+        return self.alpha * hard + (1.0 - self.alpha) * t * t * soft
+
+    def train_step(self, data):
+        x, y = data
+        teacher_logits = self.teacher(x, training=False)
+        with tf.GradientTape() as tape:
+            student_logits = self.student(x, training=True)
+            loss = self.distillation_loss(y, student_logits, teacher_logits)
+        # minimize(), not apply_gradients(): Horovod's averaging lives in the gradient computation it calls.
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
+        self.loss_tracker.update_state(loss)
+        self.accuracy.update_state(y, student_logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y = data
+        logits = self.student(x, training=False)
+        self.loss_tracker.update_state(self.hard_loss(y, logits))
+        self.accuracy.update_state(y, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def build_student(cfg: Config, source, seed: int) -> tf.keras.Model:
+    """The configured student, initialised with ``seed`` (the same on every rank)."""
+    tf.keras.utils.set_random_seed(seed)
+    c = cfg.compression
+    return models.build(c.student, input_shape=source.input_shape, num_classes=source.num_classes,
+                        **c.student_params)
+
+
+def distill(teacher, source, cfg: Config, seed: int | None = None, alpha: float | None = None,
+            epochs: int | None = None) -> tf.keras.Model:
+    """Train a student from ``teacher`` (``alpha=1`` trains it on labels alone, the no-teacher baseline)."""
+    c = cfg.compression
+    student = build_student(cfg, source, cfg.train.seed if seed is None else seed)
+    distiller = Distiller(student, teacher, c.alpha if alpha is None else alpha, c.temperature)
+    distiller(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
+    fine_tune(distiller, source, cfg, epochs or c.distill_epochs, cfg.train.learning_rate, loss=None)
+    return student
