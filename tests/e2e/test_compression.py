@@ -1,0 +1,131 @@
+"""`hvdtrain compress` and `hvdtrain evaluate` end to end on a small digits CNN, and at 2 ranks."""
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import BIN, run, run_parallel
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits CNN trained in one process (the teacher / model to compress)."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--set", "train.epochs=6", "--output", str(out)])
+    return out
+
+
+def compress(trained, tmp_path, method, *sets):
+    out = tmp_path / method
+    args = [a for s in ("compression.latency_rounds=2", "compression.latency_calls=5", *sets) for a in ("--set", s)]
+    run([str(BIN / "hvdtrain"), "compress", "--model", str(trained), "--method", method, "--output", str(out),
+         *args], timeout=900)
+    report = json.loads((out / "compression_report.json").read_text())
+    assert (out / "compression_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    return out, {a["artifact"]: a for a in report["artifacts"]}, report
+
+
+def test_ptq_int8_is_really_int8_smaller_and_as_accurate(trained, tmp_path):
+    out, arts, _ = compress(trained, tmp_path, "ptq-int8")
+    ref, f32, int8 = arts["float32"], arts["float32-tflite"], arts["float32-ptq-int8"]
+    assert f32["value"] == pytest.approx(ref["value"], abs=0.003)  # TFLite float32 matches Keras
+    assert f32["size_kb"] / int8["size_kb"] >= 3.5
+    assert int8["value"] >= ref["value"] - 0.01
+    from hvdtrain.compression.export import TFLiteModel
+
+    types = TFLiteModel(out / "float32-ptq-int8.tflite").tensor_types()
+    assert types.count("int8") > types.count("float32")  # weights and activations really int8
+
+
+def test_ptq_int8_with_integer_io(trained, tmp_path):
+    out, arts, _ = compress(trained, tmp_path, "ptq-int8", "compression.int8_io=true")
+    from hvdtrain.compression.export import TFLiteModel
+
+    model = TFLiteModel(out / "float32-ptq-int8.tflite")
+    assert model.input["dtype"] == np.int8 and model.output["dtype"] == np.int8
+    assert arts["float32-ptq-int8"]["value"] >= arts["float32"]["value"] - 0.02
+
+
+@pytest.mark.parametrize("method, name", [("ptq-dynamic", "float32-ptq-dynamic"), ("ptq-fp16", "float32-ptq-fp16")])
+def test_other_post_training_modes(trained, tmp_path, method, name):
+    _, arts, _ = compress(trained, tmp_path, method)
+    assert arts[name]["size_kb"] < arts["float32-tflite"]["size_kb"] / 1.8
+    assert arts[name]["value"] >= arts["float32"]["value"] - 0.01
+
+
+def test_prune_reaches_the_target_in_every_layer(trained, tmp_path):
+    _, arts, _ = compress(trained, tmp_path, "prune")
+    pruned = arts["pruned"]
+    sizes = {"conv_0": 288, "conv_1": 18432, "dense": 131072, "logits": 1280}
+    for layer, sparsity in pruned["notes"]["pruned_layers"].items():
+        assert sparsity >= 0.8 - 1 / sizes[layer], layer  # 80% up to one weight of rounding
+    assert pruned["nonzero"] < 0.25 * pruned["params"]
+    assert arts["pruned-float32"]["gzip_ratio"] >= 3.0
+    assert pruned["value"] >= arts["float32"]["value"] - 0.03
+
+
+def test_qat_exports_int8(trained, tmp_path):
+    _, arts, _ = compress(trained, tmp_path, "qat", "compression.fine_tune_epochs=1")
+    assert arts["qat-int8"]["size_ratio"] >= 3.5
+    assert arts["qat-int8"]["value"] >= arts["float32"]["value"] - 0.02
+
+
+def test_evaluate_keras_and_tflite(trained, tmp_path):
+    out, arts, _ = compress(trained, tmp_path, "ptq-dynamic")
+    for path, key in ((trained / "model.keras", "float32"), (out / "float32-ptq-dynamic.tflite", "float32-ptq-dynamic")):
+        proc = run([str(BIN / "hvdtrain"), "evaluate", "--model", str(path)])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["accuracy"] == pytest.approx(arts[key]["value"], abs=1e-6)
+
+
+def test_structured_2_4(trained, tmp_path):
+    from hvdtrain.compression.prune import is_2_4_sparse
+
+    out, arts, _ = compress(trained, tmp_path, "prune", "compression.structured_2_4=true",
+                            "compression.fine_tune_epochs=1")
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(out / "pruned.keras")
+    assert is_2_4_sparse(model.get_layer("dense").get_weights()[0])
+    assert not is_2_4_sparse(tf.keras.models.load_model(trained / "model.keras").get_layer("dense").get_weights()[0])
+
+
+def test_gpt_ptq_dynamic_works_and_qat_names_the_unsupported_layers(tmp_path):
+    import models
+    from hvdtrain import config
+
+    run_dir = tmp_path / "gpt"
+    run_dir.mkdir()
+    cfg = config.load("gpt-tiny", overrides=["data.context_length=16", "model.params={width: 16, num_heads: 2}"])
+    (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    models.build("gpt", input_shape=(16,), num_classes=256, width=16, num_heads=2).save(run_dir / "model.keras")
+    _, arts, report = compress(run_dir, tmp_path, "ptq-dynamic")
+    assert report["metric"] == "bits_per_byte"
+    assert arts["float32-ptq-dynamic"]["value"] == pytest.approx(arts["float32"]["value"], abs=0.05)
+    proc = run([str(BIN / "hvdtrain"), "compress", "--model", str(run_dir), "--method", "qat", "--output",
+                str(tmp_path / "qat")], check=False)
+    assert proc.returncode == 1
+    assert "does not support these layers of 'gpt'" in proc.stderr and "block_0 (TransformerBlock)" in proc.stderr
+
+
+def test_compress_errors(trained, tmp_path):
+    proc = run([str(BIN / "hvdtrain"), "compress", "--model", str(trained), "--method", "prun", "--output",
+                str(tmp_path / "x")], check=False)
+    assert proc.returncode == 2 and "did you mean 'prune'" in proc.stderr
+    tflite = tmp_path / "m.tflite"
+    tflite.write_bytes(b"TFL3")
+    proc = run([str(BIN / "hvdtrain"), "compress", "--model", str(tflite), "--method", "prune", "--recipe",
+                "digits-cnn", "--output", str(tmp_path / "y")], check=False)
+    assert proc.returncode == 1 and "is a TFLite model" in proc.stderr
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parallel
+def test_pruning_and_distillation_at_two_ranks(trained, tmp_path):
+    r0, r1 = run_parallel("compression_ranks.py", tmp_path, str(trained / "model.keras"))
+    np.testing.assert_array_equal(r0["pruned"], r1["pruned"])  # masks and weights identical on both ranks
+    assert r0["sparsity"] == r1["sparsity"]
+    np.testing.assert_array_equal(r0["student"], r1["student"])  # the student too
+    assert r0["teacher_changed"] == r1["teacher_changed"] == 0.0  # and the teacher untouched
