@@ -157,6 +157,27 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
 
 
+def restore_latest(model, directory: str | Path) -> tuple[int, list[str]]:
+    """Restore the newest readable checkpoint into ``model`` and its optimizer.
+
+    A checkpoint that cannot be read (truncated, corrupt, from another model) is skipped with a warning and the
+    previous one is tried. Returns ``(epoch, warnings)``; epoch 0 when none could be restored.
+    """
+    import json
+
+    warnings = []
+    for ckpt_dir in reversed(list_checkpoints(directory)):
+        try:
+            state = json.loads((ckpt_dir / "state.json").read_text())
+            status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(str(ckpt_dir / "ckpt"))
+            status.assert_existing_objects_matched()
+            return int(state["epoch"]), warnings
+        except Exception as exc:  # noqa: BLE001 - any failure to read means: use the previous checkpoint
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            warnings.append(f"checkpoint {ckpt_dir} is unreadable ({reason}); using the previous one")
+    return 0, warnings
+
+
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
     for old in list_checkpoints(directory)[:-keep]:
@@ -167,6 +188,7 @@ class MetricsLogger(tf.keras.callbacks.Callback):
     """Chief-only ``metrics.jsonl``: one line per epoch with the averaged metrics, lr, time and throughput."""
 
     def __init__(self, path: str | Path, examples_per_epoch: int, rows: list[dict] | None = None):
+        """``rows``: the lines of epochs already done (a resumed run keeps them)."""
         super().__init__()
         self.path = Path(path)
         self.examples_per_epoch = examples_per_epoch
@@ -196,6 +218,7 @@ def default_callbacks(
     early_stopping_patience: int = 0,
     tensorboard: bool = True,
     language_model: bool = False,
+    previous_rows: list[dict] | None = None,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -207,6 +230,7 @@ def default_callbacks(
         early_stopping_patience: epochs without ``val_loss`` improvement before stopping (0: off).
         tensorboard: write TensorBoard logs on the chief.
         language_model: add bits per byte and perplexity to the logs.
+        previous_rows: ``metrics.jsonl`` lines of the epochs a resumed run already did.
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
@@ -222,7 +246,7 @@ def default_callbacks(
         out = Path(output_dir)
         cbs.append(CheckpointCallback(out / "checkpoints", checkpoint_every_epochs, keep_checkpoints,
                                       steps_per_epoch))
-        cbs.append(MetricsLogger(out / "metrics.jsonl", examples_per_epoch))
+        cbs.append(MetricsLogger(out / "metrics.jsonl", examples_per_epoch, previous_rows))
         if tensorboard:
             cbs.append(tf.keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), profile_batch=0))
     return cbs

@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 3
+    resume: bool = True  # the same command again continues from the output directory's last good checkpoint
     early_stopping_patience: int = 0
     elastic: bool = False
     commit_every_batches: int = 50
@@ -215,6 +216,12 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -138,6 +138,36 @@ def save_model(model, path: Path) -> None:
         clone.save(tmp)
 
 
+def resume(model, out: Path | None, cfg: Config, steps_per_epoch: int) -> tuple[int, list[dict]]:
+    """Continue an interrupted run in ``out``: restore the last good checkpoint on the chief, share it with every
+    rank, and return ``(epochs_done, metrics_rows_so_far)``. Returns ``(0, [])`` for a new run.
+    """
+    import json
+
+    from hvdtrain import callbacks as cb
+
+    found = bool(out is not None and cfg.train.resume and cb.list_checkpoints(out / "checkpoints"))
+    if not (distributed.broadcast_object(found) if distributed.size() > 1 else found):
+        return 0, []
+    # Optimizer slots exist only after a first step; build them now so the checkpoint has somewhere to go.
+    opt = model.optimizer
+    getattr(opt, "inner_optimizer", opt).build(model.trainable_variables)
+    epoch, rows = 0, []
+    if distributed.is_chief():
+        epoch, warnings = cb.restore_latest(model, out / "checkpoints")
+        for w in warnings:
+            print(f"[hvdtrain] warning: {w}", file=sys.stderr, flush=True)
+        if (out / "metrics.jsonl").is_file():
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r.get("epoch", 0) <= epoch]
+    if distributed.size() > 1:
+        epoch = distributed.broadcast_object(epoch)
+        distributed.broadcast_variables(model.variables + list(getattr(opt, "variables", [])))
+    if epoch:
+        log(f"resuming after epoch {epoch} (step {epoch * steps_per_epoch}) from {out / 'checkpoints'}")
+    return epoch, rows
+
+
 def throughput(rows: list[dict[str, Any]]) -> float | None:
     """Median examples/s over epochs, leaving out the first (graph building and warm-up) when there are more."""
     values = [r["examples_per_sec"] for r in rows if r.get("examples_per_sec")]
@@ -197,20 +227,23 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
     loss, metrics = loss_and_metrics()
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
+    initial_epoch, previous_rows = resume(model, out, cfg, plan.steps_per_epoch)
     callbacks = cb.default_callbacks(
-        steps_per_epoch=plan.steps_per_epoch, output_dir=out,
+        steps_per_epoch=plan.steps_per_epoch, output_dir=out, previous_rows=previous_rows,
         examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size,
         checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
         early_stopping_patience=cfg.train.early_stopping_patience,
         language_model=splits.task == "language_model",
     )
     train_ds = splits.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
+    # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
+    train_ds = train_ds.skip(initial_epoch * plan.steps_per_epoch) if initial_epoch else train_ds
     val_ds = splits.eval_dataset("val", rank, size, plan.batch_size_per_rank, equal=True)
     if verbose is None:
         verbose = (1 if sys.stdout.isatty() else 2)
     fit_started = time.perf_counter()
-    model.fit(train_ds, epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch, validation_data=val_ds,
-              callbacks=callbacks, verbose=verbose if distributed.is_chief() else 0)
+    model.fit(train_ds, epochs=plan.epochs, initial_epoch=initial_epoch, steps_per_epoch=plan.steps_per_epoch,
+              validation_data=val_ds, callbacks=callbacks, verbose=verbose if distributed.is_chief() else 0)
     fit_seconds = time.perf_counter() - fit_started
 
     test = evaluate(model, splits, "test", plan.batch_size_per_rank)

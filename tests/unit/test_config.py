@@ -25,6 +25,10 @@ def test_overrides_are_typed_and_applied():
     assert cfg.train.schedule == "step"
 
 
+def test_scientific_notation_without_a_dot_is_a_number():
+    assert config.load("digits-cnn", overrides=["train.learning_rate=1e-3"]).train.learning_rate == 0.001
+
+
 def test_config_is_frozen():
     cfg = config.load("digits-cnn")
     with pytest.raises(Exception):
