@@ -39,9 +39,22 @@ def horovodrun(args: list, np: int = 2, timeout: float = 300, check: bool = True
     return run(cmd, timeout=timeout, check=check, cwd=cwd)
 
 
-def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: float = 300) -> list[dict]:
+def mpirun(args: list, np: int = 2, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """OpenMPI's ``mpirun`` at ``np`` local ranks, with the flags needed as root and on few cores."""
+    e = env()
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np),
+           "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", *map(str, args)]
+    return run(cmd, timeout=timeout, check=check, env=e)
+
+
+def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: float = 300,
+                 launcher: str = "horovodrun") -> list[dict]:
     """Run ``tests/parallel/workers/SCRIPT`` at ``np`` ranks; each rank writes ``rank{r}.json``; return them."""
     outdir.mkdir(parents=True, exist_ok=True)
-    horovodrun([sys.executable, ROOT / "tests" / "parallel" / "workers" / script, outdir, *args],
-               np=np, timeout=timeout)
+    command = [sys.executable, ROOT / "tests" / "parallel" / "workers" / script, outdir, *args]
+    if launcher == "mpirun":
+        mpirun(command, np=np, timeout=timeout)
+    else:
+        horovodrun(command, np=np, timeout=timeout)
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(np)]
