@@ -16,7 +16,8 @@ log() { printf '[setup] %s\n' "$*"; }
 
 # 1. Debian packages: compilers and cmake for the Horovod build, OpenMPI for mpirun and Horovod's MPI controller.
 # strace: the test that only rank 0 writes files traces what each rank opens for writing.
-debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace)
+# iproute2, openssh-server: the multi-host test runs two "hosts" in network namespaces, each with its own sshd.
+debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace iproute2 openssh-server)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

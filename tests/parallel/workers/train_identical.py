@@ -3,6 +3,7 @@
 With ``--plain`` the optimizer is not wrapped and nothing is broadcast: the negative control, whose ranks must
 end with different weights (so the test of the real path can fail).
 """
+import socket
 import sys
 
 import common  # noqa: F401  (sets the path and log level)
@@ -31,4 +32,6 @@ if not plain:
 model.compile(opt, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 model.fit(ds, epochs=2, steps_per_epoch=10, callbacks=callbacks, verbose=0)
 final = np.concatenate([w.ravel() for w in model.get_weights()])
-common.report(outdir, rank, size=size, first_labels=first_labels, init=init.tolist(), final=final.tolist())
+from hvdtrain import distributed  # noqa: E402
+
+common.report(outdir, rank, size=size, host=socket.gethostname(), controller=distributed.controller(), first_labels=first_labels, init=init.tolist(), final=final.tolist())
