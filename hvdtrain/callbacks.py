@@ -105,6 +105,9 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
     def __init__(self, directory: str | Path, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0):
         super().__init__()
         self.directory = Path(directory)
+        # A crash while writing leaves a temporary directory behind; it never became a checkpoint.
+        for stale in self.directory.glob(".epoch-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.every_epochs = max(1, every_epochs)
         self.keep = max(1, keep)
         self.steps_per_epoch = steps_per_epoch

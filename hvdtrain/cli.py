@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (one process, or every rank under horovodrun/mpirun)")
     _config_args(p)
     p.add_argument("--output", required=True, help="directory for the run's artifacts (written by rank 0)")
+    p.add_argument("--elastic", action="store_true",
+                   help="Horovod elastic mode (same as --set train.elastic=true); launch with horovodrun --min-np")
     _common(p)
 
     p = sub.add_parser("benchmark", help="throughput, scaling and allreduce; or the comparison with plain Horovod")
@@ -84,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from hvdtrain import config, train
 
-    cfg = config.load(args.recipe, args.config, args.overrides)
+    overrides = [*args.overrides, *(["train.elastic=true"] if args.elastic else [])]
+    cfg = config.load(args.recipe, args.config, overrides)
     train.run(cfg, args.output)
     return 0
 

@@ -250,6 +250,23 @@ def metric_average_callback():
     return _hvd().callbacks.MetricAverageCallback()
 
 
+def run_elastic(model, train_fn, epoch: int = 0):
+    """Run ``train_fn(state)`` under Horovod's elastic mode, with ``state`` holding the model, its optimizer, the
+    epoch and the batch; on a membership change Horovod restores the last commit and calls ``train_fn`` again."""
+    hvd = _hvd()
+    opt = model.optimizer
+    getattr(opt, "inner_optimizer", opt).build(model.trainable_variables)  # so the state includes the slots
+    state = hvd.elastic.KerasState(model, batch=0, epoch=epoch)
+    return hvd.elastic.run(train_fn)(state)
+
+
+def elastic_callbacks(state, batches_per_commit: int):
+    """Keras callbacks that keep the elastic ``state``'s epoch and batch current and commit it periodically."""
+    hvd = _hvd()
+    return [hvd.elastic.UpdateBatchStateCallback(state), hvd.elastic.UpdateEpochStateCallback(state),
+            hvd.elastic.CommitStateCallback(state, batches_per_commit=batches_per_commit)]
+
+
 def broadcast_variables(variables, root_rank: int = 0) -> None:
     """Overwrite ``variables`` on every rank with their values on ``root_rank``."""
     import horovod.tensorflow as hvd_tf

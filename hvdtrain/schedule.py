@@ -58,3 +58,36 @@ class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
         return {"base_lr": self.base_lr, "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
                 "total_steps": self.total_steps, "kind": self.kind, "step_every": self.step_every,
                 "step_factor": self.step_factor}
+
+
+class ElasticSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule made for one world size, kept in step with training progress when the world size changes.
+
+    Elastic runs change the number of ranks, so the steps per epoch and the scaled rate change mid-run. On each
+    (re)start :meth:`rescale` records where training stands; afterwards the rate is
+    ``schedule(offset + (step - start) * ratio) * scale``: the original schedule at the same point of progress
+    (in epochs), scaled for the current number of ranks.
+    """
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+        self.scale = tf.Variable(1.0, trainable=False, name="elastic_lr_scale")
+        self.ratio = tf.Variable(1.0, trainable=False, name="elastic_step_ratio")
+        self.start = tf.Variable(0.0, trainable=False, name="elastic_step_start")
+        self.offset = tf.Variable(0.0, trainable=False, name="elastic_step_offset")
+
+    def rescale(self, iterations: int, epochs_done: float, first_steps_per_epoch: int, steps_per_epoch: int,
+                lr_ratio: float) -> None:
+        """Continue from ``epochs_done`` at ``steps_per_epoch`` steps per epoch and ``lr_ratio`` times the rate."""
+        self.start.assign(float(iterations))
+        self.offset.assign(epochs_done * first_steps_per_epoch)
+        self.ratio.assign(first_steps_per_epoch / steps_per_epoch)
+        self.scale.assign(lr_ratio)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        return self.schedule(self.offset + (step - self.start) * self.ratio) * self.scale
+
+    def get_config(self):
+        return self.schedule.get_config()

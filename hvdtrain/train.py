@@ -142,8 +142,6 @@ def resume(model, out: Path | None, cfg: Config, steps_per_epoch: int) -> tuple[
     """Continue an interrupted run in ``out``: restore the last good checkpoint on the chief, share it with every
     rank, and return ``(epochs_done, metrics_rows_so_far)``. Returns ``(0, [])`` for a new run.
     """
-    import json
-
     from hvdtrain import callbacks as cb
 
     found = bool(out is not None and cfg.train.resume and cb.list_checkpoints(out / "checkpoints"))
@@ -157,15 +155,58 @@ def resume(model, out: Path | None, cfg: Config, steps_per_epoch: int) -> tuple[
         epoch, warnings = cb.restore_latest(model, out / "checkpoints")
         for w in warnings:
             print(f"[hvdtrain] warning: {w}", file=sys.stderr, flush=True)
-        if (out / "metrics.jsonl").is_file():
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r.get("epoch", 0) <= epoch]
+        rows = metrics_rows(out, epoch)
     if distributed.size() > 1:
         epoch = distributed.broadcast_object(epoch)
         distributed.broadcast_variables(model.variables + list(getattr(opt, "variables", [])))
     if epoch:
         log(f"resuming after epoch {epoch} (step {epoch * steps_per_epoch}) from {out / 'checkpoints'}")
     return epoch, rows
+
+
+def plan_for(cfg: Config, num_train_examples: int, world_size: int) -> Plan:
+    """The plan of ``cfg`` at ``world_size`` ranks."""
+    return make_plan(
+        num_train_examples=num_train_examples, world_size=world_size,
+        batch_size_per_rank=cfg.data.batch_size_per_rank, epochs=cfg.train.epochs,
+        learning_rate=cfg.train.learning_rate, lr_scaling=cfg.train.lr_scaling, warmup_epochs=cfg.train.warmup_epochs,
+        backward_passes_per_step=cfg.distributed.backward_passes_per_step,
+    )
+
+
+def metrics_rows(out: Path | None, up_to_epoch: int) -> list[dict]:
+    """The ``metrics.jsonl`` lines of epochs 1..``up_to_epoch`` already written (chief only)."""
+    import json
+
+    if out is None or not distributed.is_chief() or not (out / "metrics.jsonl").is_file():
+        return []
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("epoch", 0) <= up_to_epoch]
+
+
+def fit_elastic(cfg: Config, model, out: Path | None, num_train: int, first_plan: Plan, schedule,
+                initial_epoch: int, fit):
+    """Train under Horovod's elastic mode: on every (re)start the plan, the shards and the learning-rate scale
+    follow the current world size, and training goes on from the last committed epoch and batch.
+
+    Horovod commits the model, optimizer, epoch and batch every ``train.commit_every_batches`` batches and at each
+    epoch's end; when a worker dies, the others roll back to the last commit and continue without it.
+    """
+    result = {}
+
+    def train(state):
+        size = distributed.size()
+        plan = plan_for(cfg, num_train, size)
+        schedule.rescale(int(model.optimizer.iterations.numpy()), state.epoch + state.batch / plan.steps_per_epoch,
+                         first_plan.steps_per_epoch, plan.steps_per_epoch, plan.learning_rate / first_plan.learning_rate)
+        log(f"elastic: {size} rank(s), from epoch {state.epoch + 1} batch {state.batch}; {plan.describe()}")
+        extra = distributed.elastic_callbacks(state, cfg.train.commit_every_batches)
+        result["callbacks"] = fit(plan, state.epoch, metrics_rows(out, state.epoch),
+                                  state.epoch * plan.steps_per_epoch + state.batch, extra)
+        result["plan"] = plan
+
+    distributed.run_elastic(model, train, epoch=initial_epoch)
+    return result["callbacks"], result["plan"]
 
 
 def throughput(rows: list[dict[str, Any]]) -> float | None:
@@ -189,9 +230,9 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
 
     from hvdtrain import callbacks as cb
     from hvdtrain import data
-    from hvdtrain.schedule import WarmupSchedule
+    from hvdtrain.schedule import ElasticSchedule, WarmupSchedule
 
-    rank, size = distributed.rank(), distributed.size()
+    size = distributed.size()
     started = time.perf_counter()
     check_options(cfg)
 
@@ -199,11 +240,7 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
     tf.keras.utils.set_random_seed(cfg.train.seed)
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     splits = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
-    plan: Plan = make_plan(
-        num_train_examples=splits.num_train, world_size=size, batch_size_per_rank=cfg.data.batch_size_per_rank,
-        epochs=cfg.train.epochs, learning_rate=cfg.train.learning_rate, lr_scaling=cfg.train.lr_scaling,
-        warmup_epochs=cfg.train.warmup_epochs, backward_passes_per_step=cfg.distributed.backward_passes_per_step,
-    )
+    plan = plan_for(cfg, splits.num_train, size)
     log(plan.describe())
 
     model = build_model(cfg, splits.input_shape, splits.num_classes)
@@ -224,26 +261,43 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
         reduce_op=cfg.distributed.reduce_op,
         precision=cfg.train.precision,
     )
+    # Elastic runs follow the world size; set after wrapping because Horovod rebuilds the optimizer from its config,
+    # which would lose the schedule's variables.
+    elastic_schedule = None
+    if cfg.train.elastic:
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        inner.learning_rate = elastic_schedule = ElasticSchedule(inner._learning_rate)
     loss, metrics = loss_and_metrics()
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
-    initial_epoch, previous_rows = resume(model, out, cfg, plan.steps_per_epoch)
-    callbacks = cb.default_callbacks(
-        steps_per_epoch=plan.steps_per_epoch, output_dir=out, previous_rows=previous_rows,
-        examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size,
-        checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
-        early_stopping_patience=cfg.train.early_stopping_patience,
-        language_model=splits.task == "language_model",
-    )
-    train_ds = splits.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
-    # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
-    train_ds = train_ds.skip(initial_epoch * plan.steps_per_epoch) if initial_epoch else train_ds
-    val_ds = splits.eval_dataset("val", rank, size, plan.batch_size_per_rank, equal=True)
     if verbose is None:
-        verbose = (1 if sys.stdout.isatty() else 2)
+        verbose = 1 if sys.stdout.isatty() else 2
+
+    def fit(plan: Plan, initial_epoch: int, previous_rows: list[dict], skip_batches: int, extra=()):
+        """One ``model.fit`` from ``initial_epoch`` at the current world size; returns its callbacks."""
+        rank, size = distributed.rank(), distributed.size()
+        callbacks = [*cb.default_callbacks(
+            steps_per_epoch=plan.steps_per_epoch, output_dir=out, previous_rows=previous_rows,
+            examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size,
+            checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
+            early_stopping_patience=cfg.train.early_stopping_patience,
+            language_model=splits.task == "language_model",
+        ), *extra]
+        train_ds = splits.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed,
+                                        cfg.data.shuffle_buffer)
+        # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
+        train_ds = train_ds.skip(skip_batches) if skip_batches else train_ds
+        val_ds = splits.eval_dataset("val", rank, size, plan.batch_size_per_rank, equal=True)
+        model.fit(train_ds, epochs=plan.epochs, initial_epoch=initial_epoch, steps_per_epoch=plan.steps_per_epoch,
+                  validation_data=val_ds, callbacks=callbacks, verbose=verbose if distributed.is_chief() else 0)
+        return callbacks
+
+    initial_epoch, previous_rows = resume(model, out, cfg, plan.steps_per_epoch)
     fit_started = time.perf_counter()
-    model.fit(train_ds, epochs=plan.epochs, initial_epoch=initial_epoch, steps_per_epoch=plan.steps_per_epoch,
-              validation_data=val_ds, callbacks=callbacks, verbose=verbose if distributed.is_chief() else 0)
+    if cfg.train.elastic:
+        callbacks, plan = fit_elastic(cfg, model, out, splits.num_train, plan, elastic_schedule, initial_epoch, fit)
+    else:
+        callbacks = fit(plan, initial_epoch, previous_rows, initial_epoch * plan.steps_per_epoch)
     fit_seconds = time.perf_counter() - fit_started
 
     test = evaluate(model, splits, "test", plan.batch_size_per_rank)

@@ -75,3 +75,51 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_no_nan_checkpoint(tmp_path
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert not (out / "model.keras").exists()
+
+
+def rank_pids(marker: str, rank: int) -> list[int]:
+    """Processes whose command line contains ``marker`` and whose environment says HOROVOD_RANK=rank."""
+    pids = []
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
+            environ = open(f"/proc/{proc}/environ", "rb").read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if marker in cmdline and "hvdtrain" in cmdline and f"HOROVOD_RANK={rank}" in environ:
+            pids.append(int(proc))
+    return pids
+
+
+def test_elastic_job_survives_a_killed_worker(tmp_path):
+    out = tmp_path / "elastic"
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(ROOT / "scripts" / "discover_hosts.sh"), "--network-interface", "lo",
+           str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--elastic", "--set", "train.epochs=5",
+           "--set", "data.batch_size_per_rank=8", "--set", "train.steps_per_execution=1",
+           "--set", "train.commit_every_batches=5", "--output", str(out)]
+    proc = subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the job ended before its second epoch"
+            time.sleep(0.1)
+        time.sleep(1.0)  # into epoch 3
+        victims = rank_pids(str(out), 1)
+        assert victims, "rank 1 not found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "elastic: 1 rank(s), from epoch 3" in output  # went on alone from the last commit in epoch 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # every epoch finished, none lost
+    assert summary(out)["world_size"] == 1 and summary(out)["test_accuracy"] > 0.9
+    # the cosine schedule followed progress in epochs, not the 2-rank step count (which would have ended it early)
+    assert rows[3]["lr"] > 0
