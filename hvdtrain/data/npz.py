@@ -24,7 +24,8 @@ def load(path: str, test_fraction: float, validation_fraction: float, num_classe
                 raise DataError(f"'{p}' has arrays {sorted(f.files)}, but needs x and y (missing: {sorted(missing)})")
             x, y = f["x"], f["y"]
     except (OSError, ValueError) as exc:
-        raise DataError(f"'{p}' is not a readable .npz file ({exc}); save one with numpy.savez(path, x=..., y=...)")
+        raise DataError(
+            f"'{p}' is not a readable .npz file ({exc}); save one with numpy.savez(path, x=..., y=...)") from None
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
         raise DataError(f"y in '{p}' must be a 1-D array of integer labels, got {y.dtype} with shape {y.shape}")
     if len(x) and y.min() < 0:

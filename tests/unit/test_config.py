@@ -31,7 +31,9 @@ def test_scientific_notation_without_a_dot_is_a_number():
 
 def test_config_is_frozen():
     cfg = config.load("digits-cnn")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.epochs = 5
 
 
