@@ -133,7 +133,11 @@ def run_config(model_path: str, args: argparse.Namespace):
 
         raise UsageError(f"no config.yaml next to '{model_path}' to say which data it was trained on; "
                          "give --recipe NAME or --config FILE")
-    return config.load(config_file=str(found), overrides=args.overrides)
+    # The run's model and data, but today's compression settings: a training run's config.yaml also records the
+    # compression defaults of its day, which are not a choice the user made for this command.
+    raw = config.load_file_dict(found)
+    raw.pop("compression", None)
+    return config.from_dict(config.apply_overrides(raw, args.overrides))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

@@ -63,7 +63,6 @@ class TrainConfig:
     step_decay_factor: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     steps_per_execution: int = 1
     jit_compile: bool = False
@@ -96,8 +95,8 @@ class DistributedConfig:
 class CompressionConfig:
     """How ``hvdtrain compress`` prunes, quantizes and distills a trained model."""
 
-    fine_tune_epochs: int = 5
-    learning_rate: float = 1e-3
+    fine_tune_epochs: int = 8
+    learning_rate: float = 5e-4
     # pruning
     target_sparsity: float = 0.8
     sparsity_schedule: Literal["polynomial", "constant"] = "polynomial"
@@ -110,12 +109,13 @@ class CompressionConfig:
     qat_fallback: bool = False
     # distillation
     student: str = "cnn"
-    student_params: dict[str, Any] = field(default_factory=lambda: {"filters": [8, 16], "dense_units": 32})
-    temperature: float = 4.0
-    alpha: float = 0.1
+    student_params: dict[str, Any] = field(default_factory=lambda: {"filters": [16, 32], "dense_units": 48})
+    temperature: float = 2.0
+    alpha: float = 0.5
     distill_epochs: int = 10
     baseline_seeds: int = 3
-    # pipeline: distill -> prune -> this quantization
+    # pipeline: distill -> prune to this sparsity (a small student has less to spare) -> this quantization
+    pipeline_sparsity: float = 0.5
     pipeline_quantization: Literal["ptq-int8", "qat"] = "ptq-int8"
     # report
     latency_rounds: int = 5

@@ -7,6 +7,7 @@ and collectives come from :mod:`hvdtrain.distributed`.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,9 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         _distill(s)
     else:  # pipeline: distill, then prune the student, then quantize it
         student = _distill(s)
+        s.cfg = dataclasses.replace(cfg, compression=dataclasses.replace(
+            cfg.compression, target_sparsity=cfg.compression.pipeline_sparsity,
+            initial_sparsity=min(cfg.compression.initial_sparsity, cfg.compression.pipeline_sparsity)))
         pruned = _prune(s, student, "student-pruned")
         if cfg.compression.pipeline_quantization == "qat":
             _qat(s, pruned, "pipeline-qat")

@@ -1,6 +1,7 @@
 """Crashes, corrupt checkpoints, failing ranks and diverging losses, as a user meets them."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_elastic_job_survives_a_killed_worker(tmp_path):
         while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
             assert proc.poll() is None and time.time() < deadline, "the job ended before its second epoch"
             time.sleep(0.1)
-        time.sleep(1.0)  # into epoch 3
+        time.sleep(0.3)  # into epoch 3
         victims = rank_pids(str(out), 1)
         assert victims, "rank 1 not found"
         for pid in victims:
@@ -117,7 +118,8 @@ def test_elastic_job_survives_a_killed_worker(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
-    assert "elastic: 1 rank(s), from epoch 3" in output  # went on alone from the last commit in epoch 3
+    resumed = re.search(r"elastic: 1 rank\(s\), from epoch (\d+) batch (\d+)", output)
+    assert resumed and int(resumed.group(1)) >= 3  # went on alone from the last commit, after epoch 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # every epoch finished, none lost
     assert summary(out)["world_size"] == 1 and summary(out)["test_accuracy"] > 0.9
