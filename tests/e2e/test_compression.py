@@ -72,6 +72,28 @@ def test_qat_exports_int8(trained, tmp_path):
     assert arts["qat-int8"]["value"] >= arts["float32"]["value"] - 0.02
 
 
+def test_distill_reports_the_student_against_the_same_student_without_teacher(trained, tmp_path):
+    _, arts, report = compress(trained, tmp_path, "distill", "compression.distill_epochs=2",
+                               "compression.baseline_seeds=2")
+    d = report["distillation"]
+    assert d["teacher_params"] >= 4 * d["student_params"]  # at least 4x fewer parameters
+    assert len(d["distilled"]) == len(d["without_teacher"]) == 2
+    assert arts["student"]["params"] == d["student_params"]
+    assert arts["student-float32"]["value"] == pytest.approx(arts["student"]["value"], abs=0.003)
+
+
+def test_pipeline_distills_prunes_and_quantizes(trained, tmp_path):
+    _, arts, report = compress(trained, tmp_path, "pipeline", "compression.distill_epochs=3",
+                               "compression.baseline_seeds=1", "compression.fine_tune_epochs=2")
+    assert [a for a in arts] == ["float32", "float32-tflite", "student", "student-float32", "student-pruned",
+                                 "student-pruned-float32", "pipeline-int8"]
+    final = arts["pipeline-int8"]
+    assert final["size_ratio"] >= 8  # against the float32 Keras model
+    pruned = arts["student-pruned"]["notes"]["pruned_layers"]
+    assert all(v >= 0.49 for v in pruned.values())  # compression.pipeline_sparsity=0.5
+    assert final["value"] >= arts["float32"]["value"] - 0.15  # a 3-epoch student; docs give the full run
+
+
 def test_evaluate_keras_and_tflite(trained, tmp_path):
     out, arts, _ = compress(trained, tmp_path, "ptq-dynamic")
     for path, key in ((trained / "model.keras", "float32"), (out / "float32-ptq-dynamic.tflite", "float32-ptq-dynamic")):
