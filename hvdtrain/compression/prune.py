@@ -47,8 +47,11 @@ def prune(model, source, cfg: Config, epochs: int | None = None, loss=None):
     epochs = epochs or c.fine_tune_epochs
     plan = make_plan(num_train_examples=source.num_train, world_size=distributed.size(),
                      batch_size_per_rank=cfg.data.batch_size_per_rank, epochs=epochs, learning_rate=c.learning_rate)
-    # Reach the target two thirds of the way through, then fine-tune at that sparsity.
-    schedule = _schedule(cfg, int(plan.total_steps * 2 / 3))
+    # Reach the target two thirds of the way through, then fine-tune at that sparsity. tfmot updates the masks
+    # only every `frequency` steps and not after `end_step`, so the end must fall on an update or the last masks
+    # stop just short of the target.
+    freq = c.pruning_frequency
+    schedule = _schedule(cfg, max(freq, int(plan.total_steps * 2 / 3) // freq * freq))
     extra = {"sparsity_m_by_n": (2, 4)} if c.structured_2_4 else {}
     targets = set(prunable_layers(model))
 
