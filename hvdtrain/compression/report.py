@@ -134,8 +134,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         if r["value"] is None:
             continue
         ax.scatter(r["gzip_kb"], r["value"], marker="o" if r["kind"] == "keras" else "s", s=50)
-        ax.annotate(r["artifact"], (r["gzip_kb"], r["value"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        # Keras models and their TFLite exports often coincide: label one above the point, the other below.
+        above = r["kind"] == "tflite"
+        ax.annotate(r["artifact"], (r["gzip_kb"], r["value"]), textcoords="offset points",
+                    xytext=(5, 4 if above else -11), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("gzip size (KB, log scale)")
     ax.set_ylabel(report["metric"].replace("_", " ") + (" (lower is better)" if report["metric"] ==
