@@ -99,11 +99,6 @@ def init(knobs: HorovodKnobs | None = None, threads_per_rank: int = 0, pin_gpu: 
                 pass
 
 
-def is_initialized() -> bool:
-    """Whether :func:`init` has run in this process."""
-    return _initialized
-
-
 def _hvd():
     if not _initialized:
         raise RuntimeError("call hvdtrain.init() before asking for ranks or collectives")
@@ -143,13 +138,6 @@ def controller() -> str:
 
     _hvd()
     return "gloo" if hvd_tf.gloo_enabled() else "mpi"
-
-
-def built_controllers() -> dict[str, bool]:
-    """Which controllers this Horovod build has (``horovodrun --check-build`` in Python)."""
-    import horovod.tensorflow as hvd_tf
-
-    return {"gloo": hvd_tf.gloo_built(), "mpi": hvd_tf.mpi_built(), "nccl": hvd_tf.nccl_built()}
 
 
 REDUCE_OPS = ("average", "sum", "adasum")
@@ -294,14 +282,6 @@ def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     return hvd_tf.broadcast_object(obj, root_rank=root_rank)
 
 
-def allgather_object(obj: Any) -> list[Any]:
-    """Gather one picklable object from each rank, in rank order, on every rank."""
-    import horovod.tensorflow as hvd_tf
-
-    _hvd()
-    return hvd_tf.allgather_object(obj)
-
-
 def time_allreduce(num_bytes: int, repeats: int, warmup: int = 2) -> list[float]:
     """Seconds per allreduce (average) of a float32 tensor of ``num_bytes``, once per repeat, on every rank."""
     import time
@@ -335,11 +315,3 @@ def barrier() -> None:
 
     _hvd()
     hvd_tf.allreduce(tf.zeros([1]), op=hvd_tf.Sum, name="hvdtrain_barrier").numpy()
-
-
-def shutdown() -> None:
-    """Shut Horovod down (tests that init more than once in a process)."""
-    global _initialized
-    if _initialized:
-        _hvd().shutdown()
-        _initialized = False

@@ -11,9 +11,6 @@ import numpy as np
 from hvdtrain import artifacts
 from hvdtrain.errors import HvdtrainError
 
-PTQ_MODES = ("float32", "dynamic", "float16", "int8")
-
-
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence the converter's C++ logging (it writes to file descriptor 2 directly) unless HVDTRAIN_DEBUG is set."""

@@ -9,7 +9,6 @@ overlaps the training text, and each part into windows of ``context_length + 1``
 from __future__ import annotations
 
 import glob
-import math
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +75,3 @@ def load(path: str, context_length: int, validation_fraction: float, test_fracti
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, input_shape=(context_length,),
                   num_classes=VOCAB_SIZE, task="language_model")
 
-
-def bits(nats: float) -> float:
-    """Nats per byte to bits per byte."""
-    return nats / math.log(2)

@@ -2,7 +2,8 @@
 
 - ``accumulated``: backward_passes_per_step=K over K batches of size B, SGD;
 - ``large_batch``: one step on the K batches joined (size K*B), SGD — must match ``accumulated``;
-- ``fp32`` and ``fp16``: several steps without and with fp16 gradient compression — must stay close.
+- ``fp32`` and ``fp16``: several steps without and with fp16 gradient compression — must stay close;
+- ``tape_local`` / ``tape_averaged``: a custom loop's gradients, plain and through ``distributed.gradient_tape``.
 """
 import sys
 
@@ -49,8 +50,22 @@ def several(model):
         model.train_on_batch(xs[s % K], ys[s % K])
 
 
+def tape_gradients(wrap: bool):
+    """Gradients of this rank's first batch from a custom loop's tape, plain or through Horovod."""
+    model = models.build("mlp", input_shape=(8, 8, 1), num_classes=10, dropout=0.0)
+    model.set_weights(init)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(ys[0], model(xs[0], training=True))
+    tape = distributed.gradient_tape(tape) if wrap else tape
+    grads = tape.gradient(loss, model.trainable_variables)
+    return np.concatenate([g.numpy().ravel() for g in grads]).tolist()
+
+
 common.report(
     outdir, rank,
+    tape_local=tape_gradients(False),
+    tape_averaged=tape_gradients(True),
     init=np.concatenate([w.ravel() for w in init]).tolist(),
     accumulated=trained(k_small, backward_passes_per_step=K),
     large_batch=trained(one_large),

@@ -1,0 +1,40 @@
+"""`hvdtrain benchmark` as a user runs it (it launches horovodrun itself)."""
+import json
+
+import pytest
+
+from hvdtrain.benchmark import ALLREDUCE_SIZES
+from tests.helpers import BIN, run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_scaling_benchmark_reports_throughput_efficiency_and_allreduce(tmp_path):
+    proc = run([str(BIN / "hvdtrain"), "benchmark", "--recipe", "digits-mlp", "--set", "data.image_size=8",
+                "--np", "1,2", "--scaling", "weak", "--steps", "4", "--warmup-steps", "2", "--repeats", "2",
+                "--output", str(tmp_path)], timeout=600)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = {r["np"]: r for r in report["results"]}
+    assert set(rows) == {1, 2}
+    assert rows[2]["global_batch_size"] == 2 * rows[1]["global_batch_size"]  # weak scaling
+    assert all(r["throughput"] > 0 and len(r["seconds"]) == 2 for r in rows.values())
+    assert rows[1]["efficiency"] == 1.0
+    sizes = [a["bytes"] for a in report["allreduce"]["2"]]
+    assert sizes == ALLREDUCE_SIZES and sizes[0] == 1024 and sizes[-1] == 64 * 1024 * 1024
+    assert all(a["busbw_gbps"] > 0 for a in report["allreduce"]["2"])
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    assert "efficiency" in proc.stdout
+
+
+def test_compare_baseline_interleaves_both_loops(tmp_path):
+    run([str(BIN / "hvdtrain"), "benchmark", "--compare-baseline", "--recipe", "digits-mlp", "--np", "2",
+         "--repeats", "2", "--set", "train.epochs=2", "--output", str(tmp_path)], timeout=600)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["first"] for r in report["repeats"]] == ["hvdtrain", "baseline"]  # the order alternates
+    assert all(r["hvdtrain"] > 0 and r["baseline"] > 0 for r in report["repeats"])
+    assert report["ratio_median"] > 0
+
+
+def test_benchmark_rejects_bad_rank_lists(tmp_path):
+    proc = run([str(BIN / "hvdtrain"), "benchmark", "--np", "one,two", "--output", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and "--np 'one,two'" in proc.stderr
