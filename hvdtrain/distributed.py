@@ -72,8 +72,8 @@ def init(knobs: HorovodKnobs | None = None, threads_per_rank: int = 0, pin_gpu: 
     for key, value in (knobs or HorovodKnobs()).environment().items():
         os.environ.setdefault(key, value)
     if not _launched():
-        # A plain process is a world of size 1. Gloo needs no launcher for that; MPI's singleton start refuses
-        # to run as root and spawns a daemon, so it is not used here.
+        # A plain process is a world of size 1. Gloo gives it without touching MPI, so a single process also
+        # runs where OpenMPI is missing or misconfigured (an MPI singleton start works here too).
         os.environ.setdefault("HOROVOD_CONTROLLER", "gloo")
         os.environ.setdefault("HOROVOD_CPU_OPERATIONS", "gloo")
     import horovod.tensorflow.keras as hvd
