@@ -238,13 +238,14 @@ def metric_average_callback():
     return _hvd().callbacks.MetricAverageCallback()
 
 
-def run_elastic(model, train_fn, epoch: int = 0):
+def run_elastic(model, train_fn):
     """Run ``train_fn(state)`` under Horovod's elastic mode, with ``state`` holding the model, its optimizer, the
-    epoch and the batch; on a membership change Horovod restores the last commit and calls ``train_fn`` again."""
+    epoch, the batch (counted in steps of ``steps_per_epoch``) and ``prepared`` (false until ``train_fn`` has done its once-per-job start-up); on a membership
+    change Horovod restores the last commit (or, for an added host, keeps it) and calls ``train_fn`` again."""
     hvd = _hvd()
     opt = model.optimizer
     getattr(opt, "inner_optimizer", opt).build(model.trainable_variables)  # so the state includes the slots
-    state = hvd.elastic.KerasState(model, batch=0, epoch=epoch)
+    state = hvd.elastic.KerasState(model, batch=0, epoch=0, prepared=False, steps_per_epoch=0)
     return hvd.elastic.run(train_fn)(state)
 
 

@@ -105,10 +105,14 @@ def loss_and_metrics():
     return loss, [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
 
-def prepare_output(output_dir: str | None, cfg: Config) -> Path | None:
-    """Create the output directory and save the resolved config (chief); every rank learns whether it worked."""
+def prepare_output(output_dir: str | None, cfg: Config) -> tuple[Path | None, str | None]:
+    """Create the output directory and save the resolved config (chief); returns ``(out, error)``.
+
+    Every rank must then :func:`agree` on the error, so that no rank goes on alone into a collective that the
+    failed rank never joins.
+    """
     if output_dir is None:
-        return None
+        return None, None
     out = Path(output_dir)
     error = None
     if distributed.is_chief():
@@ -117,11 +121,14 @@ def prepare_output(output_dir: str | None, cfg: Config) -> Path | None:
             artifacts.write_text(out / "config.yaml", to_yaml(cfg))
         except OSError as exc:
             error = f"cannot write to output directory '{out}': {exc.strerror or exc}; choose another --output"
-    # Agree on the outcome so that no rank goes on alone into a collective that the failed rank never joins.
+    return out, error
+
+
+def agree(error: str | None) -> None:
+    """Every rank raises the chief's error, or none does (a collective: every rank must call it)."""
     error = distributed.broadcast_object(error) if distributed.size() > 1 else error
     if error:
         raise HvdtrainError(error)
-    return out
 
 
 def save_model(model, path: Path) -> None:
@@ -184,19 +191,33 @@ def metrics_rows(out: Path | None, up_to_epoch: int) -> list[dict]:
     return [r for r in rows if r.get("epoch", 0) <= up_to_epoch]
 
 
-def fit_elastic(cfg: Config, model, out: Path | None, num_train: int, first_plan: Plan, schedule,
-                initial_epoch: int, fit):
+def fit_elastic(cfg: Config, model, out: Path | None, output_error: str | None, num_train: int, first_plan: Plan,
+                schedule, fit):
     """Train under Horovod's elastic mode: on every (re)start the plan, the shards and the learning-rate scale
     follow the current world size, and training goes on from the last committed epoch and batch.
 
     Horovod commits the model, optimizer, epoch and batch every ``train.commit_every_batches`` batches and at each
-    epoch's end; when a worker dies, the others roll back to the last commit and continue without it.
+    epoch's end; when a worker dies, the others roll back to the last commit and continue without it; when a host
+    is added, its new worker receives rank 0's committed state and joins at the next commit.
+
+    The collectives of start-up (agreeing on the output directory, resuming from a checkpoint) run once, inside
+    the elastic loop, while ``state.prepared`` is false: a worker that joins later receives ``prepared=True``
+    with rank 0's state and skips them, where it would otherwise wait in a collective that no other rank calls.
     """
     result = {}
 
     def train(state):
+        if not state.prepared:
+            agree(output_error)
+            state.epoch, _ = resume(model, out, cfg, first_plan.steps_per_epoch)
+            state.batch, state.prepared = 0, True
+            state.commit()
         size = distributed.size()
         plan = plan_for(cfg, num_train, size)
+        if state.steps_per_epoch and state.steps_per_epoch != plan.steps_per_epoch:
+            # the committed batch counts steps of the old world size: the same share of the epoch in new steps
+            state.batch = state.batch * state.steps_per_epoch // plan.steps_per_epoch
+        state.steps_per_epoch = plan.steps_per_epoch
         schedule.rescale(int(model.optimizer.iterations.numpy()), state.epoch + state.batch / plan.steps_per_epoch,
                          first_plan.steps_per_epoch, plan.steps_per_epoch, plan.learning_rate / first_plan.learning_rate)
         log(f"elastic: {size} rank(s), from epoch {state.epoch + 1} batch {state.batch}; {plan.describe()}")
@@ -205,7 +226,7 @@ def fit_elastic(cfg: Config, model, out: Path | None, num_train: int, first_plan
                                   state.epoch * plan.steps_per_epoch + state.batch, extra)
         result["plan"] = plan
 
-    distributed.run_elastic(model, train, epoch=initial_epoch)
+    distributed.run_elastic(model, train)
     return result["callbacks"], result["plan"]
 
 
@@ -244,8 +265,10 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
     log(plan.describe())
 
     model = build_model(cfg, splits.input_shape, splits.num_classes)
-    out = prepare_output(output_dir, cfg)
-    if cfg.distributed.timeline:
+    out, output_error = prepare_output(output_dir, cfg)
+    if not cfg.train.elastic:  # elastic runs agree inside Horovod's elastic loop, which a late joiner enters first
+        agree(output_error)
+    if cfg.distributed.timeline and output_error is None:
         timeline = Path(cfg.distributed.timeline)
         distributed.start_timeline(str(timeline if timeline.is_absolute() or out is None else out / timeline))
     schedule = WarmupSchedule(
@@ -292,11 +315,11 @@ def run(cfg: Config, output_dir: str | None = None, *, verbose: int | None = Non
                   validation_data=val_ds, callbacks=callbacks, verbose=verbose if distributed.is_chief() else 0)
         return callbacks
 
-    initial_epoch, previous_rows = resume(model, out, cfg, plan.steps_per_epoch)
     fit_started = time.perf_counter()
     if cfg.train.elastic:
-        callbacks, plan = fit_elastic(cfg, model, out, splits.num_train, plan, elastic_schedule, initial_epoch, fit)
+        callbacks, plan = fit_elastic(cfg, model, out, output_error, splits.num_train, plan, elastic_schedule, fit)
     else:
+        initial_epoch, previous_rows = resume(model, out, cfg, plan.steps_per_epoch)
         callbacks = fit(plan, initial_epoch, previous_rows, initial_epoch * plan.steps_per_epoch)
     fit_seconds = time.perf_counter() - fit_started
 

@@ -130,7 +130,7 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
     """Compress the model at ``model_path`` with ``method``; returns the report on the chief (None elsewhere)."""
     from hvdtrain import data, modelio
     from hvdtrain.compression import report as rep
-    from hvdtrain.train import knobs_for, prepare_output
+    from hvdtrain.train import agree, knobs_for, prepare_output
 
     if method not in METHODS:
         from hvdtrain.errors import closest
@@ -143,7 +143,8 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
     teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     check_fit(teacher, source, f"'{model_path}'")
-    out = prepare_output(output_dir, cfg)
+    out, error = prepare_output(output_dir, cfg)
+    agree(error)
     s = _Session(cfg, source, teacher, out)
 
     s.keras("float32", teacher, "none")

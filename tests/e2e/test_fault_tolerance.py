@@ -125,3 +125,34 @@ def test_elastic_job_survives_a_killed_worker(tmp_path):
     assert summary(out)["world_size"] == 1 and summary(out)["test_accuracy"] > 0.9
     # the cosine schedule followed progress in epochs, not the 2-rank step count (which would have ended it early)
     assert rows[3]["lr"] > 0
+
+
+def test_elastic_job_grows_when_a_host_is_added(tmp_path):
+    """Scale-up: a job started on one slot takes in a second when discovery lists it, and the new rank starts from
+    rank 0's committed state."""
+    out, hosts = tmp_path / "grow", tmp_path / "hosts.txt"
+    hosts.write_text("localhost:1\n")
+    cmd = [str(BIN / "horovodrun"), "-np", "1", "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(ROOT / "scripts" / "discover_hosts.sh"), "--network-interface", "lo",
+           str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--elastic", "--set", "train.epochs=5",
+           "--set", "data.batch_size_per_rank=8", "--set", "train.steps_per_execution=1",
+           "--set", "train.commit_every_batches=5", "--output", str(out)]
+    proc = subprocess.Popen(cmd, env={**env(), "HOSTS_FILE": str(hosts)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.time() < deadline, "the job ended before its first epoch"
+            time.sleep(0.1)
+        hosts.write_text("localhost:1\n127.0.0.1:1\n")  # a second host joins after epoch 1
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert re.search(r"elastic: 1 rank\(s\), from epoch 1 batch 0", output)
+    grown = re.search(r"elastic: 2 rank\(s\), from epoch (\d+) batch (\d+)", output)
+    assert grown and int(grown.group(1)) >= 2, output[-3000:]  # joined after epoch 1, kept what was done
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert summary(out)["world_size"] == 2 and summary(out)["test_accuracy"] > 0.9
