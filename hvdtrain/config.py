@@ -112,6 +112,7 @@ class CompressionConfig:
     student_params: dict[str, Any] = field(default_factory=lambda: {"filters": [16, 32], "dense_units": 48})
     temperature: float = 2.0
     alpha: float = 0.5
+    standardize_logits: bool = True  # z-score both logit vectors before the softened KL (Sun et al., 2024)
     distill_epochs: int = 10
     baseline_seeds: int = 3
     # pipeline: distill -> prune to this sparsity (a small student has less to spare) -> this quantization

@@ -2,6 +2,11 @@
 
 loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
+With ``standardize_logits`` (the default) both logit vectors are first standardized per example (zero mean,
+unit standard deviation; Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024): the student
+then matches the teacher's ranking and relative gaps of classes rather than the scale of its logits, which a
+small student reaches only slowly. ``standardize_logits=false`` is Hinton's loss as written above.
+
 The custom ``train_step`` goes through ``optimizer.minimize(loss, vars, tape=tape)``: Horovod averages gradients
 inside the optimizer's gradient computation, which ``apply_gradients`` alone would skip (each rank would then
 train its own student; see ../shared/STACK.md). The teacher is frozen and only run in inference mode.
@@ -15,14 +20,22 @@ from hvdtrain.compression.common import fine_tune
 from hvdtrain.config import Config
 
 
+def standardize(logits):
+    """Per-example zero mean and unit standard deviation (float32, whatever the compute policy)."""
+    logits = tf.cast(logits, tf.float32)
+    mean, var = tf.nn.moments(logits, axes=[-1], keepdims=True)
+    return (logits - mean) / tf.sqrt(var + 1e-6)
+
+
 class Distiller(tf.keras.Model):
     """Trains ``student`` against labels and a frozen ``teacher``; evaluates the student alone."""
 
-    def __init__(self, student: tf.keras.Model, teacher: tf.keras.Model, alpha: float, temperature: float):
+    def __init__(self, student: tf.keras.Model, teacher: tf.keras.Model, alpha: float, temperature: float,
+                 standardize_logits: bool = True):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.teacher.trainable = False
-        self.alpha, self.temperature = alpha, temperature
+        self.alpha, self.temperature, self.standardize_logits = alpha, temperature, standardize_logits
         self.hard_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.soft_loss = tf.keras.losses.KLDivergence()
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
@@ -41,6 +54,8 @@ class Distiller(tf.keras.Model):
         hard = self.hard_loss(y, student_logits)
         if self.alpha >= 1.0:
             return hard
+        if self.standardize_logits:
+            teacher_logits, student_logits = standardize(teacher_logits), standardize(student_logits)
         soft = self.soft_loss(tf.nn.softmax(teacher_logits / t), tf.nn.softmax(student_logits / t))
         return self.alpha * hard + (1.0 - self.alpha) * t * t * soft
 
@@ -77,7 +92,8 @@ def distill(teacher, source, cfg: Config, seed: int | None = None, alpha: float 
     """Train a student from ``teacher`` (``alpha=1`` trains it on labels alone, the no-teacher baseline)."""
     c = cfg.compression
     student = build_student(cfg, source, cfg.train.seed if seed is None else seed)
-    distiller = Distiller(student, teacher, c.alpha if alpha is None else alpha, c.temperature)
+    distiller = Distiller(student, teacher, c.alpha if alpha is None else alpha, c.temperature,
+                          c.standardize_logits)
     distiller(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
     fine_tune(distiller, source, cfg, epochs or c.distill_epochs, cfg.train.learning_rate, loss=None)
     return student
