@@ -72,10 +72,10 @@ def _representative(s: _Session):
     return representative_examples(s.source, s.cfg.compression.representative_examples, s.cfg.train.seed)
 
 
-def _prune(s: _Session, model, name: str = "pruned"):
+def _prune(s: _Session, model, name: str = "pruned", teacher=None):
     from hvdtrain.compression.prune import prune
 
-    stripped, notes = prune(model, s.source, s.cfg)
+    stripped, notes = prune(model, s.source, s.cfg, teacher=teacher)
     s.keras(name, stripped, "prune", notes)
     s.tflite(f"{name}-float32", stripped, "prune", "float32", name)
     return stripped
@@ -106,7 +106,8 @@ def _distill(s: _Session):
     c = s.cfg.compression
     student = distill(s.teacher, s.source, s.cfg)
     s.keras("student", student, "distill", {"student": c.student, "student_params": c.student_params,
-                                            "alpha": c.alpha, "temperature": c.temperature})
+                                            "alpha": c.alpha, "temperature": c.temperature,
+                                            "standardize_logits": c.standardize_logits})
     s.tflite("student-float32", student, "distill", "float32", "student")
     # The same student without the teacher (alpha=1: labels only), same epochs, over several seeds.
     metric = "bits_per_byte" if s.source.task == "language_model" else "accuracy"
@@ -117,8 +118,10 @@ def _distill(s: _Session):
         distilled.append(evaluate(with_teacher, s.source, "test", batch)[metric])
         baseline = distill(s.teacher, s.source, s.cfg, seed=seed, alpha=1.0)
         alone.append(evaluate(baseline, s.source, "test", batch)[metric])
+    better = (lambda a, b: a < b) if metric == "bits_per_byte" else (lambda a, b: a > b)
     s.extra["distillation"] = {
         "metric": metric, "seeds": list(range(c.baseline_seeds)), "distilled": distilled, "without_teacher": alone,
+        "seeds_won": sum(better(a, b) for a, b in zip(distilled, alone)),
         "distilled_mean": sum(distilled) / len(distilled), "without_teacher_mean": sum(alone) / len(alone),
         "teacher_params": count_params(s.teacher)[0], "student_params": count_params(student)[0],
     }
@@ -162,7 +165,7 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         s.cfg = dataclasses.replace(cfg, compression=dataclasses.replace(
             cfg.compression, target_sparsity=cfg.compression.pipeline_sparsity,
             initial_sparsity=min(cfg.compression.initial_sparsity, cfg.compression.pipeline_sparsity)))
-        pruned = _prune(s, student, "student-pruned")
+        pruned = _prune(s, student, "student-pruned", teacher=teacher)  # the teacher still guides
         if cfg.compression.pipeline_quantization == "qat":
             _qat(s, pruned, "pipeline-qat")
         else:
@@ -179,7 +182,8 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
     if "distillation" in s.extra:
         d = s.extra["distillation"]
         print(f"\ndistillation ({d['metric']}, mean over seeds {d['seeds']}): with teacher "
-              f"{d['distilled_mean']:.4f}, without {d['without_teacher_mean']:.4f}; student "
+              f"{d['distilled_mean']:.4f}, without {d['without_teacher_mean']:.4f} (better with the teacher for "
+              f"{d['seeds_won']} of {len(d['seeds'])} seeds); student "
               f"{d['student_params']} vs teacher {d['teacher_params']} parameters")
     print(f"\nreport: {out}/compression_report.json, {out}/compression_tradeoff.png")
     return report

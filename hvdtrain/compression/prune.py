@@ -35,9 +35,11 @@ def prunable_layers(model) -> list[str]:
     return [layer.name for layer in model.layers if type(layer).__name__ in PRUNABLE]
 
 
-def prune(model, source, cfg: Config, epochs: int | None = None, loss=None):
+def prune(model, source, cfg: Config, epochs: int | None = None, loss=None, teacher=None):
     """Prune and fine-tune ``model``; returns ``(stripped_model, notes)``.
 
+    With a ``teacher`` (the pipeline's student), fine-tuning minimizes the distillation loss instead of the
+    labels' alone, so the teacher goes on guiding the student while its weights are removed.
     ``notes`` has the pruned layers with their measured sparsity and the layers left dense.
     """
     import tensorflow as tf
@@ -66,7 +68,14 @@ def prune(model, source, cfg: Config, epochs: int | None = None, loss=None):
     for layer in pruned.layers:
         inner = getattr(layer, "layer", layer)  # the pruning wrapper holds the original layer
         inner.set_weights(model.get_layer(inner.name).get_weights())
-    fine_tune(pruned, source, cfg, epochs, c.learning_rate, [tfmot.sparsity.keras.UpdatePruningStep()], loss=loss)
+    trained = pruned
+    if teacher is not None:
+        from hvdtrain.compression.distill import Distiller
+
+        trained = Distiller(pruned, teacher, c.alpha, c.temperature, c.standardize_logits)
+        trained(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
+    # UpdatePruningStep finds the wrappers inside the Distiller too (tfmot collects nested models' layers)
+    fine_tune(trained, source, cfg, epochs, c.learning_rate, [tfmot.sparsity.keras.UpdatePruningStep()], loss=loss)
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     notes = {
         "pruned_layers": layer_sparsity(stripped, targets),
@@ -74,6 +83,7 @@ def prune(model, source, cfg: Config, epochs: int | None = None, loss=None):
         "target_sparsity": c.target_sparsity,
         "schedule": c.sparsity_schedule,
         "structured_2_4": c.structured_2_4,
+        "fine_tuned_with": "distillation" if teacher is not None else "labels",
     }
     return stripped, notes
 

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A digits CNN trained in one process (the teacher / model to compress)."""
+    """The recipe's digits CNN (60 epochs), trained in one process: the teacher / model to compress."""
     out = tmp_path_factory.mktemp("teacher") / "run"
-    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--set", "train.epochs=6", "--output", str(out)])
+    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--output", str(out)], timeout=900)
     return out
 
 
@@ -72,26 +72,29 @@ def test_qat_exports_int8(trained, tmp_path):
     assert arts["qat-int8"]["value"] >= arts["float32"]["value"] - 0.02
 
 
-def test_distill_reports_the_student_against_the_same_student_without_teacher(trained, tmp_path):
-    _, arts, report = compress(trained, tmp_path, "distill", "compression.distill_epochs=2",
-                               "compression.baseline_seeds=2")
+def test_distilled_student_beats_the_same_student_without_teacher(trained, tmp_path):
+    """The issue's target at the shipped defaults: a >= 4x smaller student, 5 seeds, same epochs and seeds."""
+    _, arts, report = compress(trained, tmp_path, "distill")
     d = report["distillation"]
-    assert d["teacher_params"] >= 4 * d["student_params"]  # at least 4x fewer parameters
-    assert len(d["distilled"]) == len(d["without_teacher"]) == 2
+    assert d["teacher_params"] >= 4 * d["student_params"]  # 9.8x fewer
+    assert len(d["distilled"]) == len(d["without_teacher"]) == 5
+    assert d["distilled_mean"] > d["without_teacher_mean"]  # measured 0.9816 vs 0.9783 at 2 ranks
+    assert d["seeds_won"] >= 3
     assert arts["student"]["params"] == d["student_params"]
     assert arts["student-float32"]["value"] == pytest.approx(arts["student"]["value"], abs=0.003)
 
 
 def test_pipeline_distills_prunes_and_quantizes(trained, tmp_path):
-    _, arts, report = compress(trained, tmp_path, "pipeline", "compression.distill_epochs=3",
-                               "compression.baseline_seeds=1", "compression.fine_tune_epochs=2")
+    _, arts, report = compress(trained, tmp_path, "pipeline", "compression.distill_epochs=10",
+                               "compression.baseline_seeds=1", "compression.fine_tune_epochs=3")
     assert [a for a in arts] == ["float32", "float32-tflite", "student", "student-float32", "student-pruned",
                                  "student-pruned-float32", "pipeline-int8"]
     final = arts["pipeline-int8"]
     assert final["size_ratio"] >= 8  # against the float32 Keras model
     pruned = arts["student-pruned"]["notes"]["pruned_layers"]
     assert all(v >= 0.49 for v in pruned.values())  # compression.pipeline_sparsity=0.5
-    assert final["value"] >= arts["float32"]["value"] - 0.15  # a 3-epoch student; docs give the full run
+    assert arts["student-pruned"]["notes"]["fine_tuned_with"] == "distillation"
+    assert final["value"] >= arts["float32"]["value"] - 0.04  # shorter than the defaults; docs give the full run
 
 
 def test_evaluate_keras_and_tflite(trained, tmp_path):

@@ -31,11 +31,11 @@ def demo_run(tmp_path_factory):
     return out, traces, proc
 
 
-def test_digits_cnn_at_two_ranks_reaches_95_percent(demo_run):
+def test_digits_cnn_at_two_ranks_reaches_97_percent(demo_run):
     out, _, proc = demo_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 64
-    assert summary["test_accuracy"] >= 0.95
+    assert summary["test_accuracy"] >= 0.97  # measured 0.992 (60 epochs)
     for key in ("epochs", "test_loss", "examples_per_sec", "wall_seconds"):
         assert summary[key] is not None and summary[key] > 0
     assert "test_accuracy" in proc.stdout  # the summary table
@@ -52,7 +52,8 @@ def test_run_artifacts(demo_run):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert any((out / "tensorboard" / "train").iterdir())
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == [f"epoch-{e:04d}" for e in range(10, 13)]  # the last 3 kept
+    last = cfg["train"]["epochs"]
+    assert ckpts == [f"epoch-{e:04d}" for e in range(last - 2, last + 1)]  # the last 3 kept
     import tensorflow as tf
 
     model = tf.keras.models.load_model(out / "model.keras")
