@@ -95,14 +95,15 @@ class DistributedConfig:
 class CompressionConfig:
     """How ``hvdtrain compress`` prunes, quantizes and distills a trained model."""
 
-    fine_tune_epochs: int = 8
-    learning_rate: float = 5e-4
+    fine_tune_epochs: int = 20
+    learning_rate: float = 5e-5  # fine-tuning a trained model: small steps keep what it learned
     # pruning
     target_sparsity: float = 0.8
     sparsity_schedule: Literal["polynomial", "constant"] = "polynomial"
     initial_sparsity: float = 0.0
     pruning_frequency: int = 10
     structured_2_4: bool = False
+    prune_with_teacher: bool = True  # fine-tune against the dense model's outputs (distillation), not labels alone
     # quantization
     representative_examples: int = 256
     int8_io: bool = False

@@ -112,12 +112,17 @@ def _distill(s: _Session):
     # The same student without the teacher (alpha=1: labels only), same epochs, over several seeds.
     metric = "bits_per_byte" if s.source.task == "language_model" else "accuracy"
     batch = s.cfg.data.batch_size_per_rank
-    distilled, alone = [], []
+    # the validation split too, when there is one: a second held-out set for the same comparison
+    val = s.source.num_examples("val") > 0
+    distilled, alone, distilled_val, alone_val = [], [], [], []
     for seed in range(c.baseline_seeds):
         with_teacher = student if seed == s.cfg.train.seed else distill(s.teacher, s.source, s.cfg, seed=seed)
-        distilled.append(evaluate(with_teacher, s.source, "test", batch)[metric])
         baseline = distill(s.teacher, s.source, s.cfg, seed=seed, alpha=1.0)
+        distilled.append(evaluate(with_teacher, s.source, "test", batch)[metric])
         alone.append(evaluate(baseline, s.source, "test", batch)[metric])
+        if val:
+            distilled_val.append(evaluate(with_teacher, s.source, "val", batch)[metric])
+            alone_val.append(evaluate(baseline, s.source, "val", batch)[metric])
     better = (lambda a, b: a < b) if metric == "bits_per_byte" else (lambda a, b: a > b)
     s.extra["distillation"] = {
         "metric": metric, "seeds": list(range(c.baseline_seeds)), "distilled": distilled, "without_teacher": alone,
@@ -125,6 +130,11 @@ def _distill(s: _Session):
         "distilled_mean": sum(distilled) / len(distilled), "without_teacher_mean": sum(alone) / len(alone),
         "teacher_params": count_params(s.teacher)[0], "student_params": count_params(student)[0],
     }
+    if val:
+        s.extra["distillation"].update({
+            "distilled_val": distilled_val, "without_teacher_val": alone_val,
+            "distilled_val_mean": sum(distilled_val) / len(distilled_val),
+            "without_teacher_val_mean": sum(alone_val) / len(alone_val)})
     return student
 
 
@@ -153,7 +163,8 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
     s.keras("float32", teacher, "none")
     s.tflite("float32-tflite", teacher, "none", "float32", "float32")
     if method == "prune":
-        _prune(s, teacher)
+        # the dense model guides its own pruned copy (self-distillation) unless asked for labels alone
+        _prune(s, teacher, teacher=teacher if cfg.compression.prune_with_teacher else None)
     elif method == "qat":
         _qat(s, teacher)
     elif method in PTQ:
@@ -183,7 +194,9 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         d = s.extra["distillation"]
         print(f"\ndistillation ({d['metric']}, mean over seeds {d['seeds']}): with teacher "
               f"{d['distilled_mean']:.4f}, without {d['without_teacher_mean']:.4f} (better with the teacher for "
-              f"{d['seeds_won']} of {len(d['seeds'])} seeds); student "
+              f"{d['seeds_won']} of {len(d['seeds'])} seeds)"
+              + (f"; validation split: {d['distilled_val_mean']:.4f} vs {d['without_teacher_val_mean']:.4f}"
+                 if "distilled_val" in d else "") + "; student "
               f"{d['student_params']} vs teacher {d['teacher_params']} parameters")
     print(f"\nreport: {out}/compression_report.json, {out}/compression_tradeoff.png")
     return report
