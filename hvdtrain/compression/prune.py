@@ -38,8 +38,9 @@ def prunable_layers(model) -> list[str]:
 def prune(model, source, cfg: Config, epochs: int | None = None, loss=None, teacher=None):
     """Prune and fine-tune ``model``; returns ``(stripped_model, notes)``.
 
-    With a ``teacher`` (the pipeline's student), fine-tuning minimizes the distillation loss instead of the
-    labels' alone, so the teacher goes on guiding the student while its weights are removed.
+    With a ``teacher`` (for ``--method prune`` the dense model itself, for the pipeline the distillation's
+    teacher), fine-tuning minimizes the distillation loss instead of the labels' alone, so the teacher guides the
+    model while its weights are removed.
     ``notes`` has the pruned layers with their measured sparsity and the layers left dense.
     """
     import tensorflow as tf
