@@ -79,6 +79,15 @@ class Distiller(tf.keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
+def make_distiller(student, teacher, cfg: Config, source, alpha: float | None = None) -> Distiller:
+    """A built :class:`Distiller` with the configured loss (``alpha`` overrides the config's)."""
+    c = cfg.compression
+    distiller = Distiller(student, teacher, c.alpha if alpha is None else alpha, c.temperature,
+                          c.standardize_logits)
+    distiller(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
+    return distiller
+
+
 def build_student(cfg: Config, source, seed: int) -> tf.keras.Model:
     """The configured student, initialised with ``seed`` (the same on every rank)."""
     tf.keras.utils.set_random_seed(seed)
@@ -92,8 +101,6 @@ def distill(teacher, source, cfg: Config, seed: int | None = None, alpha: float 
     """Train a student from ``teacher`` (``alpha=1`` trains it on labels alone, the no-teacher baseline)."""
     c = cfg.compression
     student = build_student(cfg, source, cfg.train.seed if seed is None else seed)
-    distiller = Distiller(student, teacher, c.alpha if alpha is None else alpha, c.temperature,
-                          c.standardize_logits)
-    distiller(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
+    distiller = make_distiller(student, teacher, cfg, source, alpha)
     fine_tune(distiller, source, cfg, epochs or c.distill_epochs, cfg.train.learning_rate, loss=None)
     return student

@@ -71,10 +71,9 @@ def prune(model, source, cfg: Config, epochs: int | None = None, loss=None, teac
         inner.set_weights(model.get_layer(inner.name).get_weights())
     trained = pruned
     if teacher is not None:
-        from hvdtrain.compression.distill import Distiller
+        from hvdtrain.compression.distill import make_distiller
 
-        trained = Distiller(pruned, teacher, c.alpha, c.temperature, c.standardize_logits)
-        trained(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
+        trained = make_distiller(pruned, teacher, cfg, source)
     # UpdatePruningStep finds the wrappers inside the Distiller too (tfmot collects nested models' layers)
     fine_tune(trained, source, cfg, epochs, c.learning_rate, [tfmot.sparsity.keras.UpdatePruningStep()], loss=loss)
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
