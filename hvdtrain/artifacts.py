@@ -1,50 +1,15 @@
-"""Files a run leaves behind, written by the chief only and always atomically (temporary name, then rename).
+"""What people and machines read: JSON (NaN-free), plain-text tables, and PNG figures, each written whole.
 
-A reader never sees a half-written file: a crash leaves either the old file or the new one.
+Writers take a local path or a storage URI (see :mod:`hvdtrain.storage`): a reader never sees a half-written file.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
-@contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path`` (file or directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if path.is_dir() and tmp_path.is_dir():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            os.rename(tmp_path, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_path, path)
-    finally:
-        if tmp_path.is_dir():
-            shutil.rmtree(tmp_path, ignore_errors=True)
-        elif tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+from hvdtrain import storage
 
 
 def _clean(value: Any) -> Any:
@@ -64,14 +29,14 @@ def to_json(value: Any) -> str:
     return json.dumps(_clean(value), indent=2, sort_keys=False)
 
 
-def write_json(path: str | Path, value: Any) -> None:
-    """Write ``value`` as JSON atomically."""
-    write_text(path, to_json(value) + "\n")
+def write_json(uri: str | Path, value: Any) -> None:
+    """Write ``value`` as JSON, whole."""
+    storage.write_text(str(uri), to_json(value) + "\n")
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write one JSON object per line, atomically (the whole file each time)."""
-    write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+def jsonl(rows: list[dict]) -> str:
+    """One JSON object per line."""
+    return "".join(json.dumps(_clean(r)) + "\n" for r in rows)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -101,15 +66,28 @@ def format_summary(summary: dict[str, Any], keys: list[str]) -> str:
     return format_table(rows, ["metric", "value"])
 
 
-def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Training curves (each loss and metric against epoch, train and validation together) as a PNG."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if not k.startswith("val_") and k not in ("epoch", "lr", "epoch_seconds",
-                                                                          "examples_per_sec")]
+    return plt
+
+
+def save_figure(fig, uri: str | Path) -> None:
+    """Write a matplotlib figure as a PNG, whole, and close it."""
+    with storage.staged(str(uri), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    pyplot().close(fig)
+
+
+def plot_curves(rows: list[dict[str, Any]], uri: str | Path, title: str = "") -> None:
+    """Training curves (each loss and metric against epoch, train and validation together) as a PNG."""
+    plt = pyplot()
+    skip = ("epoch", "lr", "epoch_seconds", "examples_per_sec")
+    keys = [k for k in rows[0] if not k.startswith("val_") and k not in skip]
     keys = [k for k in keys if isinstance(rows[0].get(k), (int, float))]
     panels = keys + (["lr"] if "lr" in rows[0] else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -125,6 +103,4 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, uri)

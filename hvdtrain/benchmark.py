@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hvdtrain import artifacts, config
+from hvdtrain import artifacts, config, console
 from hvdtrain.errors import HvdtrainError, UsageError
 
 ALLREDUCE_SIZES = [1024 * 4**i for i in range(9)]  # 1 KB .. 64 MB
@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Time training steps (and allreduce) at the current world size; the chief returns the result."""
-    from hvdtrain import distributed, train
+    from hvdtrain import distributed, runtime
 
     cfg = config.from_dict(spec["config"])
-    distributed.init(train.knobs_for(cfg), threads_per_rank=cfg.distributed.threads_per_rank)
+    runtime.init(cfg)
     import numpy as np
     import tensorflow as tf
 
@@ -54,20 +54,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     tf.keras.utils.set_random_seed(cfg.train.seed)
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=per_rank + 1)
-    splits = data.load(synthetic, seed=distributed.rank(), model_name=cfg.model.name)
-    x, y = splits.x_train[:per_rank], splits.y_train[:per_rank]
+    source = data.load(synthetic, seed=distributed.rank(), model_name=cfg.model.name)
+    x, y = source.x_train[:per_rank], source.y_train[:per_rank]
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
 
-    model = train.build_model(cfg, splits.input_shape, splits.num_classes)
-    optimizer = distributed.wrap_optimizer(
-        train.make_optimizer(cfg.train, cfg.train.learning_rate),
-        grad_compression=cfg.distributed.grad_compression,
-        backward_passes_per_step=cfg.distributed.backward_passes_per_step,
-        precision=cfg.train.precision,
-    )
-    loss, _ = train.loss_and_metrics()
+    model = runtime.prepare(runtime.build_model(cfg.model, source), cfg, cfg.train.learning_rate, metrics=[])
     spe = cfg.train.steps_per_execution
-    model.compile(optimizer=optimizer, loss=loss, steps_per_execution=spe)
     steps = max(spe, spec["steps"] // spe * spe)
     warmup = max(spe, spec["warmup_steps"] // spe * spe)
     model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0,
@@ -80,12 +72,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     # The slowest rank sets the pace of a synchronous job.
     times = [float(t) for t in distributed.allreduce(times, op="sum") / size] if size > 1 else times
-    per_item = int(np.prod(splits.input_shape)) if splits.task == "language_model" else 1
+    per_item = int(np.prod(source.input_shape)) if source.is_language_model else 1
     result = {
         "np": size, "mode": spec["mode"], "batch_size_per_rank": per_rank, "global_batch_size": per_rank * size,
-        "steps": steps, "seconds": times, "task": splits.task,
+        "steps": steps, "seconds": times, "task": source.task,
         "throughput": per_rank * size * steps * per_item / statistics.median(times),
-        "unit": "tokens/s" if splits.task == "language_model" else "examples/s",
+        "unit": "tokens/s" if source.is_language_model else "examples/s",
     }
     if size > 1 and spec.get("allreduce"):
         result["allreduce"] = []
@@ -145,7 +137,7 @@ def machine() -> dict[str, Any]:
 
 def progress(msg: str) -> None:
     """A line of progress on stderr."""
-    print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+    console.say(f"[benchmark] {msg}", sys.stderr)
 
 
 def scaling(cfg: config.Config, nps: list[int], modes: list[str], batch_size_per_rank: int, steps: int,
@@ -223,13 +215,9 @@ def compare_baseline(recipe: str | None, overrides: list[str], np_: int, repeats
     }
 
 
-def plot_scaling(report: dict[str, Any], path: Path) -> None:
+def plot_scaling(report: dict[str, Any], path: str) -> None:
     """Throughput against ranks (with ideal scaling) and allreduce bus bandwidth against message size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = artifacts.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     ax = axes[0]
     for mode in sorted({r["mode"] for r in report["results"]}):
@@ -254,23 +242,21 @@ def plot_scaling(report: dict[str, Any], path: Path) -> None:
     if report["allreduce"]:
         ax.legend()
     fig.tight_layout()
-    with artifacts.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    artifacts.save_figure(fig, path)
 
 
 def print_report(report: dict[str, Any]) -> None:
     """Tables for people."""
     if report["kind"] == "scaling":
         cols = ["mode", "np", "batch_size_per_rank", "global_batch_size", "throughput", "speedup", "efficiency"]
-        print(artifacts.format_table(report["results"], cols))
+        console.say(artifacts.format_table(report["results"], cols))
         for np_, rows in report["allreduce"].items():
-            print(f"\nallreduce at {np_} ranks")
+            console.say(f"\nallreduce at {np_} ranks")
             table = [{"bytes": r["bytes"], "ms": r["seconds"] * 1e3, "busbw_GB/s": r["busbw_gbps"]} for r in rows]
-            print(artifacts.format_table(table))
+            console.say(artifacts.format_table(table))
     else:
-        print(artifacts.format_table(report["repeats"], ["repeat", "first", "hvdtrain", "baseline", "ratio"]))
-        print(f"\nmedian examples/s: hvdtrain {report['hvdtrain_median']:.0f}, baseline "
+        console.say(artifacts.format_table(report["repeats"], ["repeat", "first", "hvdtrain", "baseline", "ratio"]))
+        console.say(f"\nmedian examples/s: hvdtrain {report['hvdtrain_median']:.0f}, baseline "
               f"{report['baseline_median']:.0f}; ratio median {report['ratio_median']:.2f} "
               f"(min {report['ratio_min']:.2f}, max {report['ratio_max']:.2f})")
 

@@ -11,27 +11,32 @@
 3. :class:`LearningRateLogger`: the learning rate into the logs (the schedule runs in the graph, see
    :mod:`hvdtrain.schedule`).
 4. :class:`NanGuard`: stops with a message naming the epoch and step when the loss is NaN or Inf.
+5. :class:`DivergenceGuard`: every N epochs, one collective compares a checksum of each trainable variable across
+   ranks and stops every rank, naming the variables, when they drifted apart (before anything is saved).
+6. ``EarlyStopping`` (optional) on averaged validation loss.
+7. :class:`ProgressLogger` (chief only): whole lines under a launcher or in a log file, a bar in a terminal.
+8. :class:`MetricsLogger` (every rank keeps the rows; the chief writes ``metrics.jsonl``), then
+   :class:`CheckpointCallback` (its marker holds those rows, so a resumed run loses and repeats no epoch's line),
+   and ``TensorBoard`` (chief only). Other ranks write nothing.
 
-None of them converts the logs to NumPy on every batch except the NaN guard (which must read the loss); with
-``steps_per_execution=N`` that is once per N steps.
-5. ``EarlyStopping`` (optional) on averaged validation loss.
-6. Chief only: :class:`CheckpointCallback`, :class:`MetricsLogger` and ``TensorBoard``. Other ranks write nothing.
-
+None of them converts the logs to NumPy on every batch except the NaN guard (which must read the loss; with
+``steps_per_execution=N`` that is once per N steps) and the progress logger when it prints.
 Each callback is importable by name for users who assemble their own list.
 """
 from __future__ import annotations
 
 import math
-import re
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from hvdtrain import artifacts, distributed
+from hvdtrain import checkpoint, distributed
 from hvdtrain.errors import HvdtrainError
+from hvdtrain.rundir import RunDir, failpoint
 
 
 def broadcast_initial_state(root_rank: int = 0) -> tf.keras.callbacks.Callback:
@@ -55,7 +60,7 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
         if logs is None:
             return
         opt = self.model.optimizer
-        lr = getattr(opt, "inner_optimizer", opt).learning_rate  # LossScaleOptimizer wraps the real one
+        lr = checkpoint.inner_optimizer(opt).learning_rate
         logs["lr"] = float(lr(opt.iterations - 1) if callable(lr) else tf.keras.backend.get_value(lr))
 
 
@@ -94,106 +99,140 @@ class NanGuard(tf.keras.callbacks.Callback):
             )
 
 
-class CheckpointCallback(tf.keras.callbacks.Callback):
-    """Chief-only checkpoints of weights, optimizer state and progress, written atomically; keeps the last K.
+def checksums(variables) -> np.ndarray:
+    """Per variable: the sum and the sum of squares of its values (float64), as ``[sums..., squares...]``."""
+    sums, squares = [], []
+    for v in variables:
+        w = np.asarray(v.numpy(), dtype=np.float64)
+        sums.append(w.sum())
+        squares.append((w * w).sum())
+    return np.array(sums + squares)
 
-    Each checkpoint is a directory ``epoch-NNNN/`` holding a TensorFlow checkpoint and ``state.json``; it is
-    written under a temporary name and renamed into place, so a crash never leaves a half-written one. A checkpoint
-    whose loss is NaN is never written.
+
+class DivergenceGuard(tf.keras.callbacks.Callback):
+    """Stop every rank when the ranks' copies of the trainable variables drifted apart.
+
+    The most common silent failure of data-parallel jobs: a custom ``train_step`` that calls ``apply_gradients``
+    (which Horovod does not average), a callback that changes weights on one rank, a layer with rank-dependent
+    state. Every ``every_epochs`` epochs each rank computes the sum and the sum of squares of every trainable
+    variable, and one allreduce (max of the values and of their negatives) gives each checksum's spread across
+    ranks. A spread above ``tolerance`` times the checksum's scale stops the run with one line, on every rank alike
+    (all ranks see the same reduced numbers, so none is left waiting).
+
+    Args:
+        every_epochs: check at the end of every N-th epoch (0: never).
+        tolerance: relative spread that counts as diverged (identical updates leave bit-identical weights, so any
+            tolerance above float rounding works).
+        variables: the variables to compare (default: the model's trainable variables).
     """
 
-    def __init__(self, directory: str | Path, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0):
+    def __init__(self, every_epochs: int = 1, tolerance: float = 1e-6, variables=None):
         super().__init__()
-        self.directory = Path(directory)
-        # A crash while writing leaves a temporary directory behind; it never became a checkpoint.
-        for stale in self.directory.glob(".epoch-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.every_epochs = max(1, every_epochs)
-        self.keep = max(1, keep)
-        self.steps_per_epoch = steps_per_epoch
+        self.every_epochs, self.tolerance = every_epochs, tolerance
+        self._variables = variables
+        self.seconds: list[float] = []
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = scalars(logs)
-        if (epoch + 1) % self.every_epochs:
+        if not self.every_epochs or (epoch + 1) % self.every_epochs or distributed.size() == 1:
             return
-        if not all(math.isfinite(v) for v in logs.values()):
-            return  # never keep a diverged model
-        save_checkpoint(self.model, self.directory, epoch + 1, self.steps_per_epoch, logs)
-        prune_checkpoints(self.directory, self.keep)
+        start = time.perf_counter()
+        variables = self._variables if self._variables is not None else self.model.trainable_variables
+        local = checksums(variables)
+        spread = distributed.spread(local)
+        self.seconds.append(time.perf_counter() - start)
+        n = len(variables)
+        scale = np.concatenate([np.abs(local[:n]) + np.sqrt(local[n:]), local[n:]]) + 1e-30
+        relative = (spread / scale).reshape(2, n).max(axis=0)
+        bad = [i for i in range(n) if relative[i] > self.tolerance]
+        if bad:
+            first = ", ".join(f"{variables[i].name} (relative spread {relative[i]:.2g})" for i in bad[:3])
+            raise HvdtrainError(
+                f"ranks diverged by epoch {epoch + 1}: {len(bad)} of {n} trainable variables differ across ranks, "
+                f"first {first}; a custom train_step that calls optimizer.apply_gradients skips Horovod's "
+                "averaging: use optimizer.minimize(loss, variables, tape=tape) or hvdtrain.distributed.gradient_tape")
 
 
-def scalars(logs: dict[str, Any] | None) -> dict[str, float]:
-    """The numeric entries of Keras logs as Python floats (they arrive as NumPy or tensor scalars)."""
-    out = {}
+class ProgressLogger(tf.keras.callbacks.Callback):
+    """Progress on the chief, readable in a terminal and in a log file under any launcher.
+
+    In ``bar`` mode (a plain process on a terminal) one line is redrawn in place. In ``lines`` mode (under
+    horovodrun, mpirun or srun, which prefix and interleave the ranks' output, or when the output is a file) only
+    whole lines are printed: one per epoch, plus one every ``interval`` seconds inside long epochs.
+    """
+
+    def __init__(self, epochs: int, steps_per_epoch: int, mode: str | None = None, interval: float = 30.0,
+                 stream=None):
+        super().__init__()
+        self.epochs, self.steps_per_epoch, self.interval = epochs, steps_per_epoch, interval
+        self.stream = stream or sys.stdout
+        self.mode = mode or default_progress_mode(self.stream)
+        self._supports_tf_logs = True  # read the logs only when printing
+        self._epoch_start = self._last = 0.0
+        self._epoch = 0
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.mode == "off":
+            return
+        if self.mode == "bar":
+            if now - self._last < 0.1 and batch + 1 < self.steps_per_epoch:
+                return
+            done = (batch + 1) / max(1, self.steps_per_epoch)
+            bar = "=" * int(done * 24)
+            eta = (now - self._epoch_start) / done * (1 - done)
+            self._write(f"\repoch {self._epoch + 1}/{self.epochs} [{bar:<24}] {batch + 1}/{self.steps_per_epoch}"
+                        f" {_format_logs(logs, train_only=True)} ETA {eta:.0f}s\033[K")
+        elif now - self._last >= self.interval and batch + 1 < self.steps_per_epoch:
+            self._write(f"epoch {self._epoch + 1}/{self.epochs}: step {batch + 1}/{self.steps_per_epoch}, "
+                        f"{now - self._epoch_start:.0f} s, {_format_logs(logs, train_only=True)}\n")
+        self._last = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.mode == "off":
+            return
+        seconds = time.perf_counter() - self._epoch_start
+        start = "\r" if self.mode == "bar" else ""
+        end = "\033[K\n" if self.mode == "bar" else "\n"
+        self._write(f"{start}epoch {epoch + 1}/{self.epochs}: {self.steps_per_epoch} steps, {seconds:.3g} s, "
+                    f"{_format_logs(logs)}{end}")
+
+
+def default_progress_mode(stream=None) -> str:
+    """``bar`` for a plain process writing to a terminal, ``lines`` otherwise (launchers, pipes, files)."""
+    stream = stream or sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return "bar" if tty and not distributed.launched() else "lines"
+
+
+def _format_logs(logs, train_only: bool = False) -> str:
+    parts = []
     for key, value in (logs or {}).items():
+        if train_only and key.startswith("val_"):
+            continue
         try:
-            out[key] = float(value)
+            number = float(value)
         except (TypeError, ValueError):
             continue
-    return out
-
-
-_CKPT = re.compile(r"^epoch-(\d{4,})$")
-
-
-def save_checkpoint(model: tf.keras.Model, directory: str | Path, epoch: int, steps_per_epoch: int,
-                    logs: dict[str, Any] | None = None) -> Path:
-    """Write ``directory/epoch-NNNN`` atomically; returns its path."""
-    target = Path(directory) / f"epoch-{epoch:04d}"
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    with artifacts.atomic_path(target, suffix=".tmp") as tmp:
-        tmp.mkdir()
-        ckpt.write(str(tmp / "ckpt"))
-        artifacts.write_json(tmp / "state.json", {
-            "epoch": epoch, "steps_per_epoch": steps_per_epoch, "step": epoch * steps_per_epoch,
-            "logs": scalars(logs),
-        })
-    return target
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and _CKPT.match(p.name)]
-    return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
-
-
-def restore_latest(model, directory: str | Path) -> tuple[int, list[str]]:
-    """Restore the newest readable checkpoint into ``model`` and its optimizer.
-
-    A checkpoint that cannot be read (truncated, corrupt, from another model) is skipped with a warning and the
-    previous one is tried. Returns ``(epoch, warnings)``; epoch 0 when none could be restored.
-    """
-    import json
-
-    warnings = []
-    for ckpt_dir in reversed(list_checkpoints(directory)):
-        try:
-            state = json.loads((ckpt_dir / "state.json").read_text())
-            status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(str(ckpt_dir / "ckpt"))
-            status.assert_existing_objects_matched()
-            return int(state["epoch"]), warnings
-        except Exception as exc:  # noqa: BLE001 - any failure to read means: use the previous checkpoint
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            warnings.append(f"checkpoint {ckpt_dir} is unreadable ({reason}); using the previous one")
-    return 0, warnings
-
-
-def prune_checkpoints(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        parts.append(f"{key} {number:.4g}")
+    return " ".join(parts)
 
 
 class MetricsLogger(tf.keras.callbacks.Callback):
-    """Chief-only ``metrics.jsonl``: one line per epoch with the averaged metrics, lr, time and throughput."""
+    """One row per epoch (averaged metrics, lr, time, throughput), kept on every rank; the chief writes
+    ``metrics.jsonl``."""
 
-    def __init__(self, path: str | Path, examples_per_epoch: int, rows: list[dict] | None = None):
+    def __init__(self, run_dir: RunDir | None, examples_per_epoch: int, rows: list[dict] | None = None):
         """``rows``: the lines of epochs already done (a resumed run keeps them)."""
         super().__init__()
-        self.path = Path(path)
+        self.run_dir = run_dir
         self.examples_per_epoch = examples_per_epoch
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._start = 0.0
@@ -208,20 +247,67 @@ class MetricsLogger(tf.keras.callbacks.Callback):
         row["epoch_seconds"] = seconds
         row["examples_per_sec"] = self.examples_per_epoch / seconds if seconds > 0 else None
         self.rows.append(row)
-        artifacts.write_jsonl(self.path, self.rows)
+        if self.run_dir is not None:
+            self.run_dir.write_metrics(self.rows)
+            failpoint("after-metrics", epoch + 1)
+
+
+class CheckpointCallback(tf.keras.callbacks.Callback):
+    """Chief-only checkpoints of weights, optimizer state and progress; keeps the last K.
+
+    Each checkpoint's marker (``state.json``) holds the epoch and every metrics row up to it, taken from
+    ``metrics`` (the :class:`MetricsLogger` that runs before this callback). A checkpoint whose metrics are NaN or
+    Inf is never written.
+    """
+
+    def __init__(self, run_dir: RunDir, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0,
+                 metrics: MetricsLogger | None = None):
+        super().__init__()
+        self.run_dir = run_dir
+        self.every_epochs = max(1, every_epochs)
+        self.keep = max(1, keep)
+        self.steps_per_epoch = steps_per_epoch
+        self.metrics = metrics
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = scalars(logs)
+        if (epoch + 1) % self.every_epochs:
+            return
+        if not all(math.isfinite(v) for v in logs.values()):
+            return  # never keep a diverged model
+        checkpoint.save(self.run_dir, self.model, epoch + 1, {
+            "steps_per_epoch": self.steps_per_epoch, "step": (epoch + 1) * self.steps_per_epoch, "logs": logs,
+            "metrics": self.metrics.rows if self.metrics is not None else [],
+        })
+        self.run_dir.prune_checkpoints(self.keep)
+
+
+def scalars(logs: dict[str, Any] | None) -> dict[str, float]:
+    """The numeric entries of Keras logs as Python floats (they arrive as NumPy or tensor scalars)."""
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def default_callbacks(
     *,
     steps_per_epoch: int = 0,
-    output_dir: str | Path | None = None,
+    output_dir: str | Path | RunDir | None = None,
     examples_per_epoch: int = 0,
+    epochs: int = 0,
     checkpoint_every_epochs: int = 1,
     keep_checkpoints: int = 3,
     early_stopping_patience: int = 0,
     tensorboard: bool = True,
     language_model: bool = False,
     previous_rows: list[dict] | None = None,
+    divergence_check_epochs: int = 1,
+    divergence_tolerance: float = 1e-6,
+    progress: str | None = "off",
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -229,27 +315,35 @@ def default_callbacks(
         steps_per_epoch: batches per epoch on each rank (recorded in checkpoints, to resume mid-run).
         output_dir: where the chief writes checkpoints, ``metrics.jsonl`` and TensorBoard logs (None: nothing).
         examples_per_epoch: examples all ranks process per epoch, for the throughput in ``metrics.jsonl``.
+        epochs: the run's epochs (for the progress lines).
         checkpoint_every_epochs, keep_checkpoints: checkpoint cadence and how many to keep.
         early_stopping_patience: epochs without ``val_loss`` improvement before stopping (0: off).
         tensorboard: write TensorBoard logs on the chief.
         language_model: add bits per byte and perplexity to the logs.
         previous_rows: ``metrics.jsonl`` lines of the epochs a resumed run already did.
+        divergence_check_epochs, divergence_tolerance: the :class:`DivergenceGuard` (0 epochs: off).
+        progress: ``"off"`` (the default: use Keras' ``verbose``), ``"lines"``, ``"bar"``, or None to choose by
+            the output (a bar on a terminal, whole lines under a launcher or in a file).
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
     """
+    chief = distributed.is_chief()
+    run_dir = output_dir if isinstance(output_dir, RunDir) or output_dir is None else RunDir(output_dir)
+    run_dir = run_dir if chief else None
     cbs: list[tf.keras.callbacks.Callback] = [broadcast_initial_state(0), metric_average()]
     if language_model:
         cbs.append(LanguageModelMetrics())
-    cbs += [LearningRateLogger(), NanGuard()]
+    cbs += [LearningRateLogger(), NanGuard(), DivergenceGuard(divergence_check_epochs, divergence_tolerance)]
     if early_stopping_patience:
         cbs.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
                                                     restore_best_weights=True))
-    if output_dir is not None and distributed.is_chief():
-        out = Path(output_dir)
-        cbs.append(CheckpointCallback(out / "checkpoints", checkpoint_every_epochs, keep_checkpoints,
-                                      steps_per_epoch))
-        cbs.append(MetricsLogger(out / "metrics.jsonl", examples_per_epoch, previous_rows))
+    if chief and progress != "off":
+        cbs.append(ProgressLogger(epochs, steps_per_epoch, progress))
+    metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows)
+    cbs.append(metrics)
+    if run_dir is not None:
+        cbs.append(CheckpointCallback(run_dir, checkpoint_every_epochs, keep_checkpoints, steps_per_epoch, metrics))
         if tensorboard:
-            cbs.append(tf.keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), profile_batch=0))
+            cbs.append(tf.keras.callbacks.TensorBoard(log_dir=run_dir.tensorboard, profile_batch=0))
     return cbs

@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from hvdtrain import console
 from hvdtrain.errors import HvdtrainError
 
 
@@ -46,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed windows (or launches) per setting; median reported")
     p.add_argument("--compare-baseline", action="store_true",
                    help="compare `hvdtrain train` with the canonical Horovod+Keras loop, interleaved")
-    p.add_argument("--launcher-args", default="--gloo", help="extra horovodrun arguments")
+    p.add_argument("--launcher-args", default="--gloo",
+                   help="extra horovodrun arguments, as typed: --launcher-args --mpi, or in quotes for several")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     p.add_argument("--output", required=True, help="directory for benchmark.json and benchmark.png")
     _common(p)
@@ -93,8 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from hvdtrain import artifacts, benchmark, config
+    from hvdtrain import benchmark, config
     from hvdtrain.errors import UsageError
+    from hvdtrain.rundir import RunDir
 
     try:
         nps = sorted({int(n) for n in args.np.split(",") if n.strip()})
@@ -112,30 +115,30 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
         report = benchmark.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
                                    args.repeats, launcher, args.timeout)
-    out = Path(args.output)
-    artifacts.write_json(out / "benchmark.json", report)
+    out = RunDir(args.output)
+    out.write_json("benchmark.json", report)
     if report["kind"] == "scaling":
-        benchmark.plot_scaling(report, out / "benchmark.png")
+        benchmark.plot_scaling(report, out.path("benchmark.png"))
     benchmark.print_report(report)
-    print(f"\nwritten: {out}/benchmark.json" + (f", {out}/benchmark.png" if report["kind"] == "scaling" else ""))
+    console.say(f"\nwritten: {out.path('benchmark.json')}" + (f", {out.path('benchmark.png')}" if report["kind"] == "scaling" else ""))
     return 0
 
 
 def run_config(model_path: str, args: argparse.Namespace):
     """The config of the run that made ``model_path`` (its config.yaml), unless --recipe/--config says otherwise."""
-    from hvdtrain import config, modelio
+    from hvdtrain import config, modelio, storage
 
     if args.recipe or args.config:
         return config.load(args.recipe, args.config, args.overrides)
-    found = modelio.resolve(model_path).parent / "config.yaml"
-    if not found.is_file():
+    found = storage.join(modelio.run_dir_of(model_path), "config.yaml")
+    if not storage.exists(found):
         from hvdtrain.errors import UsageError
 
         raise UsageError(f"no config.yaml next to '{model_path}' to say which data it was trained on; "
                          "give --recipe NAME or --config FILE")
     # The run's model and data, but today's compression settings: a training run's config.yaml also records the
     # compression defaults of its day, which are not a choice the user made for this command.
-    raw = config.load_file_dict(found)
+    raw = config.read_yaml(storage.read_text(found), f"config file '{found}'")
     raw.pop("compression", None)
     return config.from_dict(config.apply_overrides(raw, args.overrides))
 
@@ -156,13 +159,48 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from hvdtrain import evaluation
-
     cfg = run_config(args.model, args)
-    result = evaluation.evaluate_file(args.model, cfg, allow_unsafe=args.allow_unsafe)
+    result = evaluate_file(args.model, cfg, allow_unsafe=args.allow_unsafe)
     if result is not None:
-        print(json.dumps(result))
+        console.say(json.dumps(result))
     return 0
+
+
+def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
+    """Evaluate a ``.keras`` or ``.tflite`` model on the test split of ``cfg``'s data.
+
+    Keras models are evaluated data-parallel when launched on several ranks; TFLite models on the chief.
+    Returns the metrics on the chief, None elsewhere.
+    """
+    import tempfile
+
+    from hvdtrain import data, distributed, modelio, runtime, storage
+    from hvdtrain.evaluation import evaluate
+
+    runtime.init(cfg)
+    resolved = modelio.resolve(path)
+    source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
+    if resolved.endswith(".tflite"):
+        from hvdtrain.compression.common import Artifact
+        from hvdtrain.compression.export import TFLiteModel
+        from hvdtrain.compression.report import evaluate_artifact
+        from hvdtrain.errors import DataError
+
+        with tempfile.TemporaryDirectory(prefix="hvdtrain-eval-") as tmp:
+            local = Path(tmp) / storage.basename(resolved)
+            storage.download(resolved, local)
+            model = TFLiteModel(local)
+            if tuple(model.input_shape) != tuple(source.input_shape):
+                raise DataError(f"'{resolved}' takes inputs of shape {model.input_shape}, but the data has "
+                                f"{tuple(source.input_shape)}")
+            if not distributed.is_chief():
+                return None
+            result = evaluate_artifact(Artifact(storage.basename(resolved), "tflite", local, "none"), source)
+    else:
+        model = modelio.load_keras(resolved, allow_unsafe=allow_unsafe)
+        modelio.check_fit(model, source, f"'{resolved}'")
+        result = evaluate(model, source, "test", cfg.data.batch_size_per_rank)
+    return {"model": resolved, **result} if distributed.is_chief() else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -181,7 +219,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name in config.recipe_names():
         raw = config.load_recipe_dict(name)
         model, data = raw.get("model", {}).get("name", "?"), raw.get("data", {}).get("source", "?")
-        print(f"{name:24s} model={model:13s} data={data}")
+        console.say(f"{name:24s} model={model:13s} data={data}")
     return 0
 
 
@@ -190,7 +228,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for name in models.names():
         params = ", ".join(f"{k}={v!r}" for k, v in models.params_of(name).items())
-        print(f"{name:13s} {params}")
+        console.say(f"{name:13s} {params}")
     return 0
 
 
@@ -198,9 +236,27 @@ COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "compress": cmd_comp
             "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
 
 
+# Options whose value is itself a command line (launcher flags): "--launcher-args --mpi" is joined into
+# "--launcher-args=--mpi" before parsing, because argparse reads a value that starts with "--" as an option.
+COMMAND_LINE_OPTIONS = ("--launcher-args",)
+
+
+def join_command_line_values(argv: list[str]) -> list[str]:
+    """``[..., "--launcher-args", "--mpi", ...]`` -> ``[..., "--launcher-args=--mpi", ...]``."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in COMMAND_LINE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = parser().parse_args(argv)
+    args = parser().parse_args(join_command_line_values(sys.argv[1:] if argv is None else list(argv)))
     if args.debug:
         os.environ["HVDTRAIN_DEBUG"] = "1"
     else:
@@ -210,16 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     except HvdtrainError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"hvdtrain: error: {exc}", file=sys.stderr, flush=True)
+        console.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("hvdtrain: interrupted", file=sys.stderr)
+        console.say("hvdtrain: interrupted", sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"hvdtrain: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr, flush=True)
+        console.error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
 
 

@@ -75,20 +75,29 @@ class TrainConfig:
     commit_every_batches: int = 50
 
 
+def knob(default: Any, env: str, scale: float = 1) -> Any:
+    """A Horovod knob: a config field whose metadata names the variable ``hvd.init()`` reads and the unit factor."""
+    return field(default=default, metadata={"horovod_env": env, "scale": scale})
+
+
 @dataclass(frozen=True)
 class DistributedConfig:
-    """How gradients travel between ranks and the Horovod knobs set before ``hvd.init()``."""
+    """How gradients travel between ranks, the Horovod knobs set before ``hvd.init()``, and the rank guard."""
 
     grad_compression: Literal["none", "fp16"] = "none"
     backward_passes_per_step: int = 1
     reduce_op: Literal["average", "sum", "adasum"] = "average"
-    fusion_threshold_mb: float = 0.0
-    cycle_time_ms: float = 0.0
-    autotune: bool = False
-    autotune_log: str = ""
-    hierarchical_allreduce: bool = False
-    timeline: str = ""
+    # Horovod knobs (hvdtrain.distributed.horovod_environment turns them into HOROVOD_* variables)
+    fusion_threshold_mb: float = knob(0.0, "HOROVOD_FUSION_THRESHOLD", scale=1024 * 1024)
+    cycle_time_ms: float = knob(0.0, "HOROVOD_CYCLE_TIME")
+    autotune: bool = knob(False, "HOROVOD_AUTOTUNE")
+    hierarchical_allreduce: bool = knob(False, "HOROVOD_HIERARCHICAL_ALLREDUCE")
+    autotune_log: str = ""  # relative to the output directory unless absolute
+    timeline: str = ""  # Horovod's timeline (Chrome trace JSON), relative to the output directory unless absolute
     threads_per_rank: int = 0
+    # every N epochs compare each trainable variable across ranks and stop if they drifted apart (0: off)
+    divergence_check_epochs: int = 1
+    divergence_tolerance: float = 1e-6  # relative spread of a variable's checksum that counts as diverged
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,7 @@ def recipe_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, where: str) -> dict[str, Any]:
+def read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)  # configs are data, never code
     except yaml.YAMLError as exc:
@@ -167,7 +176,7 @@ def load_recipe_dict(name: str) -> dict[str, Any]:
     if name not in names:
         raise ConfigError(f"unknown recipe '{name}'{closest(name, names)}; available: {', '.join(names)}")
     text = (resources.files("hvdtrain") / "recipes" / f"{name}.yaml").read_text()
-    return _read_yaml(text, f"recipe '{name}'")
+    return read_yaml(text, f"recipe '{name}'")
 
 
 def load_file_dict(path: str | Path) -> dict[str, Any]:
@@ -175,7 +184,7 @@ def load_file_dict(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist; give a YAML file or use --recipe NAME")
-    return _read_yaml(p.read_text(), f"config file '{p}'")
+    return read_yaml(p.read_text(), f"config file '{p}'")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,4 +1,7 @@
-"""Exact metrics on a whole split, computed in parts by every rank and summed across ranks."""
+"""Exact metrics on a whole split, computed in parts by every rank and summed across ranks.
+
+A leaf: it imports nothing of hvdtrain but the distributed core (for the sum across ranks).
+"""
 from __future__ import annotations
 
 import math
@@ -29,13 +32,13 @@ def local_sums(model, dataset) -> np.ndarray:
     return total
 
 
-def metrics_from_sums(sums, task: str) -> dict[str, float]:
+def metrics_from_sums(sums, language_model: bool) -> dict[str, float]:
     """Loss and accuracy (and bits per byte and perplexity for language models) from summed parts."""
     loss_sum, hits, count = (float(v) for v in sums)
     if count == 0:
         return {}
     out = {"loss": loss_sum / count, "accuracy": hits / count, "count": int(count)}
-    if task == "language_model":
+    if language_model:
         out["bits_per_byte"] = out["loss"] / math.log(2)
         out["perplexity"] = math.exp(out["loss"])
     return out
@@ -49,37 +52,4 @@ def evaluate(model, source, split: str, batch_size: int) -> dict[str, float]:
     sums = local_sums(model, source.eval_dataset(split, rank, size, batch_size, equal=False))
     if size > 1:
         sums = distributed.allreduce(sums, op="sum", name=f"evaluate_{split}")
-    return metrics_from_sums(sums, source.task)
-
-
-def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
-    """Evaluate a ``.keras`` or ``.tflite`` model on the test split of ``cfg``'s data (``hvdtrain evaluate``).
-
-    Keras models are evaluated data-parallel when launched on several ranks; TFLite models on the chief.
-    Returns the metrics on the chief, None elsewhere.
-    """
-    from hvdtrain import data, modelio
-    from hvdtrain.compression import check_fit
-    from hvdtrain.compression.common import Artifact
-    from hvdtrain.compression.report import evaluate_artifact
-
-    distributed.init(threads_per_rank=cfg.distributed.threads_per_rank)
-    resolved = modelio.resolve(path)
-    source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
-    if resolved.suffix == ".tflite":
-        from hvdtrain.compression.export import TFLiteModel
-
-        model = TFLiteModel(resolved)
-        if tuple(model.input_shape) != tuple(source.input_shape):
-            from hvdtrain.errors import DataError
-
-            raise DataError(f"'{resolved}' takes inputs of shape {model.input_shape}, but the data has "
-                            f"{tuple(source.input_shape)}")
-        if not distributed.is_chief():
-            return None
-        result = evaluate_artifact(Artifact(resolved.name, "tflite", resolved, "none"), source)
-    else:
-        model = modelio.load_keras(resolved, allow_unsafe=allow_unsafe)
-        check_fit(model, source, f"'{resolved}'")
-        result = evaluate(model, source, "test", cfg.data.batch_size_per_rank)
-    return {"model": str(resolved), **result} if distributed.is_chief() else None
+    return metrics_from_sums(sums, source.is_language_model)

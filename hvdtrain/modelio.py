@@ -1,22 +1,32 @@
-"""Loading saved models, with clear errors and Keras' safe mode."""
+"""Models in and out of files: loading with clear errors and Keras' safe mode, saving a plain ``.keras``, and
+checking that a model fits the data it is given. Paths may be local or on object storage."""
 from __future__ import annotations
 
+import tempfile
 import zipfile
 from pathlib import Path
 
-from hvdtrain.errors import ModelFileError
+from hvdtrain import storage
+from hvdtrain.errors import DataError, ModelFileError
 
 
-def resolve(path: str | Path) -> Path:
-    """A model path: a ``.keras``/``.tflite`` file, or a run directory holding ``model.keras``."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "model.keras").is_file():
-            return p / "model.keras"
-        raise ModelFileError(f"'{p}' is a directory without model.keras; give a run directory or a model file")
-    if not p.exists():
-        raise ModelFileError(f"model file '{p}' does not exist")
-    return p
+def resolve(path: str | Path) -> str:
+    """A model's URI: a ``.keras``/``.tflite`` file, or a run directory holding ``model.keras``."""
+    uri = str(path)
+    storage.require_scheme(uri)
+    if storage.is_dir(uri):
+        inner = storage.join(uri, "model.keras")
+        if storage.exists(inner):
+            return inner
+        raise ModelFileError(f"'{uri}' is a directory without model.keras; give a run directory or a model file")
+    if not storage.exists(uri):
+        raise ModelFileError(f"model file '{uri}' does not exist")
+    return uri
+
+
+def run_dir_of(path: str | Path) -> str:
+    """The directory that holds a model (its run directory)."""
+    return storage.parent(resolve(path))
 
 
 def load_keras(path: str | Path, allow_unsafe: bool = False):
@@ -25,18 +35,56 @@ def load_keras(path: str | Path, allow_unsafe: bool = False):
     Raises:
         ModelFileError: the file is missing, is a TFLite model, or is not a readable Keras archive.
     """
-    p = resolve(path)
-    if p.suffix == ".tflite":
-        raise ModelFileError(f"'{p}' is a TFLite model; this step needs a Keras model (.keras), e.g. runs/x/model.keras")
-    if not zipfile.is_zipfile(p):
-        raise ModelFileError(f"'{p}' is not a Keras model file (.keras archive); it may be truncated or corrupt")
+    uri = resolve(path)
+    if uri.endswith(".tflite"):
+        raise ModelFileError(f"'{uri}' is a TFLite model; this step needs a Keras model (.keras), e.g. runs/x/model.keras")
+    if storage.is_local(uri):
+        return _load_local(storage.local_path(uri), uri, allow_unsafe)
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-model-") as tmp:
+        local = Path(tmp) / "model.keras"
+        storage.download(uri, local)
+        return _load_local(local, uri, allow_unsafe)
+
+
+def _load_local(local: Path, name: str, allow_unsafe: bool):
+    if not zipfile.is_zipfile(local):
+        raise ModelFileError(f"'{name}' is not a Keras model file (.keras archive); it may be truncated or corrupt")
     import tensorflow as tf
 
     import models
 
     models.names()  # registers the custom layers (for example the GPT blocks) before loading
     try:
-        return tf.keras.models.load_model(p, compile=False, safe_mode=not allow_unsafe)
+        return tf.keras.models.load_model(local, compile=False, safe_mode=not allow_unsafe)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive
         reason = str(exc).splitlines()[0][:200]
-        raise ModelFileError(f"cannot load '{p}': {reason}") from None
+        raise ModelFileError(f"cannot load '{name}': {reason}") from None
+
+
+def save_keras(model, uri: str | Path, scope=None) -> None:
+    """Save ``model`` without its optimizer as a standard ``.keras`` file, whole (atomically where possible).
+
+    The Horovod optimizer is a class made at run time that a plain process cannot load; a clone with the same
+    weights saves as a ``.keras`` file that loads anywhere (checkpoints keep the optimizer state). ``scope`` is a
+    context manager needed to clone some models (tfmot's ``quantize_scope``).
+    """
+    import contextlib
+
+    import tensorflow as tf
+
+    with scope() if scope is not None else contextlib.nullcontext():
+        clone = tf.keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        with storage.staged(str(uri)) as tmp:
+            clone.save(tmp)
+
+
+def check_fit(model, source, what: str = "the model") -> None:
+    """Fail clearly when a model's input or output does not match the data."""
+    want_in, got_in = tuple(source.input_shape), tuple(model.input_shape[1:])
+    if want_in != got_in:
+        raise DataError(f"{what} takes inputs of shape {got_in}, but the data has {want_in}; "
+                        "use the data the model was trained on (the run's config.yaml)")
+    classes = model.output_shape[-1]
+    if classes != source.num_classes:
+        raise DataError(f"{what} has {classes} outputs, but the data has {source.num_classes} classes")

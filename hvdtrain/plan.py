@@ -101,3 +101,13 @@ def make_plan(
         warmup_steps=int(round(warmup_epochs * steps)),
         backward_passes_per_step=backward_passes_per_step,
     )
+
+
+def plan_for(cfg, num_train_examples: int, world_size: int) -> Plan:
+    """The plan of a :class:`~hvdtrain.config.Config` at ``world_size`` data-parallel ranks."""
+    return make_plan(
+        num_train_examples=num_train_examples, world_size=world_size,
+        batch_size_per_rank=cfg.data.batch_size_per_rank, epochs=cfg.train.epochs,
+        learning_rate=cfg.train.learning_rate, lr_scaling=cfg.train.lr_scaling, warmup_epochs=cfg.train.warmup_epochs,
+        backward_passes_per_step=cfg.distributed.backward_passes_per_step,
+    )

@@ -8,48 +8,34 @@ and collectives come from :mod:`hvdtrain.distributed`.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-from hvdtrain import artifacts, distributed
+from hvdtrain import console, distributed
 from hvdtrain.compression.common import Artifact
 from hvdtrain.config import Config
-from hvdtrain.errors import DataError, UsageError
+from hvdtrain.errors import UsageError
+from hvdtrain.rundir import RunDir
 
 METHODS = ("prune", "qat", "ptq-dynamic", "ptq-fp16", "ptq-int8", "distill", "pipeline")
 PTQ = {"ptq-dynamic": "dynamic", "ptq-fp16": "float16", "ptq-int8": "int8"}
 
 
-def check_fit(model, source, what: str = "the model") -> None:
-    """Fail clearly when a model's input or output does not match the data."""
-    want_in, got_in = tuple(source.input_shape), tuple(model.input_shape[1:])
-    if want_in != got_in:
-        raise DataError(f"{what} takes inputs of shape {got_in}, but the data has {want_in}; "
-                        "compress with the data the model was trained on (the run's config.yaml)")
-    classes = model.output_shape[-1]
-    if classes != source.num_classes:
-        raise DataError(f"{what} has {classes} outputs, but the data has {source.num_classes} classes")
-
-
 class _Session:
-    """The state of one compression run: config, data, teacher, output directory, artifacts."""
+    """The state of one compression run: config, data, teacher, output directory (the chief's), artifacts."""
 
-    def __init__(self, cfg: Config, source, teacher, out: Path | None):
-        self.cfg, self.source, self.teacher, self.out = cfg, source, teacher, out
+    def __init__(self, cfg: Config, source, teacher, run_dir: RunDir | None):
+        self.cfg, self.source, self.teacher, self.run_dir = cfg, source, teacher, run_dir
         self.artifacts: list[Artifact] = []
         self.extra: dict[str, Any] = {}
 
     def keras(self, name: str, model, method: str, notes=None, save_scope=None) -> Artifact:
         """Save a Keras artifact on the chief and record it."""
-        path = (self.out or Path(".")) / f"{name}.keras"
-        if self.out is not None and distributed.is_chief():
-            from hvdtrain.train import save_model
+        path = None
+        if self.run_dir is not None:
+            from hvdtrain import modelio
 
-            if save_scope is not None:
-                with save_scope():
-                    save_model(model, path)
-            else:
-                save_model(model, path)
+            path = self.run_dir.local(f"{name}.keras")
+            modelio.save_keras(model, path, scope=save_scope)
         art = Artifact(name, "keras", path, method, model, notes or {})
         self.artifacts.append(art)
         return art
@@ -58,18 +44,16 @@ class _Session:
         """Export a TFLite artifact on the chief and record it."""
         from hvdtrain.compression.export import to_tflite
 
-        if self.out is None or not distributed.is_chief():
+        if self.run_dir is None:
             return None
-        path = to_tflite(model, self.out / f"{name}.tflite", mode, **kw)
+        path = to_tflite(model, self.run_dir.local(f"{name}.tflite"), mode, **kw)
         art = Artifact(name, "tflite", path, method, None, {"from": from_name, "mode": mode})
         self.artifacts.append(art)
         return art
 
 
 def _representative(s: _Session):
-    from hvdtrain.compression.quantize import representative_examples
-
-    return representative_examples(s.source, s.cfg.compression.representative_examples, s.cfg.train.seed)
+    return s.source.sample_inputs(s.cfg.compression.representative_examples, s.cfg.train.seed)
 
 
 def _prune(s: _Session, model, name: str = "pruned", teacher=None):
@@ -110,7 +94,7 @@ def _distill(s: _Session):
                                             "standardize_logits": c.standardize_logits})
     s.tflite("student-float32", student, "distill", "float32", "student")
     # The same student without the teacher (alpha=1: labels only), same epochs, over several seeds.
-    metric = "bits_per_byte" if s.source.task == "language_model" else "accuracy"
+    metric = "bits_per_byte" if s.source.is_language_model else "accuracy"
     batch = s.cfg.data.batch_size_per_rank
     # the validation split too, when there is one: a second held-out set for the same comparison
     val = s.source.num_examples("val") > 0
@@ -141,24 +125,24 @@ def _distill(s: _Session):
 def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         allow_unsafe: bool = False) -> dict[str, Any] | None:
     """Compress the model at ``model_path`` with ``method``; returns the report on the chief (None elsewhere)."""
-    from hvdtrain import data, modelio
+    from hvdtrain import data, modelio, rundir, runtime
     from hvdtrain.compression import report as rep
-    from hvdtrain.train import agree, knobs_for, prepare_output
+    from hvdtrain.config import to_yaml
 
     if method not in METHODS:
         from hvdtrain.errors import closest
 
         raise UsageError(f"unknown method '{method}'{closest(method, METHODS)}; methods: {', '.join(METHODS)}")
-    distributed.init(knobs_for(cfg), threads_per_rank=cfg.distributed.threads_per_rank)
+    runtime.init(cfg)
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(cfg.train.seed)
     teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
-    check_fit(teacher, source, f"'{model_path}'")
-    out, error = prepare_output(output_dir, cfg)
-    agree(error)
-    s = _Session(cfg, source, teacher, out)
+    modelio.check_fit(teacher, source, f"'{model_path}'")
+    run_dir, error = rundir.prepare(output_dir, to_yaml(cfg), distributed.is_chief())
+    distributed.agree(error)
+    s = _Session(cfg, source, teacher, run_dir)
 
     s.keras("float32", teacher, "none")
     s.tflite("float32-tflite", teacher, "none", "float32", "float32")
@@ -182,21 +166,22 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         else:
             _ptq(s, pruned, "ptq-int8", "student-pruned", "pipeline-int8")
 
-    if out is None or not distributed.is_chief():
+    if run_dir is None:
         return None
     c = cfg.compression
     report = rep.build_report(s.artifacts, source, c.latency_rounds, c.latency_calls, reference="float32")
     report.update({"method": method, "model": str(model_path), **s.extra})
-    artifacts.write_json(out / "compression_report.json", report)
-    rep.plot(report, out / "compression_tradeoff.png")
+    run_dir.write_json("compression_report.json", report)
+    rep.plot(report, run_dir)
+    run_dir.publish()
     rep.print_table(report)
     if "distillation" in s.extra:
         d = s.extra["distillation"]
-        print(f"\ndistillation ({d['metric']}, mean over seeds {d['seeds']}): with teacher "
+        console.say(f"\ndistillation ({d['metric']}, mean over seeds {d['seeds']}): with teacher "
               f"{d['distilled_mean']:.4f}, without {d['without_teacher_mean']:.4f} (better with the teacher for "
               f"{d['seeds_won']} of {len(d['seeds'])} seeds)"
               + (f"; validation split: {d['distilled_val_mean']:.4f} vs {d['without_teacher_val_mean']:.4f}"
                  if "distilled_val" in d else "") + "; student "
               f"{d['student_params']} vs teacher {d['teacher_params']} parameters")
-    print(f"\nreport: {out}/compression_report.json, {out}/compression_tradeoff.png")
+    console.say(f"\nreport: {run_dir.path('compression_report.json')}, {run_dir.path('compression_tradeoff.png')}")
     return report

@@ -26,26 +26,24 @@ def fine_tune(model, source, cfg: Config, epochs: int, learning_rate: float, ext
               loss=None) -> None:
     """Fine-tune ``model`` data-parallel on every rank: sharded data, averaged gradients, rank 0's start state.
 
-    The learning rate is scaled like training's (``train.lr_scaling``); ``extra_callbacks`` run on every rank
-    (for example pruning's step update), after the broadcast and metric averaging.
+    The model is made ready by :func:`hvdtrain.runtime.prepare` (the run's optimizer and distributed options) at
+    ``learning_rate`` scaled like training's (``train.lr_scaling``); ``extra_callbacks`` run on every rank (for
+    example pruning's step update), after the broadcast and metric averaging.
     """
-    import tensorflow as tf
-
     from hvdtrain import callbacks as cb
-    from hvdtrain.train import loss_and_metrics
+    from hvdtrain import runtime
 
     size = distributed.size()
     plan = make_plan(num_train_examples=source.num_train, world_size=size,
                      batch_size_per_rank=cfg.data.batch_size_per_rank, epochs=epochs, learning_rate=learning_rate,
                      lr_scaling=cfg.train.lr_scaling)
-    default_loss, metrics = loss_and_metrics()
-    optimizer = distributed.wrap_optimizer(tf.keras.optimizers.Adam(plan.learning_rate))
-    model.compile(optimizer=optimizer, loss=loss or default_loss, metrics=metrics)
+    runtime.prepare(model, cfg, plan.learning_rate, loss=loss)
     ds = source.train_dataset(distributed.rank(), size, plan.batch_size_per_rank, cfg.train.seed,
                               cfg.data.shuffle_buffer)
     callbacks = [cb.broadcast_initial_state(0), cb.metric_average(), *extra_callbacks]
-    model.fit(ds, epochs=epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks,
-              verbose=2 if distributed.is_chief() else 0)
+    if distributed.is_chief():
+        callbacks.append(cb.ProgressLogger(epochs, plan.steps_per_epoch))
+    model.fit(ds, epochs=epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks, verbose=0)
 
 
 def count_params(model) -> tuple[int, int]:

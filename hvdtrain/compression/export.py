@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvdtrain import artifacts
+from hvdtrain import storage
 from hvdtrain.errors import HvdtrainError
 
 @contextlib.contextmanager
@@ -66,7 +66,7 @@ def to_tflite(model, path: Path, mode: str = "float32", representative=None, int
             data = converter.convert()
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         raise HvdtrainError(f"TFLite conversion ({mode}) failed: {str(exc).splitlines()[0][:300]}") from None
-    with artifacts.atomic_path(path) as tmp:
+    with storage.atomic_local(path) as tmp:
         tmp.write_bytes(data)
     return path
 

@@ -53,16 +53,3 @@ def quantization_aware(model, source, cfg: Config, model_name: str, epochs: int 
         qat = tfmot.quantization.keras.quantize_model(model)
     fine_tune(qat, source, cfg, epochs or cfg.compression.fine_tune_epochs, cfg.compression.learning_rate)
     return qat, {"float_layers": [n for n, _ in unsupported]}
-
-
-def representative_examples(source, count: int, seed: int = 0):
-    """Up to ``count`` training inputs, drawn at random with a fixed seed (for int8 calibration)."""
-    import numpy as np
-
-    x = getattr(source, "x_train", None)
-    if x is None:  # streamed sources: take from the (shuffled) training stream of rank 0
-        batches = source.train_dataset(0, 1, 32, seed, 1000)
-        xs = [b[0].numpy() for b in batches.take(max(1, count // 32))]
-        return np.concatenate(xs)[:count]
-    idx = np.random.default_rng(seed).permutation(len(x))[:count]
-    return x[idx]

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from hvdtrain import artifacts
+from hvdtrain import artifacts, console
 from hvdtrain.compression.common import Artifact, count_params
 from hvdtrain.compression.export import TFLiteModel
 from hvdtrain.evaluation import metrics_from_sums
@@ -36,24 +36,15 @@ def tflite_sums(model: TFLiteModel, x: np.ndarray, y: np.ndarray, batch: int = 6
     return total
 
 
-def test_arrays(source) -> tuple[np.ndarray, np.ndarray]:
-    """The whole test split as arrays (read from the pipeline for streamed sources)."""
-    if hasattr(source, "split"):
-        return source.split("test")
-    batches = list(source.eval_dataset("test", 0, 1, 256, equal=False) or [])
-    if not batches:
-        return np.zeros((0, *source.input_shape), np.float32), np.zeros((0,), np.int32)
-    return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
-
-
 def evaluate_artifact(art: Artifact, source) -> dict[str, float]:
     """Metrics of one artifact on the whole test split (in this process)."""
     from hvdtrain.evaluation import local_sums
 
-    x, y = test_arrays(source)
     if art.kind == "tflite":
-        return metrics_from_sums(tflite_sums(TFLiteModel(art.path), x, y), source.task)
-    return metrics_from_sums(local_sums(art.model, source.eval_dataset("test", 0, 1, 64, equal=False)), source.task)
+        x, y = source.arrays("test")
+        return metrics_from_sums(tflite_sums(TFLiteModel(art.path), x, y), source.is_language_model)
+    return metrics_from_sums(local_sums(art.model, source.eval_dataset("test", 0, 1, 64, equal=False)),
+                             source.is_language_model)
 
 
 def latencies(arts: list[Artifact], example: np.ndarray, rounds: int, calls: int) -> dict[str, float]:
@@ -88,9 +79,8 @@ def latencies(arts: list[Artifact], example: np.ndarray, rounds: int, calls: int
 
 def build_report(arts: list[Artifact], source, rounds: int, calls: int, reference: str) -> dict[str, Any]:
     """Evaluate, measure and compare every artifact against ``reference`` (the uncompressed Keras model)."""
-    lm = source.task == "language_model"
-    metric = "bits_per_byte" if lm else "accuracy"
-    x_test, _ = test_arrays(source)
+    metric = "bits_per_byte" if source.is_language_model else "accuracy"
+    x_test, _ = source.arrays("test")
     example = x_test[:1]
     lat = latencies(arts, example, rounds, calls)
     rows = []
@@ -119,16 +109,12 @@ def build_report(arts: list[Artifact], source, rounds: int, calls: int, referenc
 
 def print_table(report: dict[str, Any]) -> None:
     """The report as a table for people."""
-    print(artifacts.format_table(report["artifacts"], COLUMNS))
+    console.say(artifacts.format_table(report["artifacts"], COLUMNS))
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Size (gzip) against accuracy or bits per byte, one labelled point per artifact."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any], run_dir) -> None:
+    """``compression_tradeoff.png``: size (gzip) against accuracy or bits per byte, one labelled point per artifact."""
+    plt = artifacts.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for r in report["artifacts"]:
         if r["value"] is None:
@@ -145,6 +131,4 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("compression trade-off (circles: Keras, squares: TFLite)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with artifacts.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    run_dir.save_figure(fig, "compression_tradeoff.png")

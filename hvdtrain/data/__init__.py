@@ -1,19 +1,17 @@
 """Data sources by name, and sharding across ranks (``sharding.py``).
 
-A source returns an object with ``input_shape``, ``num_classes``, ``task``, ``num_train``, ``num_examples(split)``,
-``train_dataset(rank, size, batch_size, seed, shuffle_buffer)`` and ``eval_dataset(split, rank, size, batch_size,
-equal)``: :class:`~hvdtrain.data.source.Splits` for in-memory data, :class:`~hvdtrain.data.tfrecord.TFRecordSource`
-for TFRecord shards.
+Every source is a :class:`~hvdtrain.data.source.Source`: :class:`~hvdtrain.data.source.ArraySource` for in-memory
+data (digits, npz, text, synthetic), :class:`~hvdtrain.data.tfrecord.TFRecordSource` for TFRecord shards.
 """
 from __future__ import annotations
 
 from hvdtrain.data.sharding import shard_dataset, shard_files, shard_indices
-from hvdtrain.data.source import Splits
+from hvdtrain.data.source import ArraySource, Source
 
 LANGUAGE_MODELS = ("gpt",)
 
 
-def load(cfg, seed: int = 0, model_name: str = ""):
+def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`)."""
     if cfg.source == "digits":
         from hvdtrain.data import digits
@@ -43,4 +41,4 @@ def load(cfg, seed: int = 0, model_name: str = ""):
     raise ValueError(f"unknown data.source '{cfg.source}'")
 
 
-__all__ = ["LANGUAGE_MODELS", "Splits", "load", "shard_dataset", "shard_files", "shard_indices"]
+__all__ = ["LANGUAGE_MODELS", "ArraySource", "Source", "load", "shard_dataset", "shard_files", "shard_indices"]

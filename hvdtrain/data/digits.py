@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain.data.source import Splits, split_arrays
+from hvdtrain.data.source import ArraySource, split_arrays
 
 
-def load(test_fraction: float = 0.2, validation_fraction: float = 0.0, seed: int = 0) -> Splits:
+def load(test_fraction: float = 0.2, validation_fraction: float = 0.0, seed: int = 0) -> ArraySource:
     """Digits as ``(8, 8, 1)`` float32 images in [0, 1] and int32 labels 0-9, split with a fixed seed."""
     from sklearn.datasets import load_digits
 

@@ -1,11 +1,13 @@
 """What a data source hands to training: per-rank tf.data pipelines plus the shapes the model must fit.
 
-Every source (in-memory arrays here, TFRecord files in ``tfrecord.py``) offers the same small interface:
-``input_shape``, ``num_classes``, ``task``, ``num_examples(split)``, ``train_dataset(...)`` (endless, equal
-batches per rank) and ``eval_dataset(...)`` (finite, this rank's part of a split).
+:class:`Source` is the interface every source offers (in-memory arrays here as :class:`ArraySource`, TFRecord files
+in ``tfrecord.py``): ``input_shape``, ``num_classes``, ``task``, ``num_examples(split)``, ``train_dataset(...)``
+(endless, equal batches per rank), ``eval_dataset(...)`` (finite, this rank's part of a split), ``arrays(split)``
+(a whole split in memory, for TFLite evaluation) and ``sample_inputs(...)`` (for int8 calibration).
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +17,67 @@ from hvdtrain.data.sharding import shard_indices
 from hvdtrain.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
+CLASSIFICATION, LANGUAGE_MODEL = "classification", "language_model"
+SPLITS = ("train", "val", "test")
+
+
+class Source(abc.ABC):
+    """The interface of every data source.
+
+    Attributes:
+        input_shape: one example's shape (without the batch axis).
+        num_classes: classes, or the vocabulary size of a language model.
+        task: ``"classification"``, or ``"language_model"`` (targets are the next tokens; loss reported in bits).
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    task: str = CLASSIFICATION
+
+    @property
+    def is_language_model(self) -> bool:
+        """True when targets are next tokens (metrics per token, bits per byte)."""
+        return self.task == LANGUAGE_MODEL
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples."""
+        return self.num_examples("train")
+
+    @abc.abstractmethod
+    def num_examples(self, split: str) -> int:
+        """Number of examples in ``train``, ``val`` or ``test``."""
+
+    @abc.abstractmethod
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+        """An endless, shuffled, batched pipeline of this rank's equal shard of the training split."""
+
+    @abc.abstractmethod
+    def eval_dataset(self, split: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
+        """This rank's part of ``split`` (equal counts on every rank with ``equal``); None when it is empty."""
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole ``split`` as arrays (read from the pipeline for streamed sources)."""
+        batches = list(self.eval_dataset(split, 0, 1, 256, equal=False) or [])
+        if not batches:
+            return np.zeros((0, *self.input_shape), np.float32), np.zeros((0,), np.int32)
+        return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
+
+    def sample_inputs(self, count: int, seed: int = 0) -> np.ndarray:
+        """Up to ``count`` training inputs drawn with a fixed seed (int8 calibration)."""
+        batches = self.train_dataset(0, 1, 32, seed, 1000)
+        return np.concatenate([b[0].numpy() for b in batches.take(max(1, -(-count // 32)))])[:count]
+
+    def missing_split_note(self, split: str) -> str | None:
+        """Why ``split`` is empty and how to provide it (None when it is not empty)."""
+        if self.num_examples(split):
+            return None
+        key = {"test": "data.test_fraction", "val": "data.validation_fraction"}.get(split, "the data")
+        return f"there is no {split} split ({key} is 0); set {key} > 0 to hold out examples for it"
 
 
 @dataclass
-class Splits:
+class ArraySource(Source):
     """In-memory train / validation / test arrays and the model's input shape and number of classes."""
 
     x_train: np.ndarray
@@ -29,24 +88,23 @@ class Splits:
     y_test: np.ndarray
     input_shape: tuple[int, ...]
     num_classes: int
-    task: str = "classification"  # or "language_model": targets are next bytes, loss is reported in bits
-
-    @property
-    def num_train(self) -> int:
-        """Number of training examples."""
-        return len(self.x_train)
+    task: str = CLASSIFICATION
 
     def num_examples(self, name: str) -> int:
         """Number of examples in ``train``, ``val`` or ``test``."""
-        return len(self.split(name)[0])
+        return len(self.arrays(name)[0])
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The arrays of ``train``, ``val`` or ``test``."""
         return {
             "train": (self.x_train, self.y_train),
             "val": (self.x_val, self.y_val),
             "test": (self.x_test, self.y_test),
         }[name]
+
+    def sample_inputs(self, count: int, seed: int = 0) -> np.ndarray:
+        """Up to ``count`` training inputs drawn at random with a fixed seed."""
+        return self.x_train[np.random.default_rng(seed).permutation(len(self.x_train))[:count]]
 
     def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
         """An endless, shuffled, batched pipeline of this rank's equal shard of the training split.
@@ -65,7 +123,7 @@ class Splits:
         cover the whole split (for exact test metrics summed over ranks). A split smaller than the number of
         ranks goes whole to rank 0.
         """
-        x, y = self.split(name)
+        x, y = self.arrays(name)
         if len(x) == 0:
             return None
         if len(x) < size:
@@ -84,8 +142,8 @@ def split_arrays(
     seed: int = 0,
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
-    task: str = "classification",
-) -> Splits:
+    task: str = CLASSIFICATION,
+) -> ArraySource:
     """Shuffle once with a fixed seed (the same on every rank) and cut into train / validation / test."""
     if len(x) == 0:
         raise DataError("the dataset is empty; check data.path")
@@ -102,7 +160,7 @@ def split_arrays(
         raise DataError("no training examples are left after the test and validation splits; lower the fractions")
     if num_classes is None:
         num_classes = int(y.max()) + 1
-    return Splits(
+    return ArraySource(
         x_train, y_train, x_val, y_val, x_test, y_test,
         input_shape=tuple(input_shape or x.shape[1:]), num_classes=num_classes, task=task,
     )

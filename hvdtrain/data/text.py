@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvdtrain.data.source import Splits
+from hvdtrain.data.source import LANGUAGE_MODEL, ArraySource
 from hvdtrain.errors import DataError
 
 VOCAB_SIZE = 256
@@ -55,7 +55,7 @@ def unigram_entropy_bits(data: bytes | np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def load(path: str, context_length: int, validation_fraction: float, test_fraction: float) -> Splits:
+def load(path: str, context_length: int, validation_fraction: float, test_fraction: float) -> ArraySource:
     """Load a corpus (``path`` a file or glob, or empty for the embedded default) as windows of bytes."""
     corpus = read_corpus(path) if path else embedded_corpus()
     data = np.frombuffer(corpus, np.uint8)
@@ -72,6 +72,6 @@ def load(path: str, context_length: int, validation_fraction: float, test_fracti
         )
     x_val, y_val = windows(val, context_length)
     x_test, y_test = windows(test, context_length)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, input_shape=(context_length,),
-                  num_classes=VOCAB_SIZE, task="language_model")
+    return ArraySource(x_train, y_train, x_val, y_val, x_test, y_test, input_shape=(context_length,),
+                  num_classes=VOCAB_SIZE, task=LANGUAGE_MODEL)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from hvdtrain.data.sharding import shard_files
+from hvdtrain.data.source import Source
 from hvdtrain.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -67,10 +68,8 @@ def count_records(files: list[str]) -> int:
     return sum(int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files)
 
 
-class TFRecordSource:
-    """Training / test image streams from TFRecord shards; the same interface as in-memory ``Splits``."""
-
-    task = "classification"
+class TFRecordSource(Source):
+    """Training / test image streams from TFRecord shards."""
 
     def __init__(self, path: str, image_size: int, num_classes: int, label_offset: int = 0, augment: bool = True,
                  num_examples: int = 0):
@@ -88,11 +87,6 @@ class TFRecordSource:
         if self._counts["train"] == 0:
             raise DataError(f"the TFRecord training files at '{path}' hold no records")
         self._cache = sum(Path(f).stat().st_size for f in self.train_files) < CACHE_LIMIT_BYTES
-
-    @property
-    def num_train(self) -> int:
-        """Number of training records."""
-        return self._counts["train"]
 
     def num_examples(self, name: str) -> int:
         """Records in ``train``, ``val`` (none: the validation shards serve as ``test``) or ``test``."""
@@ -137,6 +131,13 @@ class TFRecordSource:
         ds = ds.shuffle(shuffle_buffer, seed=seed + rank, reshuffle_each_iteration=True).repeat()
         ds = ds.map(lambda r: self._parse(r, True), num_parallel_calls=AUTOTUNE)
         return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+    def missing_split_note(self, split: str) -> str | None:
+        """The test split is the ``validation-*`` shards; there is no separate validation split."""
+        if split == "test" and not self.test_files:
+            return ("there is no test split: data.path has no validation-* (or val-*) shards, so test metrics are "
+                    "skipped; put validation-* TFRecord shards next to the train-* ones to get them")
+        return None
 
     def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
         """This rank's part of the test shards, resized and centre-cropped (``equal`` is not guaranteed here)."""

@@ -2,14 +2,14 @@ import json
 
 import pytest
 
-from hvdtrain import artifacts
+from hvdtrain import artifacts, storage
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "summary.json"
     artifacts.write_json(path, {"a": 1})
     with pytest.raises(RuntimeError):
-        with artifacts.atomic_path(path) as tmp:
+        with storage.atomic_local(path) as tmp:
             tmp.write_text("half")
             raise RuntimeError("crash mid-write")
     assert json.loads(path.read_text()) == {"a": 1}

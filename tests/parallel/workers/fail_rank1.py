@@ -5,7 +5,6 @@ import common  # noqa: F401
 import tensorflow as tf
 
 import hvdtrain
-import hvdtrain.callbacks as cb
 from hvdtrain import config, train
 
 
@@ -15,7 +14,5 @@ class Boom(tf.keras.callbacks.Callback):
             raise RuntimeError("injected failure on rank 1")
 
 
-default_callbacks = cb.default_callbacks
-cb.default_callbacks = lambda **kw: [*default_callbacks(**kw), Boom()]  # the real callbacks, plus the fault
-hvdtrain.init()
-train.run(config.load("digits-mlp", overrides=["train.epochs=50", "train.steps_per_execution=1"]), sys.argv[1])
+train.run(config.load("digits-mlp", overrides=["train.epochs=50", "train.steps_per_execution=1"]), sys.argv[1],
+          callbacks=[Boom()])

@@ -1,6 +1,6 @@
-"""The only module that imports Horovod.
+"""The core of the distributed package (the only part of hvdtrain that imports Horovod).
 
-Everything distributed goes through here: the six steps of Horovod use (init, pin a device, scale the learning
+Everything data-parallel goes through here: the six steps of Horovod use (init, pin a device, scale the learning
 rate — see :mod:`hvdtrain.plan` —, wrap the optimizer, broadcast the initial state, checkpoint on rank 0 — see
 :mod:`hvdtrain.callbacks`), the Horovod knobs that must be set before ``hvd.init()``, threads per rank, and the
 collectives that the rest of hvdtrain needs (averaging numbers, broadcasting Python objects).
@@ -10,8 +10,8 @@ so the same script works in both.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,59 +19,57 @@ import numpy as np
 _initialized = False
 
 
-@dataclass(frozen=True)
-class HorovodKnobs:
-    """Horovod settings read from the environment at ``hvd.init()`` (so they must be set before it)."""
+def horovod_environment(knobs: Any = None, autotune_log: str = "", enable_xla_ops: bool = False) -> dict[str, str]:
+    """The ``HOROVOD_*`` variables for ``knobs`` (a :class:`hvdtrain.config.DistributedConfig`).
 
-    fusion_threshold_mb: float = 0.0
-    cycle_time_ms: float = 0.0
-    autotune: bool = False
-    autotune_log: str = ""
-    hierarchical_allreduce: bool = False
-    timeline: str = ""  # a path, or "DYNAMIC" to start it later with start_timeline()
-    enable_xla_ops: bool = False
-
-    def environment(self) -> dict[str, str]:
-        """The ``HOROVOD_*`` variables these knobs stand for (unset knobs leave Horovod's defaults)."""
-        env: dict[str, str] = {}
-        if self.fusion_threshold_mb:
-            env["HOROVOD_FUSION_THRESHOLD"] = str(int(self.fusion_threshold_mb * 1024 * 1024))
-        if self.cycle_time_ms:
-            env["HOROVOD_CYCLE_TIME"] = str(self.cycle_time_ms)
-        if self.autotune:
-            env["HOROVOD_AUTOTUNE"] = "1"
-            if self.autotune_log:
-                env["HOROVOD_AUTOTUNE_LOG"] = self.autotune_log
-        if self.hierarchical_allreduce:
-            env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
-        if self.timeline:
-            env["HOROVOD_TIMELINE"] = self.timeline
-        if self.enable_xla_ops:
-            env["HOROVOD_ENABLE_XLA_OPS"] = "1"
-        return env
+    Each knob is declared once, as a config field whose metadata names its variable (``horovod_env``) and the
+    factor from the config's unit to Horovod's (``scale``); unset knobs leave Horovod's defaults.
+    """
+    env: dict[str, str] = {}
+    if knobs is not None:
+        for f in dataclasses.fields(knobs):
+            name = f.metadata.get("horovod_env")
+            value = getattr(knobs, f.name)
+            if not name or not value:
+                continue
+            if isinstance(value, bool):
+                env[name] = "1"
+            elif f.metadata.get("scale", 1) != 1:
+                env[name] = str(int(value * f.metadata["scale"]))
+            else:
+                env[name] = str(value)
+        if autotune_log and getattr(knobs, "autotune", False):
+            env["HOROVOD_AUTOTUNE_LOG"] = autotune_log
+    if enable_xla_ops:
+        env["HOROVOD_ENABLE_XLA_OPS"] = "1"
+    return env
 
 
-def _launched() -> bool:
+def launched() -> bool:
     """True when a launcher (horovodrun with Gloo, mpirun, srun) started this process as one of several ranks."""
     keys = ("HOROVOD_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
     return any(k in os.environ for k in keys)
 
 
-def init(knobs: HorovodKnobs | None = None, threads_per_rank: int = 0, pin_gpu: bool = True) -> None:
+def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, enable_xla_ops: bool = False,
+         autotune_log: str = "") -> None:
     """Initialise Horovod once per process.
 
     Args:
-        knobs: Horovod tuning set into the environment before ``hvd.init()``.
+        knobs: Horovod tuning (a :class:`hvdtrain.config.DistributedConfig`), set into the environment before
+            ``hvd.init()``.
         threads_per_rank: TensorFlow intra-op threads for this rank; 0 gives each rank on a host an equal share
             of the cores this process may use, so ranks do not fight over them.
         pin_gpu: make only the GPU of this rank's local rank visible.
+        enable_xla_ops: Horovod's XLA kernels (``train.jit_compile`` on GPUs).
+        autotune_log: a local file for Horovod's autotuning log (written by rank 0).
     """
     global _initialized
     if _initialized:
         return
-    for key, value in (knobs or HorovodKnobs()).environment().items():
+    for key, value in horovod_environment(knobs, autotune_log, enable_xla_ops).items():
         os.environ.setdefault(key, value)
-    if not _launched():
+    if not launched():
         # A plain process is a world of size 1. Gloo gives it without touching MPI, so a single process also
         # runs where OpenMPI is missing or misconfigured (an MPI singleton start works here too).
         os.environ.setdefault("HOROVOD_CONTROLLER", "gloo")
@@ -309,6 +307,39 @@ def start_timeline(path: str) -> None:
     _hvd().start_timeline(path, mark_cycles=False)
 
 
+def stop_timeline() -> None:
+    """Stop Horovod's timeline and flush its file."""
+    _hvd().stop_timeline()
+
+
+def agree(error: str | None) -> None:
+    """Every rank raises the chief's error, or none does (a collective: every rank must call it).
+
+    For checks only the chief can make (can the output directory be written?): a rank that stopped alone would
+    leave the others waiting in the next collective.
+    """
+    from hvdtrain.errors import HvdtrainError
+
+    error = broadcast_object(error) if size() > 1 else error
+    if error:
+        raise HvdtrainError(error)
+
+
+def spread(values) -> np.ndarray:
+    """``max - min`` over ranks of each entry of ``values`` (one collective); zeros in a world of one."""
+    import horovod.tensorflow as hvd_tf
+    import tensorflow as tf
+
+    _hvd()
+    values = np.asarray(values, dtype=np.float64)
+    if size() == 1:
+        return np.zeros_like(values)
+    both = tf.constant(np.concatenate([values, -values]))
+    out = hvd_tf.allreduce(both, op=hvd_tf.Max, name="hvdtrain_spread").numpy()
+    n = len(values)
+    return out[:n] + out[n:]
+
+
 def barrier() -> None:
     """Wait until every rank reaches this point (a tiny allreduce: Horovod 0.28's TF API has no barrier)."""
     import horovod.tensorflow as hvd_tf
@@ -316,3 +347,12 @@ def barrier() -> None:
 
     _hvd()
     hvd_tf.allreduce(tf.zeros([1]), op=hvd_tf.Sum, name="hvdtrain_barrier").numpy()
+
+
+__all__ = [
+    "REDUCE_OPS", "agree", "allreduce", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
+    "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
+    "local_rank",
+    "local_size", "metric_average_callback", "rank", "run_elastic", "size", "spread", "start_timeline", "stop_timeline",
+    "time_allreduce", "wrap_optimizer",
+]

@@ -1,0 +1,8 @@
+"""Everything distributed, and the only part of hvdtrain that imports Horovod.
+
+- :mod:`~hvdtrain.distributed.core`: init, ranks, Horovod knobs, optimizer wrapping, collectives, elastic state.
+
+Importing this package imports no Horovod and no TensorFlow: both load on first use.
+"""
+from hvdtrain.distributed.core import *  # noqa: F401,F403
+from hvdtrain.distributed.core import __all__  # noqa: F401

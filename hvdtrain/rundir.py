@@ -1,0 +1,245 @@
+"""The output directory of one command, as one object: every path in it and every write to it.
+
+Only the chief makes a :class:`RunDir` (other ranks hold ``None`` and write nothing). The directory may be local
+or on object storage (:mod:`hvdtrain.storage`); nothing else in hvdtrain knows how a file gets there.
+
+A training run's directory::
+
+    config.yaml         the resolved config (written first, before training)
+    metrics.jsonl       one line per epoch, rewritten whole at each epoch's end
+    checkpoints/epoch-NNNN/   ckpt.* files, then state.json: a checkpoint is complete only once its state.json exists
+    tensorboard/        TensorBoard event files
+    summary.json, model.keras, curves.png, and files written by code that knows only local paths (Horovod's
+                        timeline and autotune log), staged locally and uploaded when the directory is remote
+
+Checkpoints are complete only with their marker because object stores cannot rename a folder atomically; on local
+disks the folder is also renamed into place. ``state.json`` holds the epoch and every metrics line up to it, so a
+resumed run rewrites ``metrics.jsonl`` from the checkpoint it restores: whatever instant a crash comes, each
+epoch's line is kept exactly once.
+
+Failpoints (for the crash tests): ``HVDTRAIN_FAILPOINT=NAME@EPOCH`` kills the process with SIGKILL at that point
+of that epoch; NAME is ``after-metrics``, ``mid-checkpoint`` (files written, marker not yet) or
+``after-checkpoint``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import artifacts, storage
+
+CHECKPOINT_MARKER = "state.json"
+_CHECKPOINT = re.compile(r"^epoch-(\d{4,})$")
+
+
+def failpoint(name: str, epoch: int) -> None:
+    """SIGKILL this process when ``HVDTRAIN_FAILPOINT`` names this point and epoch (crash tests only)."""
+    if os.environ.get("HVDTRAIN_FAILPOINT") == f"{name}@{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: its epoch and where it is."""
+
+    epoch: int
+    uri: str
+
+
+class RunDir:
+    """Paths and writes of one output directory (local or on object storage)."""
+
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        self._staged: dict[str, Path] = {}
+        self._staging: tempfile.TemporaryDirectory | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    def path(self, *parts: str) -> str:
+        """The URI of ``parts`` inside the directory."""
+        return storage.join(self.uri, *parts)
+
+    def resolve(self, name: str) -> str:
+        """A user's file name: absolute paths and URIs as given, relative ones inside the directory."""
+        if not storage.is_local(name) or os.path.isabs(name):
+            return name
+        return self.path(name)
+
+    # ---- creating it
+
+    def create(self, config_yaml: str | None = None) -> str | None:
+        """Create the directory (and write ``config.yaml``); returns an error message instead of raising."""
+        try:
+            storage.makedirs(self.uri)
+            if config_yaml is not None:
+                storage.write_text(self.path("config.yaml"), config_yaml)
+        except OSError as exc:
+            return f"cannot write to output directory '{self.uri}': {exc.strerror or exc}; choose another --output"
+        except Exception as exc:  # noqa: BLE001 - object stores raise TensorFlow's error types
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            return f"cannot write to output directory '{self.uri}': {reason}; check the URI and credentials"
+        return None
+
+    # ---- small files
+
+    def write_json(self, name: str, value: Any) -> None:
+        """``name`` as JSON."""
+        artifacts.write_json(self.path(name), value)
+
+    def write_text(self, name: str, text: str) -> None:
+        """``name`` as text."""
+        storage.write_text(self.path(name), text)
+
+    def read_json(self, name: str) -> Any:
+        """The JSON in ``name``."""
+        return json.loads(storage.read_text(self.path(name)))
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` exists in the directory."""
+        return storage.exists(self.path(name))
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """``metrics.jsonl``: one line per epoch, the whole file each time."""
+        storage.write_text(self.path("metrics.jsonl"), artifacts.jsonl(rows))
+
+    def read_metrics(self) -> list[dict]:
+        """The lines of ``metrics.jsonl`` (none when it does not exist)."""
+        uri = self.path("metrics.jsonl")
+        if not storage.exists(uri):
+            return []
+        return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+    def plot_curves(self, rows: list[dict], title: str = "") -> None:
+        """``curves.png``: loss, metrics and learning rate per epoch."""
+        artifacts.plot_curves(rows, self.path("curves.png"), title=title)
+
+    def save_figure(self, fig, name: str) -> None:
+        """A matplotlib figure as ``name`` (PNG)."""
+        artifacts.save_figure(fig, self.path(name))
+
+    def staged(self, name: str, suffix: str = ""):
+        """A local path to write ``name`` to, which becomes ``name`` whole on success (a context manager)."""
+        return storage.staged(self.path(name), suffix=suffix)
+
+    @property
+    def tensorboard(self) -> str:
+        """The TensorBoard log folder."""
+        return self.path("tensorboard")
+
+    # ---- files written by code that knows only local files (Horovod's C++, the TFLite converter, the report)
+
+    def local(self, name: str) -> Path:
+        """A local path for ``name``: what is written there is in the directory after :meth:`publish`.
+
+        Local directories: the path itself (its folder created). Object storage: a local staging file, uploaded
+        by :meth:`publish`.
+        """
+        target = self.resolve(name)
+        if storage.is_local(target):
+            path = storage.local_path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path
+        if self._staging is None:
+            self._staging = tempfile.TemporaryDirectory(prefix="hvdtrain-stage-")
+        path = Path(self._staging.name) / storage.basename(target)
+        self._staged[target] = path
+        return path
+
+    def adopt(self, local: str | Path, name: str) -> None:
+        """Copy a local file written elsewhere (before this directory existed) into ``name`` at :meth:`publish`."""
+        self._staged[self.resolve(name)] = Path(local)
+
+    def publish(self) -> None:
+        """Upload what was written to staging files (files already in place stay)."""
+        for target, local in self._staged.items():
+            if local.exists() and str(local) != target:
+                storage.upload(local, target)
+
+    # ---- checkpoints
+
+    def checkpoint_uri(self, epoch: int) -> str:
+        """Where the checkpoint of ``epoch`` goes."""
+        return self.path("checkpoints", f"epoch-{epoch:04d}")
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Complete checkpoints (with their marker), oldest first."""
+        folder = self.path("checkpoints")
+        found = []
+        for name in storage.listdir(folder):
+            m = _CHECKPOINT.match(name)
+            if m and storage.exists(storage.join(folder, name, CHECKPOINT_MARKER)):
+                found.append(Checkpoint(int(m.group(1)), storage.join(folder, name)))
+        return sorted(found, key=lambda c: c.epoch)
+
+    def clean_incomplete_checkpoints(self) -> list[str]:
+        """Remove checkpoints a crash left without their marker, and temporary folders; returns what went."""
+        folder = self.path("checkpoints")
+        removed = []
+        for name in storage.listdir(folder):
+            uri = storage.join(folder, name)
+            partial = _CHECKPOINT.match(name) and not storage.exists(storage.join(uri, CHECKPOINT_MARKER))
+            if partial or name.startswith(".epoch-"):
+                storage.remove(uri)
+                removed.append(uri)
+        return removed
+
+    def write_checkpoint(self, epoch: int, write: Callable[[Path], None], state: dict[str, Any]) -> str:
+        """Write the checkpoint of ``epoch``: ``write(folder)`` fills a local folder, then ``state`` is the marker.
+
+        Local: the folder is written under a temporary name with its marker and renamed into place. Object
+        storage: the files are uploaded, then the marker, last.
+        """
+        target = self.checkpoint_uri(epoch)
+        marker = artifacts.to_json({**state, "epoch": epoch}) + "\n"
+        if storage.is_local(target):
+            with storage.atomic_local(storage.local_path(target), suffix=".tmp") as tmp:
+                tmp.mkdir()
+                write(tmp)
+                failpoint("mid-checkpoint", epoch)
+                (tmp / CHECKPOINT_MARKER).write_text(marker)
+        else:
+            storage.remove(target)  # an older, partial attempt at the same epoch
+            with tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-") as tmp:
+                write(Path(tmp))
+                storage.upload(tmp, target)
+            failpoint("mid-checkpoint", epoch)
+            storage.write_text(storage.join(target, CHECKPOINT_MARKER), marker)
+        failpoint("after-checkpoint", epoch)
+        return target
+
+    def read_checkpoint(self, ckpt: Checkpoint, read: Callable[[Path], None]) -> dict[str, Any]:
+        """Call ``read(folder)`` on the checkpoint's files (downloaded first from object storage); returns its state."""
+        state = json.loads(storage.read_text(storage.join(ckpt.uri, CHECKPOINT_MARKER)))
+        if storage.is_local(ckpt.uri):
+            read(storage.local_path(ckpt.uri))
+        else:
+            with tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-") as tmp:
+                storage.download(ckpt.uri, tmp)
+                read(Path(tmp))
+        return state
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` checkpoints."""
+        for old in self.checkpoints()[:-keep]:
+            storage.remove(old.uri)
+
+
+def prepare(uri: str | Path | None, config_yaml: str | None, chief: bool) -> tuple[RunDir | None, str | None]:
+    """The chief's :class:`RunDir` for ``uri``, created with its ``config.yaml``; ``(None, None)`` elsewhere.
+
+    Returns ``(run_dir, error)``: every rank must then agree on the error
+    (:func:`hvdtrain.distributed.agree`), so that no rank goes on alone into a collective the chief never joins.
+    """
+    if uri is None or not chief:
+        return None, None
+    run_dir = RunDir(uri)
+    return run_dir, run_dir.create(config_yaml)

@@ -1,0 +1,119 @@
+"""One way to make a model ready for training, used by every loop: training, fine-tuning and distillation in
+compression, and the benchmark.
+
+:func:`prepare` takes a built model and the run's config and compiles it with the configured optimizer, wrapped for
+the distributed options (gradient compression, accumulation, reduce op, loss scaling) and the learning rate or
+schedule it is given. A new option is added here once and every loop gets it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hvdtrain import distributed
+from hvdtrain.config import Config, ModelConfig, TrainConfig
+from hvdtrain.errors import ConfigError
+
+
+def check_options(cfg: Config) -> None:
+    """Reject option combinations that this machine or Horovod cannot run, before anything is written."""
+    import tensorflow as tf
+
+    if cfg.train.jit_compile and not tf.config.list_physical_devices("GPU"):
+        raise ConfigError(
+            "train.jit_compile=true needs a GPU: Horovod's allreduce has XLA kernels for GPUs only "
+            "(HOROVOD_ENABLE_XLA_OPS, set by hvdtrain); set train.jit_compile=false on CPUs"
+        )
+    if cfg.distributed.reduce_op == "adasum":
+        raise ConfigError("distributed.reduce_op=adasum is not supported with Keras optimizers by Horovod 0.28; "
+                          "use average or sum")
+    if cfg.train.precision == "mixed_float16" and cfg.distributed.backward_passes_per_step > 1:
+        raise ConfigError("train.precision=mixed_float16 with distributed.backward_passes_per_step > 1 lets ranks' "
+                          "loss scales disagree; use mixed_bfloat16, or backward_passes_per_step=1")
+
+
+def build_model(cfg: ModelConfig, source):
+    """Build the configured model for ``source``'s shapes; a bad parameter becomes a config error."""
+    import models
+
+    try:
+        return models.build(cfg.name, input_shape=source.input_shape, num_classes=source.num_classes, **cfg.params)
+    except models.ModelParamError as exc:
+        raise ConfigError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model '{cfg.name}' cannot be built with {cfg.params}: {exc}") from None
+
+
+def loss_and_metrics():
+    """Cross-entropy on float32 logits, and accuracy (per next byte for language models).
+
+    For a language model the loss is the mean over every position, in nats per byte; bits per byte and perplexity
+    are derived from it after averaging across ranks (:class:`hvdtrain.callbacks.LanguageModelMetrics`).
+    """
+    import tensorflow as tf
+
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return loss, [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+
+def make_optimizer(cfg: TrainConfig, learning_rate):
+    """The (not yet distributed) Keras optimizer named by ``train.optimizer``; the rate may be a schedule."""
+    import tensorflow as tf
+
+    opts = tf.keras.optimizers
+    if cfg.optimizer == "sgd":
+        return opts.SGD(learning_rate)
+    if cfg.optimizer == "momentum":
+        return opts.SGD(learning_rate, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adam":
+        return opts.Adam(learning_rate)
+    return opts.AdamW(learning_rate, weight_decay=cfg.weight_decay)
+
+
+def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, elastic: bool = False):
+    """Compile ``model`` for data-parallel training as ``cfg`` says; returns the model.
+
+    Args:
+        model: a built Keras model (a model with its own ``train_step``, such as a distiller, works too).
+        cfg: the run's config: ``train`` (optimizer, precision, steps per execution, XLA) and ``distributed``
+            (gradient compression, accumulation, reduce op).
+        learning_rate: a number or a Keras learning-rate schedule (already scaled for the world size).
+        loss, metrics: instead of cross-entropy and accuracy.
+        elastic: follow the world size as it changes (:class:`hvdtrain.schedule.ElasticSchedule`).
+    """
+    from hvdtrain.schedule import ElasticSchedule
+
+    optimizer = distributed.wrap_optimizer(
+        make_optimizer(cfg.train, learning_rate),
+        grad_compression=cfg.distributed.grad_compression,
+        backward_passes_per_step=cfg.distributed.backward_passes_per_step,
+        reduce_op=cfg.distributed.reduce_op,
+        precision=cfg.train.precision,
+    )
+    if elastic:
+        # Set after wrapping: Horovod rebuilds the optimizer from its config, which would lose the schedule's
+        # variables.
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        inner.learning_rate = ElasticSchedule(inner._learning_rate)
+    default_loss, default_metrics = loss_and_metrics()
+    model.compile(optimizer=optimizer, loss=loss or default_loss,
+                  metrics=default_metrics if metrics is None else metrics,
+                  steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
+    return model
+
+
+def learning_rate_schedule(cfg: TrainConfig, plan):
+    """The run's :class:`~hvdtrain.schedule.WarmupSchedule` for ``plan`` (warmup, then constant/cosine/step)."""
+    from hvdtrain.schedule import WarmupSchedule
+
+    return WarmupSchedule(
+        base_lr=plan.base_learning_rate if plan.warmup_steps else plan.learning_rate,
+        peak_lr=plan.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
+        kind=cfg.schedule, step_every=max(1, int(cfg.step_decay_epochs * plan.steps_per_epoch)),
+        step_factor=cfg.step_decay_factor,
+    )
+
+
+def init(cfg: Config, autotune_log: str = "") -> None:
+    """Horovod for ``cfg`` (knobs, threads per rank, XLA kernels); a no-op when already initialised."""
+    distributed.init(cfg.distributed, threads_per_rank=cfg.distributed.threads_per_rank,
+                     enable_xla_ops=cfg.train.jit_compile, autotune_log=autotune_log)
