@@ -100,13 +100,13 @@ class NanGuard(tf.keras.callbacks.Callback):
 
 
 def checksums(variables) -> np.ndarray:
-    """Per variable: the sum and the sum of squares of its values (float64), as ``[sums..., squares...]``."""
-    sums, squares = [], []
+    """Per variable: the sum, the sum of squares and the sum of magnitudes of its values (float64), as
+    ``[sums..., squares..., magnitudes...]``."""
+    rows = []
     for v in variables:
         w = np.asarray(v.numpy(), dtype=np.float64)
-        sums.append(w.sum())
-        squares.append((w * w).sum())
-    return np.array(sums + squares)
+        rows.append((w.sum(), (w * w).sum(), np.abs(w).sum()))
+    return np.array(rows).T.ravel()
 
 
 class DivergenceGuard(tf.keras.callbacks.Callback):
@@ -116,38 +116,48 @@ class DivergenceGuard(tf.keras.callbacks.Callback):
     (which Horovod does not average), a callback that changes weights on one rank, a layer with rank-dependent
     state. Every ``every_epochs`` epochs each rank computes the sum and the sum of squares of every trainable
     variable, and one allreduce (max of the values and of their negatives) gives each checksum's spread across
-    ranks. A spread above ``tolerance`` times the checksum's scale stops the run with one line, on every rank alike
-    (all ranks see the same reduced numbers, so none is left waiting).
+    ranks. A spread above ``tolerance`` times the checksum's scale (the largest sum of magnitudes, or of squares)
+    stops the run with one line, on every rank alike (all ranks see the same reduced numbers, so none is left
+    waiting).
 
     Args:
         every_epochs: check at the end of every N-th epoch (0: never).
         tolerance: relative spread that counts as diverged (identical updates leave bit-identical weights, so any
             tolerance above float rounding works).
-        variables: the variables to compare (default: the model's trainable variables).
+        groups: a function returning ``[(variables, group)]``: variables that must be identical over the ranks
+            of a :class:`~hvdtrain.distributed.mesh.Group` (default: the model's trainable variables, all ranks).
     """
 
-    def __init__(self, every_epochs: int = 1, tolerance: float = 1e-6, variables=None):
+    def __init__(self, every_epochs: int = 1, tolerance: float = 1e-6, groups=None):
         super().__init__()
         self.every_epochs, self.tolerance = every_epochs, tolerance
-        self._variables = variables
+        self.groups = groups
         self.seconds: list[float] = []
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every_epochs or (epoch + 1) % self.every_epochs or distributed.size() == 1:
             return
         start = time.perf_counter()
-        variables = self._variables if self._variables is not None else self.model.trainable_variables
-        local = checksums(variables)
-        spread = distributed.spread(local)
+        groups = self.groups() if self.groups else [(self.model.trainable_variables, None)]
+        bad: list[tuple[str, float]] = []
+        count = 0
+        for variables, group in groups:
+            if not variables or (group is not None and group.size == 1):
+                continue
+            count += len(variables)
+            values = checksums(variables)
+            low, high = distributed.extremes(values) if group is None else group.extremes(values)
+            n = len(variables)
+            # each checksum's spread across ranks, relative to its largest scale (the same numbers on every rank)
+            spread = (high - low)[: 2 * n].reshape(2, n)
+            scale = np.stack([high[2 * n:], high[n: 2 * n]]) + 1e-30
+            relative = (spread / scale).max(axis=0)
+            bad += [(variables[i].name, relative[i]) for i in range(n) if relative[i] > self.tolerance]
         self.seconds.append(time.perf_counter() - start)
-        n = len(variables)
-        scale = np.concatenate([np.abs(local[:n]) + np.sqrt(local[n:]), local[n:]]) + 1e-30
-        relative = (spread / scale).reshape(2, n).max(axis=0)
-        bad = [i for i in range(n) if relative[i] > self.tolerance]
         if bad:
-            first = ", ".join(f"{variables[i].name} (relative spread {relative[i]:.2g})" for i in bad[:3])
+            first = ", ".join(f"{name} (relative spread {spread:.2g})" for name, spread in bad[:3])
             raise HvdtrainError(
-                f"ranks diverged by epoch {epoch + 1}: {len(bad)} of {n} trainable variables differ across ranks, "
+                f"ranks diverged by epoch {epoch + 1}: {len(bad)} of {count} trainable variables differ across ranks, "
                 f"first {first}; a custom train_step that calls optimizer.apply_gradients skips Horovod's "
                 "averaging: use optimizer.minimize(loss, variables, tape=tape) or hvdtrain.distributed.gradient_tape")
 
@@ -253,29 +263,36 @@ class MetricsLogger(tf.keras.callbacks.Callback):
 
 
 class CheckpointCallback(tf.keras.callbacks.Callback):
-    """Chief-only checkpoints of weights, optimizer state and progress; keeps the last K.
+    """Checkpoints of weights, optimizer state and progress, written by the chief; keeps the last K.
 
     Each checkpoint's marker (``state.json``) holds the epoch and every metrics row up to it, taken from
     ``metrics`` (the :class:`MetricsLogger` that runs before this callback). A checkpoint whose metrics are NaN or
-    Inf is never written.
+    Inf is never written. With a ``layout`` whose parts live on several ranks (tensor or pipeline parallelism,
+    sharded optimizer state) every rank runs this callback, to gather the full state on the chief.
     """
 
-    def __init__(self, run_dir: RunDir, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0,
-                 metrics: MetricsLogger | None = None):
+    def __init__(self, run_dir: RunDir | None, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0,
+                 metrics: MetricsLogger | None = None, layout=None):
         super().__init__()
         self.run_dir = run_dir
         self.every_epochs = max(1, every_epochs)
         self.keep = max(1, keep)
         self.steps_per_epoch = steps_per_epoch
         self.metrics = metrics
+        self.layout = layout
 
     def on_epoch_end(self, epoch, logs=None):
         logs = scalars(logs)
         if (epoch + 1) % self.every_epochs:
             return
         if not all(math.isfinite(v) for v in logs.values()):
-            return  # never keep a diverged model
-        checkpoint.save(self.run_dir, self.model, epoch + 1, {
+            return  # never keep a diverged model (the logs are averaged: every rank decides alike)
+        if self.layout is not None:
+            self.layout.gather()
+        if self.run_dir is None:
+            return
+        model, optimizer = self.layout.checkpoint_objects() if self.layout else (self.model, self.model.optimizer)
+        checkpoint.save(self.run_dir, model, optimizer, epoch + 1, {
             "steps_per_epoch": self.steps_per_epoch, "step": (epoch + 1) * self.steps_per_epoch, "logs": logs,
             "metrics": self.metrics.rows if self.metrics is not None else [],
         })
@@ -308,6 +325,7 @@ def default_callbacks(
     divergence_check_epochs: int = 1,
     divergence_tolerance: float = 1e-6,
     progress: str | None = "off",
+    layout=None,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -324,6 +342,7 @@ def default_callbacks(
         divergence_check_epochs, divergence_tolerance: the :class:`DivergenceGuard` (0 epochs: off).
         progress: ``"off"`` (the default: use Keras' ``verbose``), ``"lines"``, ``"bar"``, or None to choose by
             the output (a bar on a terminal, whole lines under a launcher or in a file).
+        layout: how the model is laid out over the ranks (:mod:`hvdtrain.parallel`; default: data parallel).
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
@@ -331,10 +350,12 @@ def default_callbacks(
     chief = distributed.is_chief()
     run_dir = output_dir if isinstance(output_dir, RunDir) or output_dir is None else RunDir(output_dir)
     run_dir = run_dir if chief else None
-    cbs: list[tf.keras.callbacks.Callback] = [broadcast_initial_state(0), metric_average()]
+    broadcast = layout.broadcast_callback() if layout is not None else broadcast_initial_state(0)
+    cbs: list[tf.keras.callbacks.Callback] = [broadcast, metric_average()]
     if language_model:
         cbs.append(LanguageModelMetrics())
-    cbs += [LearningRateLogger(), NanGuard(), DivergenceGuard(divergence_check_epochs, divergence_tolerance)]
+    groups = layout.consistency_groups if layout is not None else None
+    cbs += [LearningRateLogger(), NanGuard(), DivergenceGuard(divergence_check_epochs, divergence_tolerance, groups)]
     if early_stopping_patience:
         cbs.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
                                                     restore_best_weights=True))
@@ -342,8 +363,11 @@ def default_callbacks(
         cbs.append(ProgressLogger(epochs, steps_per_epoch, progress))
     metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows)
     cbs.append(metrics)
+    gathers = layout is not None and layout.needs_gather
+    if output_dir is not None and (run_dir is not None or gathers):
+        cbs.append(CheckpointCallback(run_dir, checkpoint_every_epochs, keep_checkpoints, steps_per_epoch, metrics,
+                                      layout if gathers else None))
     if run_dir is not None:
-        cbs.append(CheckpointCallback(run_dir, checkpoint_every_epochs, keep_checkpoints, steps_per_epoch, metrics))
         if tensorboard:
             cbs.append(tf.keras.callbacks.TensorBoard(log_dir=run_dir.tensorboard, profile_batch=0))
     return cbs

@@ -19,21 +19,16 @@ def inner_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
-def build_optimizer(model) -> None:
-    """Create the optimizer's slots now (they exist only after a first step otherwise), so a restore has a target."""
-    inner_optimizer(model.optimizer).build(model.trainable_variables)
-
-
-def save(run_dir: RunDir, model, epoch: int, state: dict[str, Any]) -> str:
+def save(run_dir: RunDir, model, optimizer, epoch: int, state: dict[str, Any]) -> str:
     """Write the checkpoint of ``epoch`` (chief only); returns its URI."""
     import tensorflow as tf
 
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
     return run_dir.write_checkpoint(epoch, lambda folder: ckpt.write(str(folder / "ckpt")), state)
 
 
-def restore_latest(run_dir: RunDir, model) -> tuple[int, dict[str, Any], list[str]]:
-    """Restore the newest readable checkpoint into ``model`` and its optimizer (chief only).
+def restore_latest(run_dir: RunDir, model, optimizer) -> tuple[int, dict[str, Any], list[str]]:
+    """Restore the newest readable checkpoint into ``model`` and ``optimizer`` (chief only).
 
     A checkpoint that cannot be read (truncated, corrupt, from another model) is skipped with a warning and the
     previous one is tried. Returns ``(epoch, state, warnings)``; epoch 0 and an empty state when none could be.
@@ -43,7 +38,7 @@ def restore_latest(run_dir: RunDir, model) -> tuple[int, dict[str, Any], list[st
     warnings = []
     for found in reversed(run_dir.checkpoints()):
         def read(folder: Path) -> None:
-            status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(str(folder / "ckpt"))
+            status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(str(folder / "ckpt"))
             status.assert_existing_objects_matched()
 
         try:

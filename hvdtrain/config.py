@@ -101,6 +101,22 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Model parallelism (for ``gpt``) and sharded optimizer states; data parallelism is what is left.
+
+    The data-parallel degree is ``world size / (tensor x pipeline)``; ``data.batch_size_per_rank`` is the batch of
+    each data-parallel replica (the ranks of a tensor group and of a pipeline share theirs).
+    """
+
+    tensor: int = 1  # ranks per tensor-parallel group: attention heads and MLP split across them
+    pipeline: int = 1  # pipeline stages: consecutive blocks on different ranks
+    microbatches: int = 1  # micro-batches per step and replica (pipeline)
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    shard_optimizer: bool = False  # ZeRO stage 1: optimizer state split over the data-parallel ranks
+    recompute: bool = False  # recompute each Transformer block's activations in the backward pass
+
+
+@dataclass(frozen=True)
 class CompressionConfig:
     """How ``hvdtrain compress`` prunes, quantizes and distills a trained model."""
 
@@ -143,6 +159,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
@@ -166,7 +183,8 @@ def read_yaml(text: str, where: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of sections (model, data, train, distributed)")
+        raise ConfigError(f"{where} must be a mapping of sections (model, data, train, distributed, parallel, "
+                          "compression)")
     return data
 
 
@@ -299,6 +317,9 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "distributed.backward_passes_per_step": cfg.distributed.backward_passes_per_step,
         "data.context_length": cfg.data.context_length,
+        "parallel.tensor": cfg.parallel.tensor,
+        "parallel.pipeline": cfg.parallel.pipeline,
+        "parallel.microbatches": cfg.parallel.microbatches,
     }
     for key, value in positive.items():
         if value < 1:
@@ -327,8 +348,50 @@ def validate(cfg: Config) -> None:
         models.check_params(c.student, c.student_params)
     except models.ModelParamError as exc:
         raise ConfigError(str(exc).replace("model.params.", "compression.student_params.")) from None
+    validate_parallel(cfg)
     if cfg.data.source in ("tfrecord", "npz") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
+
+
+def validate_parallel(cfg: Config) -> None:
+    """Parallel settings that cannot run (the world size is checked when the job starts)."""
+    p = cfg.parallel
+    modelled = p.tensor > 1 or p.pipeline > 1 or p.recompute
+    if modelled and cfg.model.name != "gpt":
+        raise ConfigError(f"parallel.tensor, parallel.pipeline and parallel.recompute split Transformer blocks: "
+                          f"they need model.name=gpt, not '{cfg.model.name}' (parallel.shard_optimizer works for "
+                          "any model)")
+    if not (modelled or p.shard_optimizer):
+        if p.microbatches > 1:
+            raise ConfigError("parallel.microbatches > 1 needs parallel.pipeline > 1")
+        return
+    if cfg.train.elastic:
+        raise ConfigError("elastic training runs data parallelism only; set parallel.tensor=1, pipeline=1, "
+                          "shard_optimizer=false and recompute=false, or drop --elastic")
+    if cfg.train.precision != "float32":
+        raise ConfigError("parallel layouts train in float32 (mixed_float16's loss scaling would have to agree "
+                          "across the tensor and pipeline groups); use train.precision=float32")
+    if cfg.distributed.backward_passes_per_step > 1 or cfg.distributed.grad_compression != "none":
+        raise ConfigError("parallel layouts average gradients themselves: use distributed.backward_passes_per_step=1 "
+                          "and distributed.grad_compression=none")
+    if cfg.train.jit_compile:
+        raise ConfigError("parallel layouts do not compile with XLA; set train.jit_compile=false")
+    if p.pipeline == 1 and p.microbatches > 1:
+        raise ConfigError("parallel.microbatches > 1 needs parallel.pipeline > 1")
+    if modelled:
+        import models
+
+        params = {**models.params_of("gpt"), **cfg.model.params}
+        heads, width, ratio = params["num_heads"], params["width"], params["mlp_ratio"]
+        for what, value in (("model.params.num_heads", heads), ("model.params.mlp_ratio x width", ratio * width)):
+            if value % p.tensor:
+                raise ConfigError(f"parallel.tensor={p.tensor} must divide {what}={value}")
+        if p.pipeline > params["num_layers"]:
+            raise ConfigError(f"parallel.pipeline={p.pipeline} stages need at least as many Transformer blocks; the "
+                              f"model has model.params.num_layers={params['num_layers']}")
+        if cfg.data.batch_size_per_rank % p.microbatches:
+            raise ConfigError(f"parallel.microbatches={p.microbatches} must divide data.batch_size_per_rank="
+                              f"{cfg.data.batch_size_per_rank}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

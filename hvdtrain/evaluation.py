@@ -44,12 +44,20 @@ def metrics_from_sums(sums, language_model: bool) -> dict[str, float]:
     return out
 
 
-def evaluate(model, source, split: str, batch_size: int) -> dict[str, float]:
-    """Metrics of ``model`` on the whole ``split`` of ``source``; the same result on every rank."""
+def evaluate(model, source, split: str, batch_size: int, shard: tuple[int, int] | None = None,
+             counted: bool = True) -> dict[str, float]:
+    """Metrics of ``model`` on the whole ``split`` of ``source``; the same result on every rank.
+
+    Args:
+        shard: ``(index, count)`` of this rank's part of the split (default: its rank among all ranks). Ranks
+            that hold parts of one model (a tensor group, a pipeline) share a part and run the model together.
+        counted: whether this rank's sums count (one rank per part does).
+    """
     if not source.num_examples(split):
         return {}
-    rank, size = distributed.rank(), distributed.size()
+    rank, size = shard or (distributed.rank(), distributed.size())
     sums = local_sums(model, source.eval_dataset(split, rank, size, batch_size, equal=False))
-    if size > 1:
+    sums = sums if counted else np.zeros_like(sums)
+    if distributed.size() > 1:
         sums = distributed.allreduce(sums, op="sum", name=f"evaluate_{split}")
     return metrics_from_sums(sums, source.is_language_model)

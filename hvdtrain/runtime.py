@@ -69,8 +69,8 @@ def make_optimizer(cfg: TrainConfig, learning_rate):
     return opts.AdamW(learning_rate, weight_decay=cfg.weight_decay)
 
 
-def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, elastic: bool = False):
-    """Compile ``model`` for data-parallel training as ``cfg`` says; returns the model.
+def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, elastic: bool = False, layout=None):
+    """Compile ``model`` for training as ``cfg`` says; returns the model to ``fit``.
 
     Args:
         model: a built Keras model (a model with its own ``train_step``, such as a distiller, works too).
@@ -79,8 +79,16 @@ def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, 
         learning_rate: a number or a Keras learning-rate schedule (already scaled for the world size).
         loss, metrics: instead of cross-entropy and accuracy.
         elastic: follow the world size as it changes (:class:`hvdtrain.schedule.ElasticSchedule`).
+        layout: a :class:`hvdtrain.parallel.Parallel` layout: its trainer is compiled with the plain optimizer
+            (it averages or shards gradients itself) and returned instead of ``model``.
     """
+    from hvdtrain.parallel import Parallel
     from hvdtrain.schedule import ElasticSchedule
+
+    if isinstance(layout, Parallel):
+        trainer = layout.training_model
+        trainer.compile(make_optimizer(cfg.train, learning_rate), steps_per_execution=cfg.train.steps_per_execution)
+        return trainer
 
     optimizer = distributed.wrap_optimizer(
         make_optimizer(cfg.train, learning_rate),
@@ -114,6 +122,15 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
 
 
 def init(cfg: Config, autotune_log: str = "") -> None:
-    """Horovod for ``cfg`` (knobs, threads per rank, XLA kernels); a no-op when already initialised."""
+    """Horovod for ``cfg`` (knobs, threads per rank, XLA kernels, process sets for model parallelism); a no-op
+    when already initialised."""
     distributed.init(cfg.distributed, threads_per_rank=cfg.distributed.threads_per_rank,
-                     enable_xla_ops=cfg.train.jit_compile, autotune_log=autotune_log)
+                     enable_xla_ops=cfg.train.jit_compile, autotune_log=autotune_log,
+                     dynamic_process_sets=cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1)
+
+
+def make_mesh(cfg: Config):
+    """The rank grid of ``cfg.parallel`` at the current world size (a config error when it does not fit)."""
+    from hvdtrain.distributed.mesh import make_mesh as mesh
+
+    return mesh(cfg.parallel.tensor, cfg.parallel.pipeline)

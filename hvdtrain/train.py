@@ -41,8 +41,10 @@ class Run:
     cfg: Config
     source: Any  # hvdtrain.data.Source
     plan: Plan
-    model: Any
+    layout: Any  # hvdtrain.parallel.DataParallel or Parallel: how the model sits on the ranks
+    model: Any  # what fit trains (the model, or the parallel layout's trainer)
     run_dir: RunDir | None  # the chief's; None on the other ranks
+    output: str | None  # the output directory as given (every rank knows whether there is one)
     output_error: str | None  # the chief's verdict on the output directory, agreed on by every rank
     started: float
     callbacks: tuple = ()  # the caller's, after the default ones
@@ -64,19 +66,23 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     runtime.init(cfg, autotune_log)
     import tensorflow as tf
 
-    from hvdtrain import data
+    from hvdtrain import data, parallel
 
     runtime.check_options(cfg)
+    mesh = runtime.make_mesh(cfg)
     tf.keras.utils.set_random_seed(cfg.train.seed)
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     note = source.missing_split_note("test")
     if note:
         log(f"note: {note}")
-    plan = plan_for(cfg, source.num_train, distributed.size())
+    plan = plan_for(cfg, source.num_train, mesh.data)
+    if mesh.tensor > 1 or mesh.pipeline > 1:
+        log(mesh.describe())
     log(plan.describe())
-    model = runtime.build_model(cfg.model, source)
-    runtime.prepare(model, cfg, runtime.learning_rate_schedule(cfg.train, plan), elastic=cfg.train.elastic)
+    layout = parallel.make_layout(cfg, runtime.build_model(cfg.model, source), mesh)
+    model = runtime.prepare(layout.training_model, cfg, runtime.learning_rate_schedule(cfg.train, plan),
+                            elastic=cfg.train.elastic, layout=layout)
 
     run_dir, error = rundir.prepare(output, to_yaml(cfg), distributed.is_chief())
     if not cfg.train.elastic:  # elastic runs agree inside Horovod's elastic loop, which a late joiner enters first
@@ -88,7 +94,7 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
             run_dir.adopt(autotune_log, cfg.distributed.autotune_log)
     if cfg.distributed.timeline and error is None:
         distributed.start_timeline(str(run_dir.local(cfg.distributed.timeline)) if run_dir else os.devnull)
-    return Run(cfg, source, plan, model, run_dir, error, started, tuple(callbacks), progress, scratch)
+    return Run(cfg, source, plan, layout, model, run_dir, output, error, started, tuple(callbacks), progress, scratch)
 
 
 def resume(run: Run) -> tuple[int, list[dict]]:
@@ -97,10 +103,10 @@ def resume(run: Run) -> tuple[int, list[dict]]:
     found = bool(run.run_dir is not None and run.cfg.train.resume and run.run_dir.checkpoints())
     if not (distributed.broadcast_object(found) if distributed.size() > 1 else found):
         return 0, []
-    checkpoint.build_optimizer(run.model)
+    run.layout.build_optimizer()
     epoch, rows = 0, []
     if run.run_dir is not None:
-        epoch, state, warnings = checkpoint.restore_latest(run.run_dir, run.model)
+        epoch, state, warnings = checkpoint.restore_latest(run.run_dir, *run.layout.checkpoint_objects())
         for w in warnings:
             checkpoint.warn(w)
         rows = state.get("metrics", [])
@@ -109,7 +115,7 @@ def resume(run: Run) -> tuple[int, list[dict]]:
         run.run_dir.write_metrics(rows)
     if distributed.size() > 1:
         epoch = distributed.broadcast_object(epoch)
-        distributed.broadcast_variables(run.model.variables + list(run.model.optimizer.variables))
+    run.layout.distribute_restored()
     if epoch:
         log(f"resuming after epoch {epoch} (step {epoch * run.plan.steps_per_epoch}) from {run.run_dir or 'rank 0'}")
     return epoch, rows
@@ -121,14 +127,14 @@ def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], ski
     from hvdtrain import callbacks as cb
 
     cfg = run.cfg
-    rank, size = distributed.rank(), distributed.size()
+    rank, size = run.layout.data_rank, run.layout.data_size
     callbacks = [*cb.default_callbacks(
-        steps_per_epoch=plan.steps_per_epoch, output_dir=run.run_dir, previous_rows=previous_rows,
+        steps_per_epoch=plan.steps_per_epoch, output_dir=run.run_dir or run.output, previous_rows=previous_rows,
         examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size, epochs=plan.epochs,
         checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
         early_stopping_patience=cfg.train.early_stopping_patience, language_model=run.source.is_language_model,
         divergence_check_epochs=cfg.distributed.divergence_check_epochs,
-        divergence_tolerance=cfg.distributed.divergence_tolerance, progress=run.progress,
+        divergence_tolerance=cfg.distributed.divergence_tolerance, progress=run.progress, layout=run.layout,
     ), *extra, *run.callbacks]
     train_ds = run.source.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
     # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
@@ -194,11 +200,16 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
     from hvdtrain import artifacts
     from hvdtrain.evaluation import evaluate
 
-    cfg, source = run.cfg, run.source
-    test = evaluate(run.model, source, "test", plan.batch_size_per_rank)
+    cfg, source, layout = run.cfg, run.source, run.layout
+    test = evaluate(run.model, source, "test", plan.batch_size_per_rank, shard=(layout.data_rank, layout.data_size),
+                    counted=layout.counted)
+    memory = layout.memory()
+    if distributed.size() > 1:  # the largest footprint over the ranks is what has to fit one device
+        memory = dict(zip(memory, distributed.allreduce(list(memory.values()), op="max").astype(int).tolist()))
     summary: dict[str, Any] = {
         "model": cfg.model.name,
         "task": source.task,
+        "world_size": distributed.size(),
         **plan.as_dict(),
         "train_examples": source.num_train,
         "test_examples": source.num_examples("test"),
@@ -208,6 +219,9 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
         "fit_seconds": fit_seconds,
         "precision": cfg.train.precision,
         "controller": distributed.controller(),
+        "parallel": {"data": layout.mesh.data, "tensor": layout.mesh.tensor, "pipeline": layout.mesh.pipeline,
+                     "shard_optimizer": cfg.parallel.shard_optimizer, "recompute": cfg.parallel.recompute},
+        **memory,
     }
     if source.is_language_model and test:
         summary["test_bits_per_byte"] = test["bits_per_byte"]
@@ -216,10 +230,11 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
     summary["wall_seconds"] = time.perf_counter() - run.started
     if cfg.distributed.timeline:
         distributed.stop_timeline()
+    layout.gather()
     if run.run_dir is not None:
         from hvdtrain import modelio
 
-        modelio.save_keras(run.model, run.run_dir.path("model.keras"))
+        modelio.save_keras(layout.full_model(), run.run_dir.path("model.keras"))
         if rows:
             run.run_dir.plot_curves(rows, title=f"{cfg.model.name}, {distributed.size()} rank(s)")
         run.run_dir.write_json("summary.json", summary)

@@ -34,7 +34,7 @@ def fine_tune(model, source, cfg: Config, epochs: int, learning_rate: float, ext
     from hvdtrain import runtime
 
     size = distributed.size()
-    plan = make_plan(num_train_examples=source.num_train, world_size=size,
+    plan = make_plan(num_train_examples=source.num_train, data_ranks=size,
                      batch_size_per_rank=cfg.data.batch_size_per_rank, epochs=epochs, learning_rate=learning_rate,
                      lr_scaling=cfg.train.lr_scaling)
     runtime.prepare(model, cfg, plan.learning_rate, loss=loss)

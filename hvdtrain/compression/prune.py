@@ -48,7 +48,7 @@ def prune(model, source, cfg: Config, epochs: int | None = None, loss=None, teac
 
     c = cfg.compression
     epochs = epochs or c.fine_tune_epochs
-    plan = make_plan(num_train_examples=source.num_train, world_size=distributed.size(),
+    plan = make_plan(num_train_examples=source.num_train, data_ranks=distributed.size(),
                      batch_size_per_rank=cfg.data.batch_size_per_rank, epochs=epochs, learning_rate=c.learning_rate)
     # Reach the target two thirds of the way through, then fine-tune at that sparsity. tfmot updates the masks
     # only every `frequency` steps and not after `end_step`, so the end must fall on an update or the last masks

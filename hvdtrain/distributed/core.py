@@ -52,7 +52,7 @@ def launched() -> bool:
 
 
 def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, enable_xla_ops: bool = False,
-         autotune_log: str = "") -> None:
+         autotune_log: str = "", dynamic_process_sets: bool = False) -> None:
     """Initialise Horovod once per process.
 
     Args:
@@ -63,6 +63,8 @@ def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, 
         pin_gpu: make only the GPU of this rank's local rank visible.
         enable_xla_ops: Horovod's XLA kernels (``train.jit_compile`` on GPUs).
         autotune_log: a local file for Horovod's autotuning log (written by rank 0).
+        dynamic_process_sets: allow process sets to be added after init (the tensor and pipeline groups of
+            :func:`hvdtrain.distributed.mesh.make_mesh`).
     """
     global _initialized
     if _initialized:
@@ -77,7 +79,7 @@ def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, 
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    hvd.init()
+    hvd.init(process_sets="dynamic") if dynamic_process_sets else hvd.init()
     _initialized = True
 
     threads = threads_per_rank or max(1, len(os.sched_getaffinity(0)) // max(1, hvd.local_size()))
@@ -145,9 +147,10 @@ def _reduce_op(name: str):
     import horovod.tensorflow as hvd_tf
 
     _hvd()
-    ops = {"average": hvd_tf.Average, "sum": hvd_tf.Sum, "adasum": hvd_tf.Adasum}
+    ops = {"average": hvd_tf.Average, "sum": hvd_tf.Sum, "adasum": hvd_tf.Adasum, "max": hvd_tf.Max,
+           "min": hvd_tf.Min}
     if name not in ops:
-        raise ValueError(f"reduce_op must be one of {', '.join(REDUCE_OPS)}, got '{name}'")
+        raise ValueError(f"reduce_op must be one of {', '.join(ops)}, got '{name}'")
     return ops[name]
 
 
@@ -325,19 +328,19 @@ def agree(error: str | None) -> None:
         raise HvdtrainError(error)
 
 
-def spread(values) -> np.ndarray:
-    """``max - min`` over ranks of each entry of ``values`` (one collective); zeros in a world of one."""
+def extremes(values) -> tuple[np.ndarray, np.ndarray]:
+    """``(min, max)`` over ranks of each entry of ``values``, the same on every rank (one collective)."""
     import horovod.tensorflow as hvd_tf
     import tensorflow as tf
 
     _hvd()
     values = np.asarray(values, dtype=np.float64)
     if size() == 1:
-        return np.zeros_like(values)
+        return values, values
     both = tf.constant(np.concatenate([values, -values]))
-    out = hvd_tf.allreduce(both, op=hvd_tf.Max, name="hvdtrain_spread").numpy()
+    out = hvd_tf.allreduce(both, op=hvd_tf.Max, name="hvdtrain_extremes").numpy()
     n = len(values)
-    return out[:n] + out[n:]
+    return -out[n:], out[:n]
 
 
 def barrier() -> None:
@@ -353,6 +356,6 @@ __all__ = [
     "REDUCE_OPS", "agree", "allreduce", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
     "local_rank",
-    "local_size", "metric_average_callback", "rank", "run_elastic", "size", "spread", "start_timeline", "stop_timeline",
+    "local_size", "metric_average_callback", "rank", "run_elastic", "size", "extremes", "start_timeline", "stop_timeline",
     "time_allreduce", "wrap_optimizer",
 ]

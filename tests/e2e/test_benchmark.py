@@ -10,9 +10,10 @@ pytestmark = pytest.mark.e2e
 
 
 def test_scaling_benchmark_reports_throughput_efficiency_and_allreduce(tmp_path):
+    # --launcher-args takes horovodrun's flags as users type them (not only --launcher-args=--gloo)
     proc = run([str(BIN / "hvdtrain"), "benchmark", "--recipe", "digits-mlp", "--set", "data.image_size=8",
                 "--np", "1,2", "--scaling", "weak", "--steps", "4", "--warmup-steps", "2", "--repeats", "2",
-                "--output", str(tmp_path)], timeout=600)
+                "--launcher-args", "--gloo", "--output", str(tmp_path)], timeout=600)
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["np"]: r for r in report["results"]}
     assert set(rows) == {1, 2}
@@ -33,6 +34,16 @@ def test_compare_baseline_interleaves_both_loops(tmp_path):
     assert [r["first"] for r in report["repeats"]] == ["hvdtrain", "baseline"]  # the order alternates
     assert all(r["hvdtrain"] > 0 and r["baseline"] > 0 for r in report["repeats"])
     assert report["ratio_median"] > 0
+
+
+def test_launcher_flags_are_taken_as_typed():
+    from hvdtrain.cli import join_command_line_values, parser
+
+    argv = ["benchmark", "--launcher-args", "--mpi --network-interface lo", "--np", "2", "--output", "x"]
+    args = parser().parse_args(join_command_line_values(argv))
+    assert args.launcher_args.split() == ["--mpi", "--network-interface", "lo"] and args.np == "2"
+    args = parser().parse_args(join_command_line_values(["benchmark", "--launcher-args", "--mpi", "--output", "x"]))
+    assert args.launcher_args == "--mpi" and args.output == "x"
 
 
 def test_benchmark_rejects_bad_rank_lists(tmp_path):

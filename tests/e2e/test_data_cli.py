@@ -26,6 +26,21 @@ def test_train_resnet_small_on_tfrecord_shards(tmp_path):
     assert 0.0 <= summary["test_accuracy"] <= 1.0
 
 
+def test_tfrecords_without_validation_shards_say_once_there_is_no_test_split(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "train-0", [1, 2, 3, 4] * 4)
+    proc = run([str(BIN / "hvdtrain"), "train", "--recipe", "synthetic-resnet-small", "--output", str(tmp_path / "run"),
+                "--set", "data.source=tfrecord", "--set", f"data.path={data}", "--set", "data.num_classes=4",
+                "--set", "data.label_offset=-1", "--set", "data.image_size=16", "--set", "data.batch_size_per_rank=8",
+                "--set", "train.epochs=1", "--set", "model.params={blocks_per_stage: 1}"])
+    notes = [ln for ln in proc.stdout.splitlines() if "no test split" in ln]
+    assert len(notes) == 1
+    assert "validation-*" in notes[0] and "test metrics are skipped" in notes[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_examples"] == 0 and summary["test_accuracy"] is None
+
+
 def test_train_on_npz(tmp_path):
     rng = np.random.default_rng(0)
     y = np.arange(400) % 2

@@ -77,10 +77,13 @@ def test_train_sh_runs_at_two_ranks(tmp_path):
 
 def test_mpirun_script_trains_at_two_ranks_with_the_mpi_controller(tmp_path):
     out = tmp_path / "run"
-    run([str(ROOT / "scripts" / "mpirun_train.sh"), "--recipe", "digits-mlp", "--set", "train.epochs=2",
-         "--output", str(out)], timeout=300)
+    proc = run([str(ROOT / "scripts" / "mpirun_train.sh"), "--recipe", "digits-mlp", "--set", "train.epochs=2",
+                "--output", str(out)], timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["controller"] == "mpi"
+    # mpirun hands ranks a pseudo-terminal: progress must still be whole lines (no bar), from rank 0 only
+    assert "\r" not in proc.stdout
+    assert [ln[:9] for ln in proc.stdout.splitlines() if ln.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
 
 
 def test_weights_identical_under_mpirun(tmp_path):

@@ -69,17 +69,59 @@ def test_only_rank_0_writes_files(demo_run):
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".old"]  # no temporaries left
 
 
-def test_progress_only_on_rank_0(demo_run):
+def test_progress_only_on_rank_0_in_whole_lines(demo_run):
     _, _, proc = demo_run
-    assert "[1,0]<stdout>:Epoch 1/" in proc.stdout or "Epoch 1/" in proc.stdout
-    assert "[1,1]<stdout>:Epoch" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert "[1,0]<stdout>:epoch 1/60: 19 steps," in proc.stdout
+    assert not [ln for ln in lines if ln.startswith("[1,1]<stdout>:")]  # rank 1 prints nothing
+    # horovodrun prefixes each forwarded line: a line cut in two shows the prefix twice, or a carriage return
+    assert not [ln for ln in lines if ln.count("<stdout>:") > 1 or "\r" in ln]
+    assert len([ln for ln in lines if ": epoch " in ln or "<stdout>:epoch " in ln]) == 60  # one per epoch
+
+
+def rendered(raw: str) -> list[str]:
+    """What a terminal shows: each line as its last carriage-return segment, without erase-line codes."""
+    return [line.split("\r")[-1].replace("\x1b[K", "") for line in raw.replace("\r\n", "\n").split("\n")]
+
+
+def test_progress_bar_in_a_terminal_renders_one_line_per_epoch(tmp_path):
+    import os
+    import pty
+    import subprocess
+
+    from tests.helpers import env
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "train.epochs=2",
+                             "--set", "train.steps_per_execution=1", "--output", str(tmp_path / "run")],
+                            stdout=follower, stderr=subprocess.DEVNULL, env=env())
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    raw = b"".join(chunks).decode()
+    assert "\r" in raw and "[====" in raw  # a bar was drawn in place
+    shown = rendered(raw)
+    assert [ln.split(":")[0] for ln in shown if ln.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    assert all("steps," in ln for ln in shown if ln.startswith("epoch "))
 
 
 def test_single_process_without_horovodrun(tmp_path):
     out = tmp_path / "one"
-    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "train.epochs=2", "--output", str(out)])
+    proc = run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "train.epochs=2",
+                "--output", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["global_batch_size"] == 32
+    # piped to a file: whole lines, one per epoch, no bar
+    assert "\r" not in proc.stdout
+    assert [ln[:9] for ln in proc.stdout.splitlines() if ln.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     assert summary["learning_rate"] == summary["base_learning_rate"]
 
 

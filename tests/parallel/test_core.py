@@ -43,7 +43,7 @@ def test_metric_average_reports_the_mean_over_ranks(callbacks_run):
 def test_learning_rate_is_scaled_by_world_size_and_warmed_up(callbacks_run):
     for r in callbacks_run:
         plan, lrs = r["plan"], r["lrs"]
-        assert plan["world_size"] == 2
+        assert plan["data_ranks"] == 2
         assert plan["learning_rate"] == pytest.approx(2 * plan["base_learning_rate"])
         warm = plan["warmup_steps"]
         assert warm == 2 * plan["steps_per_epoch"]
@@ -54,3 +54,21 @@ def test_learning_rate_is_scaled_by_world_size_and_warmed_up(callbacks_run):
         np.testing.assert_allclose(lrs[:warm], expected, rtol=1e-5)
         np.testing.assert_allclose(lrs[warm:], plan["learning_rate"], rtol=1e-6)
     assert callbacks_run[0]["lrs"] == callbacks_run[1]["lrs"]
+
+
+def test_divergence_guard_stops_every_rank_on_the_apply_gradients_trap(tmp_path):
+    r0, r1 = run_parallel("divergence.py", tmp_path, "apply_gradients")
+    for r in (r0, r1):
+        assert r["error"] is not None, "the guard did not fire"
+        assert r["error"].startswith("ranks diverged by epoch 1:")
+        assert r["variables"][0] in r["error"]  # names the first diverged variable
+        assert "relative spread" in r["error"] and "apply_gradients" in r["error"]
+        assert "\n" not in r["error"]
+    assert r0["error"] == r1["error"]  # every rank stops with the same line
+
+
+def test_divergence_guard_never_fires_on_an_averaged_run(tmp_path):
+    r0, r1 = run_parallel("divergence.py", tmp_path, "minimize")
+    assert r0["error"] is None and r1["error"] is None
+    assert r0["epochs_done"] == r1["epochs_done"] == 3
+    assert len(r0["guard_seconds"]) == 3  # it did check, every epoch

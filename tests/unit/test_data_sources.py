@@ -74,7 +74,7 @@ def test_tfrecord_sharding_by_file_is_disjoint_complete_and_equal(imagenet_dir):
     files = [shard_files(src.train_files, r, 2) for r in range(2)]
     assert not set(files[0]) & set(files[1])
     assert sorted(files[0] + files[1]) == sorted(src.train_files)
-    plan = make_plan(num_train_examples=src.num_train, world_size=2, batch_size_per_rank=2, epochs=2,
+    plan = make_plan(num_train_examples=src.num_train, data_ranks=2, batch_size_per_rank=2, epochs=2,
                      learning_rate=0.1)
     labels = []
     for r in range(2):

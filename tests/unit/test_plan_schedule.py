@@ -8,7 +8,7 @@ from hvdtrain.schedule import WarmupSchedule
 
 
 def test_plan_world_size_arithmetic():
-    p = make_plan(num_train_examples=1293, world_size=2, batch_size_per_rank=32, epochs=12,
+    p = make_plan(num_train_examples=1293, data_ranks=2, batch_size_per_rank=32, epochs=12,
                   learning_rate=1e-3, lr_scaling="linear", warmup_epochs=1)
     assert p.examples_per_rank == 646
     assert p.steps_per_epoch == 646 // 32 == 20
@@ -26,13 +26,13 @@ def test_lr_scaling_rules():
 
 def test_plan_rejects_too_little_data():
     with pytest.raises(DataError, match="lower data.batch_size_per_rank"):
-        make_plan(num_train_examples=40, world_size=2, batch_size_per_rank=32, epochs=1, learning_rate=0.1)
+        make_plan(num_train_examples=40, data_ranks=2, batch_size_per_rank=32, epochs=1, learning_rate=0.1)
     with pytest.raises(DataError, match="cannot be shared by 4 ranks"):
-        make_plan(num_train_examples=3, world_size=4, batch_size_per_rank=1, epochs=1, learning_rate=0.1)
+        make_plan(num_train_examples=3, data_ranks=4, batch_size_per_rank=1, epochs=1, learning_rate=0.1)
 
 
 def test_plan_keeps_whole_accumulation_cycles():
-    p = make_plan(num_train_examples=1000, world_size=2, batch_size_per_rank=32, epochs=1, learning_rate=0.1,
+    p = make_plan(num_train_examples=1000, data_ranks=2, batch_size_per_rank=32, epochs=1, learning_rate=0.1,
                   backward_passes_per_step=4)
     assert p.steps_per_epoch == 12  # 15 batches -> 3 whole cycles of 4
 

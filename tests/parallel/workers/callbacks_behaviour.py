@@ -19,7 +19,7 @@ outdir = sys.argv[1]
 hvdtrain.init()
 rank, size = hvdtrain.rank(), hvdtrain.size()
 splits = digits.load()
-plan = make_plan(num_train_examples=splits.num_train, world_size=size, batch_size_per_rank=32, epochs=3,
+plan = make_plan(num_train_examples=splits.num_train, data_ranks=size, batch_size_per_rank=32, epochs=3,
                  learning_rate=0.01, lr_scaling="linear", warmup_epochs=2)
 schedule = WarmupSchedule(plan.base_learning_rate, plan.learning_rate, plan.warmup_steps, plan.total_steps)
 

@@ -1,0 +1,250 @@
+"""The rank grid of a 3D-parallel job: data x tensor x pipeline, as Horovod process sets.
+
+Ranks are laid out with the tensor-parallel dimension innermost, then data, then pipeline (Megatron-LM's and
+torchtitan's order): ``rank = (stage * data + replica) * tensor + shard``. A tensor-parallel group, which
+communicates on every layer, is a run of consecutive ranks and so sits on one host when hosts hold whole groups.
+For 8 ranks at tensor=2, pipeline=2 (data=2)::
+
+    stage 0:  replica 0 -> ranks 0 1    replica 1 -> ranks 2 3
+    stage 1:  replica 0 -> ranks 4 5    replica 1 -> ranks 6 7
+
+    tensor groups {0,1} {2,3} {4,5} {6,7}; data groups {0,2} {1,3} {4,6} {5,7}; pipelines {0,4} {1,5} {2,6} {3,7}
+
+Every rank registers every group's process set, in the same order (Horovod requires it); a group of one rank has
+no process set and its collectives are the identity; the group of all ranks is Horovod's global set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hvdtrain.distributed import core
+from hvdtrain.errors import ConfigError
+
+
+def _hvd():
+    core._hvd()
+    import horovod.tensorflow as hvd_tf
+
+    return hvd_tf
+
+
+_OPS = {"sum": "Sum", "average": "Average", "max": "Max", "min": "Min"}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of ranks that communicate together, and the collectives on it (TensorFlow ops, usable in graphs)."""
+
+    name: str
+    ranks: tuple[int, ...]
+    process_set: Any = field(default=None, compare=False, repr=False)  # None for a group of one
+
+    @property
+    def size(self) -> int:
+        """Ranks in the group."""
+        return len(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        """This process's index in the group."""
+        return self.ranks.index(core.rank())
+
+    @property
+    def root(self) -> int:
+        """The global rank of the group's first member."""
+        return self.ranks[0]
+
+    def _kw(self, name: str | None = None) -> dict[str, Any]:
+        return {"process_set": self.process_set, **({"name": name} if name else {})}
+
+    def allreduce(self, tensor, op: str = "sum", name: str | None = None):
+        """Reduce ``tensor`` over the group (``sum``, ``average``, ``max``, ``min``)."""
+        if self.size == 1:
+            return tensor
+        hvd = _hvd()
+        return hvd.allreduce(tensor, op=getattr(hvd, _OPS[op]), **self._kw(name))
+
+    def grouped_allreduce(self, tensors, op: str = "average"):
+        """Reduce a list of tensors over the group in one fused call."""
+        if self.size == 1 or not tensors:
+            return list(tensors)
+        hvd = _hvd()
+        return hvd.grouped_allreduce(list(tensors), op=getattr(hvd, _OPS[op]), process_set=self.process_set)
+
+    def allgather(self, tensor, name: str | None = None):
+        """Concatenate every member's ``tensor`` along the first axis, in group order."""
+        if self.size == 1:
+            return tensor
+        return _hvd().allgather(tensor, **self._kw(name))
+
+    def reducescatter(self, tensor, op: str = "average", name: str | None = None):
+        """Reduce ``tensor`` over the group and keep this member's 1/size of the first axis."""
+        if self.size == 1:
+            return tensor
+        hvd = _hvd()
+        return hvd.reducescatter(tensor, op=getattr(hvd, _OPS[op]), **self._kw(name))
+
+    def alltoall(self, tensor, splits, name: str | None = None):
+        """Send ``splits[i]`` rows of ``tensor`` to member i; returns what the members sent here."""
+        return _hvd().alltoall(tensor, splits=splits, **self._kw(name))
+
+    def broadcast_object(self, obj: Any, root: int | None = None) -> Any:
+        """A picklable object from the global rank ``root`` (default: the group's first) to every member."""
+        if self.size == 1:
+            return obj
+        return _hvd().broadcast_object(obj, root_rank=self.root if root is None else root,
+                                       process_set=self.process_set)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Every member's object, in group order."""
+        if self.size == 1:
+            return [obj]
+        return _hvd().allgather_object(obj, process_set=self.process_set)
+
+    def broadcast_variables(self, variables, root: int | None = None) -> None:
+        """Overwrite ``variables`` with their values on the global rank ``root`` (default: the first member)."""
+        if self.size > 1 and variables:
+            _hvd().broadcast_variables(variables, root_rank=self.root if root is None else root,
+                                       process_set=self.process_set)
+
+    def extremes(self, values) -> tuple[np.ndarray, np.ndarray]:
+        """``(min, max)`` over the group of each entry of ``values`` (one collective)."""
+        import tensorflow as tf
+
+        values = np.asarray(values, dtype=np.float64)
+        if self.size == 1:
+            return values, values
+        both = self.allreduce(tf.constant(np.concatenate([values, -values])), op="max",
+                              name=f"hvdtrain_extremes_{self.name}").numpy()
+        n = len(values)
+        return -both[n:], both[:n]
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This rank's place in the data x tensor x pipeline grid, and its groups."""
+
+    world: int
+    data: int
+    tensor: int
+    pipeline: int
+    rank: int
+    tensor_group: Group  # the ranks holding the other shards of this rank's layers
+    data_group: Group  # the replicas of this rank's shard (gradients are averaged over it)
+    stage_group: Group  # every rank of this rank's pipeline stage (its replicated weights are identical)
+    pipeline_group: Group  # the stages of this rank's pipeline (same replica and shard)
+    prev_edge: Group | None  # [previous stage, this stage] for transfers
+    next_edge: Group | None  # [this stage, next stage]
+    chief_link: Group | None  # on a later stage's root: [rank 0, this rank], to gather full models on the chief
+    chief_links: tuple[Group, ...] = ()  # on rank 0: the link to each later stage's root, in stage order
+
+    @property
+    def tensor_rank(self) -> int:
+        """This rank's shard index within its tensor group."""
+        return self.rank % self.tensor
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's replica index (its data shard)."""
+        return (self.rank // self.tensor) % self.data
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.rank // (self.tensor * self.data)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pipeline - 1
+
+    @property
+    def is_stage_root(self) -> bool:
+        """The first rank of its stage (replica 0, shard 0): it speaks for the stage when gathering."""
+        return self.data_rank == 0 and self.tensor_rank == 0
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return (f"{self.world} rank(s) = data {self.data} x tensor {self.tensor} x pipeline {self.pipeline} "
+                "(tensor groups are consecutive ranks)")
+
+
+def rank_of(stage: int, replica: int, shard: int, data: int, tensor: int) -> int:
+    """The global rank at a grid position."""
+    return (stage * data + replica) * tensor + shard
+
+
+def layout(world: int, tensor: int, pipeline: int) -> int:
+    """The data-parallel degree of a layout; a layout that does not fit the world is a config error."""
+    if tensor < 1 or pipeline < 1:
+        raise ConfigError("parallel.tensor and parallel.pipeline must be at least 1")
+    if world % (tensor * pipeline):
+        raise ConfigError(f"{world} rank(s) cannot be laid out as tensor={tensor} x pipeline={pipeline}: "
+                          f"the world size must be a multiple of {tensor * pipeline}; launch with -np "
+                          f"{tensor * pipeline * max(1, world // (tensor * pipeline))} or change parallel.tensor/pipeline")
+    return world // (tensor * pipeline)
+
+
+def all_groups(world: int, tensor: int, pipeline: int) -> dict[str, list[tuple[int, ...]]]:
+    """Every group of the grid by kind, in the order every rank registers them."""
+    data = layout(world, tensor, pipeline)
+    at = lambda s, d, t: rank_of(s, d, t, data, tensor)  # noqa: E731
+    groups: dict[str, list[tuple[int, ...]]] = {
+        "tensor": [tuple(at(s, d, t) for t in range(tensor)) for s in range(pipeline) for d in range(data)],
+        "data": [tuple(at(s, d, t) for d in range(data)) for s in range(pipeline) for t in range(tensor)],
+        "stage": [tuple(at(s, d, t) for d in range(data) for t in range(tensor)) for s in range(pipeline)],
+        "pipeline": [tuple(at(s, d, t) for s in range(pipeline)) for d in range(data) for t in range(tensor)],
+        "edge": [(at(s, d, t), at(s + 1, d, t)) for s in range(pipeline - 1) for d in range(data)
+                 for t in range(tensor)],
+        "chief": [(0, at(s, 0, 0)) for s in range(1, pipeline)],
+    }
+    return groups
+
+
+def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
+    """The mesh of this job (call on every rank, after :func:`hvdtrain.distributed.init`).
+
+    Registers a Horovod process set for every group of two or more ranks that is not the whole world (this needs
+    ``init(dynamic_process_sets=True)`` whenever such a group exists).
+    """
+    world, me = core.size(), core.rank()
+    groups = all_groups(world, tensor, pipeline)
+    sets: dict[tuple[int, ...], Any] = {}
+    needed = [g for kind in groups.values() for g in kind if 1 < len(g) < world]
+    if needed:
+        hvd = _hvd()
+        for ranks in needed:
+            key = tuple(sorted(ranks))
+            if key not in sets:
+                sets[key] = hvd.add_process_set(list(key))
+
+    def group(name: str, ranks: tuple[int, ...]) -> Group:
+        if len(ranks) == 1:
+            return Group(name, ranks, None)
+        if len(ranks) == world:
+            return Group(name, ranks, _hvd().global_process_set)
+        return Group(name, ranks, sets[tuple(sorted(ranks))])
+
+    def mine(kind: str) -> tuple[int, ...]:
+        return next(g for g in groups[kind] if me in g)
+
+    data = world // (tensor * pipeline)
+    stage = me // (tensor * data)
+    edges = {g[0]: g for g in groups["edge"]}
+    prev = next((g for g in groups["edge"] if g[1] == me), None)
+    chief = next((g for g in groups["chief"] if g[1] == me), None) if stage > 0 else None
+    return Mesh(
+        world=world, data=data, tensor=tensor, pipeline=pipeline, rank=me,
+        tensor_group=group("tensor", mine("tensor")), data_group=group("data", mine("data")),
+        stage_group=group("stage", mine("stage")), pipeline_group=group("pipeline", mine("pipeline")),
+        prev_edge=group("edge", prev) if prev else None,
+        next_edge=group("edge", edges[me]) if me in edges else None,
+        chief_link=group("chief", chief) if chief and me != 0 else None,
+        chief_links=tuple(group("chief", g) for g in groups["chief"]) if me == 0 else (),
+    )
