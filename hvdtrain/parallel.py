@@ -112,17 +112,25 @@ class Parallel:
         self.cfg, self.mesh = cfg, mesh
         p = cfg.parallel
         self.full_names = [v.name for v in full.trainable_variables]
-        self.stage_layers = None
+        self.stage_layers = self.split = self.pipeline = None
         if p.pipeline > 1:
             from hvdtrain.distributed import pipeline
 
-            self.stage_layers = pipeline.split_stages(full, p.pipeline)[mesh.stage]
+            self.split = pipeline.split_stages(full, p.pipeline)
+            self.split_description = pipeline.describe_split(full, self.split)
+            self.stage_layers = self.split[mesh.stage]
         if p.tensor > 1 or p.pipeline > 1 or p.recompute:
             self.module, self.shards = tensor.parallelize_gpt(full, mesh.tensor_group, p.recompute,
                                                               self.stage_layers)
         else:  # sharded optimizer states only: the model itself
             self.module, self.shards = full, [tensor.Shard(v.name, None) for v in full.trainable_variables]
         self.variables = self.module.trainable_variables
+        if p.pipeline > 1:
+            from hvdtrain.distributed.pipeline import Pipeline
+
+            width = full.get_layer("embed").width
+            self.pipeline = Pipeline(self.module, mesh, p.schedule, p.microbatches, (full.input_shape[1], width))
+            self.pipeline.last_width = full.output_shape[-1]
         self.full = full if mesh.rank == 0 else None  # the chief gathers into it
         self.full_optimizer = None
         self.training_model = ParallelTrainer(self)
@@ -212,8 +220,10 @@ class Parallel:
             by_name = {v.name: [v.numpy(), *(kind[i].numpy() for kind in kinds)]
                        for i, v in enumerate(self.full.trainable_variables)}
             by_name["__iterations__"] = int(opt.iterations.numpy())
-            for link, names in zip(self.mesh.chief_links, self._stage_names()[1:]):
+            stages = self._stage_names()
+            for link, names in zip(self.mesh.chief_links, stages[1:]):
                 link.broadcast_object({n: by_name[n] for n in [*names, "__iterations__"]}, root=0)
+            by_name = {n: by_name[n] for n in [*stages[0], "__iterations__"]}
         elif self.mesh.chief_link is not None:
             by_name = self.mesh.chief_link.broadcast_object(None, root=self.mesh.chief_link.ranks[0])
         by_name = self.mesh.stage_group.broadcast_object(by_name)
@@ -237,11 +247,8 @@ class Parallel:
         """The full variable names each stage holds (on the chief, which has the full model)."""
         if self.mesh.pipeline == 1:
             return [self.full_names]
-        from hvdtrain.distributed import pipeline
-
-        stages = pipeline.split_stages(self.full, self.mesh.pipeline)
         owner = {}
-        for s, names in enumerate(stages):
+        for s, names in enumerate(self.split):
             for layer in names:
                 for v in self.full.get_layer(layer).trainable_variables:
                     owner[v.name] = s
@@ -318,6 +325,8 @@ class ParallelTrainer(tf.keras.Model):
         self.layout.attach_optimizer(optimizer)
 
     def call(self, x, training=False):
+        if self.layout.pipeline is not None:  # logits on the last stage, zeros on the others
+            return self.layout.pipeline.forward(x)
         return self.module(x, training=training)
 
     @staticmethod
@@ -326,13 +335,29 @@ class ParallelTrainer(tf.keras.Model):
         hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
         return tf.reduce_mean(ce), tf.reduce_mean(hit)
 
+    def _over_pipeline(self, loss, accuracy):
+        """The last stage's numbers on every stage (the others contribute zeros), after the pipeline's transfers
+        (see :meth:`hvdtrain.distributed.pipeline.Pipeline.fence`)."""
+        if self.layout.pipeline is None:
+            return loss, accuracy
+        both = tf.stack([loss, accuracy]) + self.layout.pipeline.fence()
+        both = self.layout.mesh.pipeline_group.allreduce(both, "sum", name="pp_metrics")
+        return both[0], both[1]
+
     def train_step(self, data):
         x, y = data
         variables = self.layout.variables
-        with tf.GradientTape() as tape:
-            logits = self.module(x, training=True)
-            loss, accuracy = self._loss_and_accuracy(y, logits)
-        grads = tape.gradient(loss, variables)
+        if self.layout.pipeline is not None:
+            loss, accuracy, grads = self.layout.pipeline.train(x, y, self._loss_and_accuracy, variables)
+            loss, accuracy = self._over_pipeline(loss, accuracy)
+            # the gradients' collectives after the pipeline's, on every rank (a data dependency: see fence())
+            after = tf.minimum(tf.abs(loss), 0.0)
+            grads = [g + after for g in grads]
+        else:
+            with tf.GradientTape() as tape:
+                logits = self.module(x, training=True)
+                loss, accuracy = self._loss_and_accuracy(y, logits)
+            grads = tape.gradient(loss, variables)
         self._apply(grads)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(accuracy)
@@ -348,7 +373,11 @@ class ParallelTrainer(tf.keras.Model):
 
     def test_step(self, data):
         x, y = data
-        loss, accuracy = self._loss_and_accuracy(y, self.module(x, training=False))
+        logits = self(x, training=False)
+        loss, accuracy = self._loss_and_accuracy(y, logits)
+        if self.layout.pipeline is not None and not self.layout.mesh.is_last_stage:
+            loss, accuracy = loss * 0.0, accuracy * 0.0
+        loss, accuracy = self._over_pipeline(loss, accuracy)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(accuracy)
         return {m.name: m.result() for m in self.metrics}

@@ -81,6 +81,9 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
         log(mesh.describe())
     log(plan.describe())
     layout = parallel.make_layout(cfg, runtime.build_model(cfg.model, source), mesh)
+    if mesh.pipeline > 1:
+        log(f"pipeline ({cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches): "
+            f"{layout.split_description}")
     model = runtime.prepare(layout.training_model, cfg, runtime.learning_rate_schedule(cfg.train, plan),
                             elastic=cfg.train.elastic, layout=layout)
 

@@ -1,0 +1,295 @@
+"""Pipeline parallelism over Horovod: the stage split, the GPipe and 1F1B schedules, and transfers by alltoall.
+
+A ``gpt`` is cut into consecutive stages (the embedding on the first, the final norm and the logits on the last,
+the blocks between them balanced by parameter count). A batch is cut into M micro-batches that flow through the
+stages: activations forward, gradients backward.
+
+**Schedules.** Each stage runs its operations in a fixed order: GPipe (Huang et al., 2019) runs every forward,
+then every backward; 1F1B (PipeDream-Flush, Narayanan et al., 2021; Megatron-LM's default) runs ``p - s - 1``
+forwards, then alternates one forward and one backward, then drains, so a stage keeps at most ``p - s``
+micro-batches' activations instead of M. :func:`timetable` places those operations on a clock of *ticks* (a
+stage does at most one operation per tick, and an operation waits for its input from the neighbouring stage at an
+earlier tick); the executor follows it exactly, so the idle ticks are GPipe's bubble, ``(p - 1) / (M + p - 1)``.
+
+**Transfers.** Horovod has no send or receive. Between stages s and s+1, a 2-rank alltoall on the process set
+``[s, s+1]`` moves a tensor one way with ``splits=[0, n]`` / ``[n, 0]`` (zero rows the other way), and one call
+carries an activation forward and a gradient backward at once. Inside a ``tf.function`` Horovod's collectives are
+not stateful ops, so (seen here) TensorFlow can merge two with identical inputs, fold one with a constant input,
+or prune one whose output is unused, and the peer then waits forever. So every transfer has an explicit name that
+both sides share, an input that is distinct and computed in the step, and its output is counted into a variable.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from hvdtrain.distributed.mesh import Mesh
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def split_stages(full: tf.keras.Model, stages: int) -> list[list[str]]:
+    """Layer names of each stage: blocks split into ``stages`` contiguous runs minimising the largest stage's
+    parameters, the embedding (and its dropout) on the first stage and the final norm and logits on the last."""
+    names = [lyr.name for lyr in full.layers if not isinstance(lyr, tf.keras.layers.InputLayer)]
+    blocks = [n for n in names if type(full.get_layer(n)).__name__ == "TransformerBlock"]
+    first, last = names[: names.index(blocks[0])], names[names.index(blocks[-1]) + 1:]
+    if stages > len(blocks):
+        raise ValueError(f"{stages} stages need at least {stages} Transformer blocks, the model has {len(blocks)}")
+    count = lambda ns: sum(full.get_layer(n).count_params() for n in ns)  # noqa: E731
+    sizes = [count([b]) for b in blocks]
+    head, tail = count(first), count(last)
+    best = None
+    for cuts in itertools.combinations(range(1, len(blocks)), stages - 1):
+        bounds = [0, *cuts, len(blocks)]
+        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += head
+        loads[-1] += tail
+        key = (max(loads), max(b - a for a, b in zip(bounds, bounds[1:])))
+        if best is None or key < best[0]:
+            best = (key, bounds)
+    bounds = best[1]
+    parts = [blocks[a:b] for a, b in zip(bounds, bounds[1:])]
+    parts[0] = first + parts[0]
+    parts[-1] = parts[-1] + last
+    return parts
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a stage: the forward (``F``) or backward (``B``) pass of a micro-batch."""
+
+    kind: str
+    micro: int
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{self.micro}"
+
+
+def stage_ops(schedule: str, stage: int, stages: int, micro: int) -> list[Op]:
+    """The order in which ``stage`` runs its forward and backward passes."""
+    forward, backward = [Op("F", m) for m in range(micro)], [Op("B", m) for m in range(micro)]
+    if schedule == "gpipe":
+        return forward + backward
+    if schedule != "1f1b":
+        raise ValueError(f"unknown pipeline schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
+    warmup = min(stages - stage - 1, micro)
+    ops = forward[:warmup]
+    for i in range(micro - warmup):
+        ops += [forward[warmup + i], backward[i]]
+    return ops + backward[micro - warmup:]
+
+
+def timetable(schedule: str, stages: int, micro: int) -> list[list[Op | None]]:
+    """``table[tick][stage]``: what each stage does at each tick (None: idle).
+
+    A forward waits for the previous stage's forward of the same micro-batch at an earlier tick, a backward for
+    the next stage's backward (the last stage's for its own forward); each stage follows :func:`stage_ops`.
+    """
+    orders = [stage_ops(schedule, s, stages, micro) for s in range(stages)]
+    done: dict[tuple[str, int, int], int] = {}
+    position = [0] * stages
+    table = []
+    while any(position[s] < len(orders[s]) for s in range(stages)):
+        tick = len(table)
+        row: list[Op | None] = [None] * stages
+        for s in range(stages):
+            if position[s] == len(orders[s]):
+                continue
+            op = orders[s][position[s]]
+            if op.kind == "F":
+                ready = s == 0 or done.get(("F", s - 1, op.micro), tick) < tick
+            else:
+                ready = (done.get(("F", s, op.micro), tick) < tick if s == stages - 1
+                         else done.get(("B", s + 1, op.micro), tick) < tick)
+            if ready:
+                row[s] = op
+        for s, op in enumerate(row):
+            if op is not None:
+                done[(op.kind, s, op.micro)] = tick
+                position[s] += 1
+        table.append(row)
+    return table
+
+
+def describe_split(full: tf.keras.Model, parts: list[list[str]]) -> str:
+    """One line: each stage's layers and parameters."""
+    return "; ".join(
+        f"stage {s}: {', '.join(n for n in names if 'dropout' not in n)} "
+        f"({sum(full.get_layer(n).count_params() for n in names):,} parameters)" for s, names in enumerate(parts))
+
+
+def bubble_fraction(table) -> float:
+    """Idle stage-ticks over all stage-ticks of a timetable."""
+    cells = [op for row in table for op in row]
+    return sum(op is None for op in cells) / len(cells)
+
+
+def peak_activations(table, stage: int) -> int:
+    """The most micro-batches whose forward ``stage`` has run and whose backward it has not, at any tick: the
+    activations it must keep."""
+    live = peak = 0
+    for row in table:
+        op = row[stage]
+        if op is not None:
+            live += 1 if op.kind == "F" else -1
+            peak = max(peak, live)
+    return peak
+
+
+class Pipeline:
+    """Runs this rank's stage of a schedule inside a training step (all of it in one graph).
+
+    Args:
+        module: this stage's Keras model (tokens or activations in; activations or logits out).
+        mesh: the rank grid (stage, edges to the neighbouring stages).
+        schedule: ``gpipe`` or ``1f1b``.
+        micro: micro-batches per step.
+        activation_shape: ``(context_length, width)``: what travels between stages per example.
+    """
+
+    def __init__(self, module, mesh: Mesh, schedule: str, micro: int, activation_shape: tuple[int, int]):
+        self.module, self.mesh, self.schedule, self.micro = module, mesh, schedule, micro
+        self.activation_shape = tuple(activation_shape)
+        self.table = timetable(schedule, mesh.pipeline, micro)
+        self.stage = mesh.stage
+        with tf.init_scope():
+            # every transfer's output is counted here, so that none is pruned (and the bytes can be reported)
+            self.sent = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_sent_elements")
+            self.received = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_received_elements")
+            # start and end time (seconds) of each of this stage's operations in the last step
+            self.timings = tf.Variable(np.zeros((2 * micro, 2)), dtype=tf.float64, trainable=False,
+                                       name="pipeline_op_timings")
+
+    # ---- transfers
+
+    def _exchange(self, edge, forward, backward, name: str, like):
+        """One alltoall on ``edge``: this stage's ``forward`` (to the next stage, or None) and ``backward`` (to the
+        previous one, or None). Returns what arrived. Its input depends on the previous transfer's result."""
+        lower = edge.ranks[0] == self.mesh.rank  # this rank is the edge's earlier stage
+        mine = forward if lower else backward
+        # a distinct, computed empty tensor when this side sends nothing (never a constant: see the module doc)
+        send = (mine if mine is not None else like[:0] * tf.cast(len(name), like.dtype)) + self.fence()
+        rows = tf.shape(send)[0]
+        splits = tf.stack([0, rows]) if lower else tf.stack([rows, 0])
+        got, received = edge.alltoall(send, splits, name=name)
+        got = tf.reshape(got, [-1, *self.activation_shape])
+        # count what moved from the op's run-time outputs (its static shape would let TensorFlow fold a size)
+        per_row = int(np.prod(self.activation_shape))
+        self.sent.assign_add(tf.cast(tf.reduce_sum(splits), tf.int64) * per_row)
+        self.received.assign_add(tf.cast(tf.reduce_sum(received), tf.int64) * per_row)
+        self._link = received
+        return got
+
+    def fence(self):
+        """A float32 zero that exists only once this step's last transfer is done: added to the input of every
+        later collective, it orders them after it.
+
+        Seen here, inside a ``tf.function``: a transfer whose output was only used through ``tf.size`` (which
+        Horovod's static shape makes a constant) or ``0.0 * x`` (which TensorFlow folds) was pruned, and its peer
+        waited forever; control dependencies did not survive that folding either. ``min(count of received rows,
+        0)`` is zero at run time, but nothing can fold it.
+        """
+        if self._link is None:
+            return tf.constant(0.0)
+        return tf.minimum(tf.cast(tf.reduce_sum(self._link), tf.float32), 0.0)
+
+    # ---- one training step
+
+    def train(self, x, y, loss_and_accuracy, variables):
+        """Forward and backward of every micro-batch of ``x``/``y`` as the timetable says.
+
+        Returns ``(loss, accuracy, grads)``: the batch's mean loss and accuracy (on the last stage, zeros
+        elsewhere; the caller sums them over the pipeline, after :meth:`fence`) and this stage's gradients of the
+        batch's mean loss.
+        """
+        m, s, last = self.micro, self.stage, self.mesh.pipeline - 1
+        xs, ys = tf.split(x, m), tf.split(y, m)
+        inputs, outputs, tapes, incoming = {}, {}, {}, {}
+        grads = [tf.zeros_like(v) for v in variables]
+        loss = tf.constant(0.0)
+        accuracy = tf.constant(0.0)
+        self._link = None
+        times = []
+        stamp = tf.timestamp()
+        for tick, row in enumerate(self.table):
+            op = row[s]
+            send_forward = send_backward = None
+            if op is not None:
+                with tf.control_dependencies([stamp]):
+                    start = tf.timestamp()
+                if op.kind == "F":
+                    x_in = xs[op.micro] if s == 0 else incoming.pop(("F", op.micro))
+                    with tf.control_dependencies([start]):
+                        x_in = tf.identity(x_in)
+                    with tf.GradientTape(watch_accessed_variables=False) as tape:
+                        tape.watch(variables)
+                        if s > 0:
+                            tape.watch(x_in)
+                        out = self.module(x_in, training=True)
+                        if s == last:
+                            mb_loss, mb_acc = loss_and_accuracy(ys[op.micro], out)
+                            out = mb_loss / m
+                            loss, accuracy = loss + out, accuracy + mb_acc / m
+                    inputs[op.micro], outputs[op.micro], tapes[op.micro] = x_in, out, tape
+                    done = [out]
+                    if s < last:
+                        send_forward = out
+                else:
+                    tape = tapes.pop(op.micro)
+                    upstream = None if s == last else incoming.pop(("B", op.micro))
+                    if upstream is not None:
+                        with tf.control_dependencies([start]):
+                            upstream = tf.identity(upstream)
+                    sources = list(variables) + ([inputs[op.micro]] if s > 0 else [])
+                    with tf.control_dependencies([start]):
+                        got = tape.gradient(outputs.pop(op.micro), sources, output_gradients=upstream)
+                    grads = [g if d is None else g + d for g, d in zip(grads, got[: len(variables)])]
+                    inputs.pop(op.micro)
+                    done = [d for d in got if d is not None] or [start]
+                    if s > 0:
+                        send_backward = got[-1]
+                with tf.control_dependencies(done):
+                    stamp = tf.timestamp()
+                times.append(tf.stack([start, stamp]))
+            # a computed template for empty sends (see _exchange)
+            like = tf.ones([1, *self.activation_shape]) * tf.cast(stamp, tf.float32)
+            # the exchanges due after this tick: with the previous stage, then with the next (every rank alike)
+            if s > 0:
+                prev_op = self.table[tick][s - 1]
+                if (prev_op is not None and prev_op.kind == "F") or send_backward is not None:
+                    got = self._exchange(self.mesh.prev_edge, None, send_backward, f"pp_e{s - 1}_t{tick}",
+                                         like=send_backward if send_backward is not None else like)
+                    if prev_op is not None and prev_op.kind == "F":
+                        incoming[("F", prev_op.micro)] = tf.ensure_shape(got, [None, *self.activation_shape])
+            if s < last:
+                next_op = self.table[tick][s + 1]
+                if (next_op is not None and next_op.kind == "B") or send_forward is not None:
+                    got = self._exchange(self.mesh.next_edge, send_forward, None, f"pp_e{s}_t{tick}",
+                                         like=send_forward if send_forward is not None else like)
+                    if next_op is not None and next_op.kind == "B":
+                        incoming[("B", next_op.micro)] = got
+        self.timings.assign(tf.stack(times))
+        return loss, accuracy, grads
+
+    # ---- forward only (validation, evaluation)
+
+    def forward(self, x):
+        """The whole batch through every stage, forward only; the logits on the last stage, zeros elsewhere."""
+        s, last = self.stage, self.mesh.pipeline - 1
+        self._link = None
+        h = x
+        if s > 0:
+            like = tf.ones([1, *self.activation_shape]) * tf.cast(tf.shape(x)[0], tf.float32)
+            h = tf.ensure_shape(self._exchange(self.mesh.prev_edge, None, None, f"pp_fwd_e{s - 1}", like=like),
+                                [None, *self.activation_shape])
+        out = self.module(h, training=False)
+        if s < last:
+            self._exchange(self.mesh.next_edge, out, None, f"pp_fwd_e{s}", like=out)
+            return tf.zeros([tf.shape(x)[0], self.activation_shape[0], self.last_width]) + 0.0 * tf.reduce_sum(out)
+        return out
+
+    last_width = 0  # the logits' width (vocabulary), set by the layout
