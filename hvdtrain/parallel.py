@@ -90,7 +90,8 @@ class DataParallel:
     def memory(self) -> dict[str, int]:
         """Bytes of parameters and optimizer state on this rank."""
         opt = inner_optimizer(self.model.optimizer)
-        return {"param_bytes_per_rank": variable_bytes(self.model.trainable_variables),
+        params = variable_bytes(self.model.trainable_variables)
+        return {"param_bytes_full": params, "param_bytes_per_rank": params,
                 "optimizer_bytes_per_rank": variable_bytes([v for v in opt.variables if v is not opt.iterations])}
 
 
@@ -112,6 +113,7 @@ class Parallel:
         self.cfg, self.mesh = cfg, mesh
         p = cfg.parallel
         self.full_names = [v.name for v in full.trainable_variables]
+        self.full_bytes = variable_bytes(full.trainable_variables)
         self.stage_layers = self.split = self.pipeline = None
         if p.pipeline > 1:
             from hvdtrain.distributed import pipeline
@@ -274,6 +276,7 @@ class Parallel:
         opt_vars = (self.zero.slot_variables() if self.zero is not None else
                     [v for kind in slots_of(self.training_model.optimizer, self.variables) for v in kind])
         return {
+            "param_bytes_full": self.full_bytes,
             "param_bytes_per_rank": variable_bytes(self.variables),
             "sharded_param_bytes_per_rank": variable_bytes([v for v, s in zip(self.variables, self.shards)
                                                             if s.axis is not None]),

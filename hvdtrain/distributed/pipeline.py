@@ -14,9 +14,11 @@ earlier tick); the executor follows it exactly, so the idle ticks are GPipe's bu
 **Transfers.** Horovod has no send or receive. Between stages s and s+1, a 2-rank alltoall on the process set
 ``[s, s+1]`` moves a tensor one way with ``splits=[0, n]`` / ``[n, 0]`` (zero rows the other way), and one call
 carries an activation forward and a gradient backward at once. Inside a ``tf.function`` Horovod's collectives are
-not stateful ops, so (seen here) TensorFlow can merge two with identical inputs, fold one with a constant input,
-or prune one whose output is unused, and the peer then waits forever. So every transfer has an explicit name that
-both sides share, an input that is distinct and computed in the step, and its output is counted into a variable.
+not stateful ops, so (seen here) TensorFlow can merge two with identical inputs, fold one with a constant input
+(constant folding *runs* it once, at graph optimization, instead of once per call), or prune one whose output is
+unused, and the peer then waits forever. So every transfer has an explicit name that both sides share, an input
+that is distinct and computed in the step (never from static shapes), its output is counted into a variable, and
+each collective's input depends on the previous one's run-time output (:meth:`Pipeline.fence`).
 """
 from __future__ import annotations
 
@@ -219,10 +221,12 @@ class Pipeline:
             op = row[s]
             send_forward = send_backward = None
             if op is not None:
-                with tf.control_dependencies([stamp]):
-                    start = tf.timestamp()
+                # the operation starts when the previous one is done and its input has arrived: the time between
+                # is idle (the bubble), the time inside is busy
                 if op.kind == "F":
                     x_in = xs[op.micro] if s == 0 else incoming.pop(("F", op.micro))
+                    with tf.control_dependencies([stamp, x_in]):
+                        start = tf.timestamp()
                     with tf.control_dependencies([start]):
                         x_in = tf.identity(x_in)
                     with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -241,6 +245,8 @@ class Pipeline:
                 else:
                     tape = tapes.pop(op.micro)
                     upstream = None if s == last else incoming.pop(("B", op.micro))
+                    with tf.control_dependencies([stamp] + ([upstream] if upstream is not None else [])):
+                        start = tf.timestamp()
                     if upstream is not None:
                         with tf.control_dependencies([start]):
                             upstream = tf.identity(upstream)
@@ -283,13 +289,16 @@ class Pipeline:
         self._link = None
         h = x
         if s > 0:
-            like = tf.ones([1, *self.activation_shape]) * tf.cast(tf.shape(x)[0], tf.float32)
+            # from a time stamp, not the batch's (static) shape: a constant input would be folded, which runs the
+            # collective once at graph optimization instead of once per call (seen here)
+            like = tf.ones([1, *self.activation_shape]) * tf.cast(tf.timestamp(), tf.float32)
             h = tf.ensure_shape(self._exchange(self.mesh.prev_edge, None, None, f"pp_fwd_e{s - 1}", like=like),
                                 [None, *self.activation_shape])
         out = self.module(h, training=False)
         if s < last:
             self._exchange(self.mesh.next_edge, out, None, f"pp_fwd_e{s}", like=out)
-            return tf.zeros([tf.shape(x)[0], self.activation_shape[0], self.last_width]) + 0.0 * tf.reduce_sum(out)
+            # the (zero) result waits for the transfer's end: see fence()
+            return tf.zeros([tf.shape(x)[0], self.activation_shape[0], self.last_width]) + self.fence()
         return out
 
     last_width = 0  # the logits' width (vocabulary), set by the layout

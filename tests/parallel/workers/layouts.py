@@ -1,8 +1,9 @@
 """Train a small gpt for a few steps at a parallel layout, and (rank 0) the same model in one process on the same
 global batches; report both full weights and what each rank held.
 
-Usage: layouts.py OUTDIR KEY=VALUE... (parallel.* and train.* overrides), and optionally ``negative=g`` to write
-Megatron's g as a plain Horovod allreduce (whose registered gradient sums over the group): the negative control.
+Usage: layouts.py OUTDIR KEY=VALUE... (parallel.* and train.* overrides). Negative controls: ``negative=g`` writes
+Megatron's g as a plain Horovod allreduce (whose registered gradient sums over the group); ``negative=drop_grad``
+loses the gradient a pipeline stage sends back to the previous one.
 """
 import sys
 
@@ -18,8 +19,15 @@ negative = args.pop("negative", "")
 steps = int(args.pop("steps", "3"))
 if negative == "g":
     tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")  # Horovod's own gradient: a sum
+if negative == "drop_grad":
+    from hvdtrain.distributed import pipeline
 
-SMALL = ["data.context_length=16", "data.batch_size_per_rank=8", "model.params={num_layers: 2, width: 32, "
+    exchange = pipeline.Pipeline._exchange
+    pipeline.Pipeline._exchange = lambda self, edge, fwd, bwd, name, like: exchange(
+        self, edge, fwd, None if bwd is None else bwd * 0.0, name, like)
+
+layers = args.pop("layers", "2")
+SMALL = ["data.context_length=16", "data.batch_size_per_rank=8", f"model.params={{num_layers: {layers}, width: 32, "
          "num_heads: 4, mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam"]
 cfg = config.load("gpt-tiny", overrides=[*SMALL, *(f"{k}={v}" for k, v in args.items())])
 runtime.init(cfg)
@@ -42,7 +50,12 @@ layout.gather()
 memory = layout.memory()
 
 result = {"global_rank": mesh.rank, "stage": mesh.stage, "tensor_rank": mesh.tensor_rank, "data_rank": mesh.data_rank,
-          "memory": memory, "loss": float(model.history.history["loss"][-1])}
+          "memory": memory, "loss": float(model.history.history["loss"][-1]),
+          "module_variables": [v.name for v in layout.variables]}
+if layout.pipeline is not None:
+    result["sent"] = int(layout.pipeline.sent.numpy())
+    result["received"] = int(layout.pipeline.received.numpy())
+    result["timings"] = layout.pipeline.timings.numpy().tolist()
 if mesh.rank == 0:
     full = layout.full_model()
     result["parallel"] = [w.ravel().tolist() for w in full.get_weights()]

@@ -1,0 +1,86 @@
+"""The parts of model parallelism that need no ranks: the rank grid, the stage split, the schedules, the checks."""
+import pytest
+
+from hvdtrain import config
+from hvdtrain.distributed import mesh, pipeline
+from hvdtrain.errors import ConfigError
+
+
+def test_rank_grid_puts_tensor_groups_on_consecutive_ranks():
+    groups = mesh.all_groups(8, tensor=2, pipeline=2)
+    assert groups["tensor"] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert groups["data"] == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    assert groups["pipeline"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert groups["stage"] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert groups["edge"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert groups["chief"] == [(0, 4)]
+
+
+def test_a_layout_that_does_not_divide_the_world_is_a_config_error():
+    assert mesh.layout(4, 2, 1) == 2
+    with pytest.raises(ConfigError, match="cannot be laid out as tensor=3 x pipeline=1"):
+        mesh.layout(2, 3, 1)
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4, 8])
+def test_gpipe_bubble_is_the_textbook_fraction(micro):
+    stages = 4
+    table = pipeline.timetable("gpipe", stages, micro)
+    assert pipeline.bubble_fraction(table) == pytest.approx((stages - 1) / (micro + stages - 1))
+    assert all(pipeline.peak_activations(table, s) == micro for s in range(stages))
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4, 8])
+def test_1f1b_keeps_at_most_p_minus_s_activations_with_the_same_bubble(micro):
+    stages = 4
+    table = pipeline.timetable("1f1b", stages, micro)
+    assert pipeline.bubble_fraction(table) == pytest.approx((stages - 1) / (micro + stages - 1))
+    for s in range(stages):
+        assert pipeline.peak_activations(table, s) == min(stages - s, micro)
+
+
+def test_every_stage_runs_each_micro_batch_forward_then_backward():
+    for schedule in pipeline.SCHEDULES:
+        table = pipeline.timetable(schedule, 3, 5)
+        for s in range(3):
+            ops = [row[s] for row in table if row[s] is not None]
+            assert sorted(map(repr, ops)) == sorted([f"F{m}" for m in range(5)] + [f"B{m}" for m in range(5)])
+            assert ops == pipeline.stage_ops(schedule, s, 3, 5)
+
+
+def test_stages_are_balanced_by_parameters_with_the_embedding_first_and_the_logits_last():
+    import models
+
+    full = models.build("gpt", input_shape=(16,), num_classes=256, num_layers=4, width=32, num_heads=4)
+    parts = pipeline.split_stages(full, 2)
+    assert parts[0][0] == "embed" and parts[-1][-2:] == ["ln_final", "logits"]
+    assert [p for part in parts for p in part if p.startswith("block_")] == [f"block_{i}" for i in range(4)]
+    # the first stage carries the 256-token embedding, the last the 256-way logits: blocks split 2 + 2 here
+    assert sum(p.startswith("block_") for p in parts[0]) == 2
+    with pytest.raises(ValueError, match="at least 5 Transformer blocks"):
+        pipeline.split_stages(full, 5)
+
+
+@pytest.mark.parametrize("override, words", [
+    (["parallel.tensor=3"], ["parallel.tensor=3 must divide model.params.num_heads=4"]),
+    (["parallel.pipeline=3"], ["parallel.pipeline=3 stages need at least as many Transformer blocks",
+                               "num_layers=2"]),
+    (["parallel.pipeline=2", "parallel.microbatches=5"], ["parallel.microbatches=5 must divide "
+                                                          "data.batch_size_per_rank=32"]),
+    (["parallel.pipeline=2", "train.elastic=true"], ["elastic training runs data parallelism only"]),
+    (["parallel.tensor=2", "train.precision=mixed_float16"], ["parallel layouts train in float32"]),
+    (["parallel.microbatches=2"], ["parallel.microbatches > 1 needs parallel.pipeline > 1"]),
+    (["parallel.schedule=zb"], ["parallel.schedule", "gpipe, 1f1b"]),
+])
+def test_bad_layouts_are_one_line_config_errors(override, words):
+    with pytest.raises(ConfigError) as info:
+        config.load("gpt-tiny", overrides=override)
+    for w in words:
+        assert w in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_model_parallelism_needs_a_gpt():
+    with pytest.raises(ConfigError, match="need model.name=gpt, not 'cnn'"):
+        config.load("digits-cnn", overrides=["parallel.tensor=2"])
+    assert config.load("digits-cnn", overrides=["parallel.shard_optimizer=true"]).parallel.shard_optimizer
