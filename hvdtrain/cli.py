@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed windows (or launches) per setting; median reported")
     p.add_argument("--compare-baseline", action="store_true",
                    help="compare `hvdtrain train` with the canonical Horovod+Keras loop, interleaved")
+    p.add_argument("--layouts", nargs="?", const="default", default=None, metavar="LIST",
+                   help="compare layouts of a gpt, e.g. \"dp=1;dp=2;tp=2;dp=2,zero;pp=2,m=4,gpipe\" "
+                        "(default: the data, tensor and pipeline layouts at up to 4 ranks)")
+    p.add_argument("--controllers", default="gloo", help="with --layouts: gloo and/or mpi, e.g. gloo,mpi")
+    p.add_argument("--global-batch", type=int, default=32, help="with --layouts: the global batch of every layout")
+    p.add_argument("--windows", type=int, default=3, help="with --layouts: timed windows per launch")
     p.add_argument("--launcher-args", default="--gloo",
                    help="extra horovodrun arguments, as typed: --launcher-args --mpi, or in quotes for several")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
@@ -95,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from hvdtrain import benchmark, config
+    from hvdtrain import config
+    from hvdtrain.benchmark import scaling
     from hvdtrain.errors import UsageError
     from hvdtrain.rundir import RunDir
 
@@ -108,19 +115,33 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if bad or not modes or not nps or min(nps) < 1:
         raise UsageError("--scaling takes weak and/or strong; --np takes positive rank counts")
     launcher = args.launcher_args.split()
-    if args.compare_baseline:
-        report = benchmark.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
-                                            launcher, args.timeout)
+    if args.layouts is not None:
+        from hvdtrain.benchmark import layouts
+
+        cfg = config.load(args.recipe or "gpt-tiny", args.config, args.overrides)
+        names = layouts.DEFAULT if args.layouts == "default" else args.layouts
+        report = layouts.run(cfg, [n for n in names.split(";") if n.strip()],
+                             [c.strip() for c in args.controllers.split(",") if c.strip()], args.repeats, args.steps,
+                             args.warmup_steps, args.windows, args.global_batch, args.timeout)
+    elif args.compare_baseline:
+        report = scaling.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
+                                          launcher, args.timeout)
     else:
         cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
-        report = benchmark.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
-                                   args.repeats, launcher, args.timeout)
+        report = scaling.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
+                                 args.repeats, launcher, args.timeout)
     out = RunDir(args.output)
     out.write_json("benchmark.json", report)
-    if report["kind"] == "scaling":
-        benchmark.plot_scaling(report, out.path("benchmark.png"))
-    benchmark.print_report(report)
-    console.say(f"\nwritten: {out.path('benchmark.json')}" + (f", {out.path('benchmark.png')}" if report["kind"] == "scaling" else ""))
+    if report["kind"] == "layouts":
+        written = layouts.plot(report, out)
+        layouts.print_report(report)
+    else:
+        written = []
+        if report["kind"] == "scaling":
+            scaling.plot_scaling(report, out.path("benchmark.png"))
+            written = ["benchmark.png"]
+        scaling.print_report(report)
+    console.say("\nwritten: " + ", ".join(out.path(n) for n in ["benchmark.json", *written]))
     return 0
 
 

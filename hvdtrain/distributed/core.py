@@ -284,6 +284,14 @@ def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     return hvd_tf.broadcast_object(obj, root_rank=root_rank)
 
 
+def allgather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order, on every rank."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    return hvd_tf.allgather_object(obj) if size() > 1 else [obj]
+
+
 def time_allreduce(num_bytes: int, repeats: int, warmup: int = 2) -> list[float]:
     """Seconds per allreduce (average) of a float32 tensor of ``num_bytes``, once per repeat, on every rank."""
     import time
@@ -353,7 +361,7 @@ def barrier() -> None:
 
 
 __all__ = [
-    "REDUCE_OPS", "agree", "allreduce", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
+    "REDUCE_OPS", "agree", "allgather_object", "allreduce", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
     "local_rank",
     "local_size", "metric_average_callback", "rank", "run_elastic", "size", "extremes", "start_timeline", "stop_timeline",

@@ -34,6 +34,29 @@ def _hvd():
 _OPS = {"sum": "Sum", "average": "Average", "max": "Max", "min": "Min"}
 
 
+class Traffic:
+    """Calls and bytes of the tensor collectives each kind of group ran (counted inside the graph, per process)."""
+
+    counters: dict[str, tuple] = {}
+
+    @classmethod
+    def count(cls, kind: str, tensors) -> None:
+        import tensorflow as tf
+
+        if kind not in cls.counters:
+            with tf.init_scope():
+                cls.counters[kind] = (tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{kind}_calls"),
+                                      tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{kind}_bytes"))
+        calls, nbytes = cls.counters[kind]
+        calls.assign_add(1)
+        nbytes.assign_add(tf.add_n([tf.cast(tf.size(t), tf.int64) * t.dtype.size for t in tensors]))
+
+    @classmethod
+    def snapshot(cls) -> dict[str, dict[str, int]]:
+        """``{kind: {"calls": n, "bytes": b}}`` so far."""
+        return {k: {"calls": int(c.numpy()), "bytes": int(b.numpy())} for k, (c, b) in cls.counters.items()}
+
+
 @dataclass(frozen=True)
 class Group:
     """A set of ranks that communicate together, and the collectives on it (TensorFlow ops, usable in graphs)."""
@@ -65,6 +88,7 @@ class Group:
         if self.size == 1:
             return tensor
         hvd = _hvd()
+        Traffic.count(f"{self.name}_allreduce", [tensor])
         return hvd.allreduce(tensor, op=getattr(hvd, _OPS[op]), **self._kw(name))
 
     def grouped_allreduce(self, tensors, op: str = "average"):
@@ -72,12 +96,14 @@ class Group:
         if self.size == 1 or not tensors:
             return list(tensors)
         hvd = _hvd()
+        Traffic.count(f"{self.name}_allreduce", tensors)
         return hvd.grouped_allreduce(list(tensors), op=getattr(hvd, _OPS[op]), process_set=self.process_set)
 
     def allgather(self, tensor, name: str | None = None):
         """Concatenate every member's ``tensor`` along the first axis, in group order."""
         if self.size == 1:
             return tensor
+        Traffic.count(f"{self.name}_allgather", [tensor])
         return _hvd().allgather(tensor, **self._kw(name))
 
     def reducescatter(self, tensor, op: str = "average", name: str | None = None):
@@ -85,10 +111,12 @@ class Group:
         if self.size == 1:
             return tensor
         hvd = _hvd()
+        Traffic.count(f"{self.name}_reducescatter", [tensor])
         return hvd.reducescatter(tensor, op=getattr(hvd, _OPS[op]), **self._kw(name))
 
     def alltoall(self, tensor, splits, name: str | None = None):
         """Send ``splits[i]`` rows of ``tensor`` to member i; returns what the members sent here."""
+        Traffic.count(f"{self.name}_alltoall", [tensor])
         return _hvd().alltoall(tensor, splits=splits, **self._kw(name))
 
     def broadcast_object(self, obj: Any, root: int | None = None) -> Any:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hvdtrain.benchmark import ALLREDUCE_SIZES
+from hvdtrain.benchmark.scaling import ALLREDUCE_SIZES
 from tests.helpers import BIN, run
 
 pytestmark = pytest.mark.e2e
@@ -49,3 +49,23 @@ def test_launcher_flags_are_taken_as_typed():
 def test_benchmark_rejects_bad_rank_lists(tmp_path):
     proc = run([str(BIN / "hvdtrain"), "benchmark", "--np", "one,two", "--output", str(tmp_path)], check=False)
     assert proc.returncode == 2 and "--np 'one,two'" in proc.stderr
+
+
+def test_layouts_benchmark_compares_tensor_and_pipeline_layouts(tmp_path):
+    proc = run([str(BIN / "hvdtrain"), "benchmark", "--layouts", "tp=2;pp=2,m=2,gpipe", "--repeats", "1",
+                "--windows", "1", "--steps", "3", "--warmup-steps", "2", "--global-batch", "8",
+                "--set", "model.params={num_layers: 2, width: 32, num_heads: 4}", "--set", "data.context_length=16",
+                "--output", str(tmp_path)], timeout=600)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    tp, pp = report["results"]
+    assert tp["label"] == "tp2" and tp["ranks"] == 2 and tp["tokens_per_sec"] > 0
+    # tensor parallelism: 2 allreduces forward and 2 backward per block, each of one micro-batch's activations
+    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["calls"] == 4 * 2
+    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["bytes"] == 4 * 2 * 8 * 16 * 32 * 4
+    p = pp["pipeline"]
+    assert p["stages"] == 2 and p["microbatches"] == 2 and p["idle_fraction_gpipe_theory"] == pytest.approx(1 / 3)
+    assert 0 <= p["idle_fraction_measured"] < 1 and p["peak_activations_per_stage"] == [2, 2]
+    assert [len(p["ops"][s]) for s in ("0", "1")] == [4, 4]  # F0 F1 B0 B1 on each stage, timed
+    for name in ("benchmark.png", "benchmark_timeline.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "idle fraction" in proc.stdout

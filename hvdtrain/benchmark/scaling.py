@@ -1,4 +1,4 @@
-"""Throughput, scaling and allreduce benchmarks, and the side-by-side comparison with plain Horovod + Keras.
+"""Throughput, scaling and allreduce, and the side-by-side comparison with plain Horovod + Keras.
 
 ``hvdtrain benchmark`` launches ``horovodrun`` itself for each rank count (``--np 1,2``) and each scaling mode:
 *weak* keeps the batch per rank fixed, *strong* keeps the global batch fixed. Each launch trains the model on one
@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import artifacts, config, console
-from hvdtrain.errors import HvdtrainError, UsageError
+from hvdtrain.benchmark import ROOT, launch, machine, progress
+from hvdtrain.errors import UsageError
 
 ALLREDUCE_SIZES = [1024 * 4**i for i in range(9)]  # 1 KB .. 64 MB
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,7 +49,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"a global batch of {spec['global_batch_size']} cannot be split over {size} ranks")
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     tf.keras.utils.set_random_seed(cfg.train.seed)
-    synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=per_rank + 1)
+    synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_rank + 2)  # 10% held out
     source = data.load(synthetic, seed=distributed.rank(), model_name=cfg.model.name)
     x, y = source.x_train[:per_rank], source.y_train[:per_rank]
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
@@ -87,57 +83,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             result["allreduce"].append({"bytes": nbytes, "seconds": t, "algbw_gbps": nbytes / t / 1e9,
                                         "busbw_gbps": nbytes / t / 1e9 * 2 * (size - 1) / size})
     return result if distributed.is_chief() else {}
-
-
-def worker_main(argv: list[str]) -> int:
-    """Entry of ``python -m hvdtrain.benchmark SPEC RESULT`` on each rank."""
-    spec = json.loads(Path(argv[0]).read_text())
-    result = worker(spec)
-    if result:
-        artifacts.write_json(argv[1], result)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The driver: launches horovodrun
-
-
-def horovodrun_path() -> str:
-    """``horovodrun`` next to this Python, else on PATH."""
-    here = Path(sys.executable).parent / "horovodrun"
-    found = str(here) if here.exists() else shutil.which("horovodrun")
-    if not found:
-        raise HvdtrainError("horovodrun is not installed; run scripts/setup.sh (make setup)")
-    return found
-
-
-def launch(np_: int, command: list[str], launcher_args: list[str], timeout: float) -> None:
-    """Run ``command`` on ``np_`` local ranks; fail with the tail of its output."""
-    cmd = [horovodrun_path(), "-np", str(np_), "-H", f"localhost:{np_}", *launcher_args, *command]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        lines = (proc.stdout + proc.stderr).splitlines()
-        errors = [ln for ln in lines if "Error" in ln or "error:" in ln and "horovod/runner" not in ln]
-        raise HvdtrainError(f"benchmark launch at {np_} rank(s) failed: {(errors or lines or ['?'])[0].strip()}")
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
-
-
-def progress(msg: str) -> None:
-    """A line of progress on stderr."""
-    console.say(f"[benchmark] {msg}", sys.stderr)
 
 
 def scaling(cfg: config.Config, nps: list[int], modes: list[str], batch_size_per_rank: int, steps: int,
@@ -261,5 +206,3 @@ def print_report(report: dict[str, Any]) -> None:
               f"(min {report['ratio_min']:.2f}, max {report['ratio_max']:.2f})")
 
 
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))

@@ -1,0 +1,279 @@
+"""Layouts of a ``gpt`` side by side at the same global batch: data, tensor and pipeline parallelism, sharded
+optimizer states, under Horovod's Gloo and MPI controllers.
+
+``hvdtrain benchmark --layouts "dp=1;dp=2;tp=2;dp=2,zero;pp=2,m=4"`` launches ``horovodrun`` once per layout and
+controller, interleaved (the order rotates each repeat), and every launch trains on synthetic tokens: warm-up
+steps, then timed windows. Reported per layout: tokens per second (median), milliseconds per step, bytes each rank
+holds (parameters, of which sharded, optimizer state), the collectives each rank ran per step (counted in the graph
+by :class:`hvdtrain.distributed.mesh.Traffic`; for pure data parallelism the gradient tensors Horovod's optimizer
+reduces), and for pipelines the measured idle fraction of each stage in one step against GPipe's
+``(p - 1) / (M + p - 1)``, with a timeline picture of that step.
+
+A layout is written ``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute`` (defaults 1, 1, 1, 1, 1f1b, off, off).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import artifacts, config, console
+from hvdtrain.benchmark import launch, machine, progress
+from hvdtrain.errors import UsageError
+
+DEFAULT = "dp=1;dp=2;tp=2;dp=2,zero;pp=2,m=4,gpipe;pp=2,m=4,1f1b;dp=2,tp=2;dp=2,pp=2,m=2;tp=2,pp=2,m=2"
+CONTROLLER_ARGS = {"gloo": ["--gloo"],
+                   # oversubscribed MPI ranks spin while waiting: yielding took a small allreduce from ~90 to ~2 ms
+                   "mpi": ["--mpi", "--mpi-args=--mca mpi_yield_when_idle 1"]}
+
+
+def parse(text: str) -> dict[str, Any]:
+    """``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute`` as a dict of the parallel settings and ``ranks``."""
+    out = {"data": 1, "tensor": 1, "pipeline": 1, "microbatches": 1, "schedule": "1f1b", "shard_optimizer": False,
+           "recompute": False}
+    keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches"}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in keys or not value.isdigit() or int(value) < 1:
+                raise UsageError(f"layout '{text}': '{part}' is not one of dp=N, tp=N, pp=N, m=N")
+            out[keys[key]] = int(value)
+        elif part in ("gpipe", "1f1b"):
+            out["schedule"] = part
+        elif part in ("zero", "recompute"):
+            out["shard_optimizer" if part == "zero" else "recompute"] = True
+        else:
+            raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, gpipe, 1f1b, zero, "
+                             "recompute)")
+    out["ranks"] = out["data"] * out["tensor"] * out["pipeline"]
+    return out
+
+
+def label(layout: dict[str, Any]) -> str:
+    """A short name: ``dp2 x tp2``, ``pp2 (1f1b, M=4)``, ``+zero``."""
+    parts = [f"{k}{layout[v]}" for k, v in (("dp", "data"), ("tp", "tensor"), ("pp", "pipeline")) if layout[v] > 1]
+    name = " x ".join(parts) or "1 rank"
+    if layout["pipeline"] > 1:
+        name += f" ({layout['schedule']}, M={layout['microbatches']})"
+    return name + ("+zero" if layout["shard_optimizer"] else "") + ("+recompute" if layout["recompute"] else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worker: runs on every rank of one launch
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time ``spec``'s layout on this job; the chief returns the result."""
+    import numpy as np
+    import tensorflow as tf
+
+    from hvdtrain import data, distributed, parallel, runtime
+    from hvdtrain.distributed import pipeline
+    from hvdtrain.distributed.mesh import Traffic
+
+    cfg = config.from_dict(spec["config"])
+    runtime.init(cfg)
+    mesh = runtime.make_mesh(cfg)
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    per_replica = spec["global_batch_size"] // mesh.data
+    synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_replica + 2)  # 10% held out
+    source = data.load(synthetic, seed=mesh.data_rank, model_name=cfg.model.name)
+    dataset = tf.data.Dataset.from_tensors((source.x_train[:per_replica], source.y_train[:per_replica])).repeat()
+    layout = parallel.make_layout(cfg, runtime.build_model(cfg.model, source), mesh)
+    model = runtime.prepare(layout.training_model, cfg, cfg.train.learning_rate, layout=layout, metrics=[])
+    model.fit(dataset, steps_per_epoch=spec["warmup_steps"], epochs=1, verbose=0,
+              callbacks=[layout.broadcast_callback()])
+    pipe = layout.pipeline if isinstance(layout, parallel.Parallel) else None
+    before = Traffic.snapshot()
+    moved = (int(pipe.sent.numpy()), int(pipe.received.numpy())) if pipe else (0, 0)
+    times = []
+    for _ in range(spec["windows"]):
+        distributed.barrier()
+        start = time.perf_counter()
+        model.fit(dataset, steps_per_epoch=spec["steps"], epochs=1, verbose=0)
+        times.append(time.perf_counter() - start)
+    steps = spec["steps"] * spec["windows"]
+    after = Traffic.snapshot()
+    traffic = {k: {"calls": (v["calls"] - before.get(k, {}).get("calls", 0)) / steps,
+                   "bytes": (v["bytes"] - before.get(k, {}).get("bytes", 0)) / steps} for k, v in after.items()}
+    if isinstance(layout, parallel.DataParallel) and mesh.data > 1:  # Horovod's optimizer: one tensor per weight
+        variables = layout.model.trainable_variables
+        traffic["data_allreduce (tensors, fused by Horovod)"] = {
+            "calls": len(variables), "bytes": parallel.variable_bytes(variables)}
+    if pipe:
+        traffic["edge_received"] = {"calls": None, "bytes": (int(pipe.received.numpy()) - moved[1]) * 4 / steps}
+    # every rank's view, to the chief: the slowest rank sets the pace of a synchronous job
+    report = {"rank": mesh.rank, "stage": mesh.stage, "times": times, "memory": layout.memory(), "traffic": traffic,
+              "timings": pipe.timings.numpy().tolist() if pipe else None}
+    ranks = distributed.allgather_object(report)
+    if not distributed.is_chief():
+        return {}
+    tokens = spec["global_batch_size"] * source.input_shape[0]
+    slowest = [max(r["times"][i] for r in ranks) for i in range(spec["windows"])]
+    result = {
+        "layout": spec["layout"], "label": label(spec["layout"]), "controller": distributed.controller(),
+        "ranks": mesh.world, "global_batch_size": spec["global_batch_size"], "steps_per_window": spec["steps"],
+        "window_seconds": slowest, "step_ms": 1e3 * statistics.median(slowest) / spec["steps"],
+        "tokens_per_sec": tokens * spec["steps"] / statistics.median(slowest),
+        "memory": {k: max(r["memory"][k] for r in ranks) for k in ranks[0]["memory"]},
+        "traffic_per_rank_per_step": {k: {f: max((r["traffic"].get(k, {}).get(f) or 0) for r in ranks)
+                                          for f in ("calls", "bytes")} for k in ranks[0]["traffic"]},
+    }
+    if pipe:
+        p, m = mesh.pipeline, cfg.parallel.microbatches
+        table = pipeline.timetable(cfg.parallel.schedule, p, m)
+        stages = {}
+        for r in ranks:  # one rank per stage is enough: the stage's replicas and shards run in step
+            stages.setdefault(r["stage"], np.array(r["timings"]))
+        t0 = min(t[:, 0].min() for t in stages.values())
+        span = max(t[:, 1].max() for t in stages.values()) - t0
+        busy = {s: float((t[:, 1] - t[:, 0]).sum()) for s, t in stages.items()}
+        result["pipeline"] = {
+            "stages": p, "microbatches": m, "schedule": cfg.parallel.schedule, "step_seconds": span,
+            "busy_seconds": [busy[s] for s in range(p)],
+            "idle_fraction_measured": 1 - sum(busy.values()) / (p * span),
+            "idle_fraction_gpipe_theory": (p - 1) / (m + p - 1),
+            "idle_fraction_timetable": pipeline.bubble_fraction(table),
+            "peak_activations_per_stage": [pipeline.peak_activations(table, s) for s in range(p)],
+            "ops": {str(s): [[float(a - t0), float(b - t0)] for a, b in stages[s]] for s in range(p)},
+            "op_names": {str(s): [repr(o) for o in pipeline.stage_ops(cfg.parallel.schedule, s, p, m)]
+                         for s in range(p)},
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats: int, steps: int, warmup_steps: int,
+        windows: int, global_batch_size: int, timeout: float) -> dict[str, Any]:
+    """Every layout under every controller, ``repeats`` launches each, interleaved; medians per setting."""
+    if cfg.model.name != "gpt":
+        raise UsageError("--layouts compares layouts of a gpt; give --recipe gpt-tiny (or a gpt config)")
+    bad = [c for c in controllers if c not in CONTROLLER_ARGS]
+    if bad:
+        raise UsageError(f"--controllers takes gloo and/or mpi, not {', '.join(bad)}")
+    specs = [parse(t) for t in layouts]
+    for s in specs:
+        if global_batch_size % (s["data"] * s["microbatches"]):
+            raise UsageError(f"global batch {global_batch_size} does not split into {s['data']} replica(s) x "
+                             f"{s['microbatches']} micro-batches ({label(s)}); change --global-batch")
+    settings = [(s, c) for s in specs for c in controllers]
+    results: dict[int, list[dict]] = {i: [] for i in range(len(settings))}
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-layouts-") as tmp:
+        for repeat in range(repeats):
+            order = list(range(len(settings)))
+            order = order[repeat % len(order):] + order[: repeat % len(order)]  # rotate: no setting always first
+            for i in order:
+                layout, controller = settings[i]
+                raw = config.apply_overrides(config.to_dict(cfg), [
+                    f"parallel.{k}={json.dumps(layout[k])}" for k in
+                    ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "recompute")])
+                layout_cfg = config.from_dict(raw)  # validated: a bad layout stops here, with its reason
+                spec = {"kind": "layout", "config": config.to_dict(layout_cfg), "layout": layout,
+                        "global_batch_size": global_batch_size, "steps": steps, "warmup_steps": warmup_steps,
+                        "windows": windows}
+                spec_file, result_file = Path(tmp, f"{i}-{repeat}.json"), Path(tmp, f"{i}-{repeat}.out.json")
+                spec_file.write_text(json.dumps(spec))
+                progress(f"repeat {repeat + 1}/{repeats}: {label(layout)} with {controller} ...")
+                launch(layout["ranks"], [sys.executable, "-m", "hvdtrain.benchmark", str(spec_file),
+                                         str(result_file)], CONTROLLER_ARGS[controller], timeout)
+                results[i].append(json.loads(result_file.read_text()))
+    rows = []
+    for i, (layout, controller) in enumerate(settings):
+        runs = results[i]
+        base = runs[0]
+        rows.append({**{k: base[k] for k in ("label", "layout", "ranks", "memory", "traffic_per_rank_per_step")},
+                     "controller": controller, "repeats": len(runs),
+                     "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
+                     "tokens_per_sec_all": [r["tokens_per_sec"] for r in runs],
+                     "step_ms": statistics.median(r["step_ms"] for r in runs),
+                     **({"pipeline": min((r["pipeline"] for r in runs), key=lambda p: p["step_seconds"])}
+                        if "pipeline" in base else {})})
+    reference = next((r["tokens_per_sec"] for r in rows if r["ranks"] == 1), rows[0]["tokens_per_sec"])
+    for r in rows:
+        r["speed_vs_one_rank"] = r["tokens_per_sec"] / reference
+    return {"kind": "layouts", "model": cfg.model.name, "model_params": cfg.model.params,
+            "context_length": cfg.data.context_length, "global_batch_size": global_batch_size, "machine": machine(),
+            "results": rows,
+            "method": f"median over {repeats} interleaved launches of the median of {windows} windows of {steps} "
+                      f"steps after {warmup_steps} warm-up steps; synthetic tokens; the slowest rank's time"}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Tables for people."""
+    rows = []
+    for r in report["results"]:
+        m = r["memory"]
+        comm = sum(v["bytes"] or 0 for v in r["traffic_per_rank_per_step"].values())
+        calls = sum(v["calls"] or 0 for v in r["traffic_per_rank_per_step"].values())
+        rows.append({"layout": r["label"], "controller": r["controller"], "ranks": r["ranks"],
+                     "tokens/s": r["tokens_per_sec"], "ms/step": r["step_ms"], "vs 1 rank": r["speed_vs_one_rank"],
+                     "param KB/rank": m["param_bytes_per_rank"] / 1024,
+                     "optimizer KB/rank": m["optimizer_bytes_per_rank"] / 1024,
+                     "collectives/step": calls, "comm KB/step": comm / 1024})
+    console.say(artifacts.format_table(rows))
+    pipes = [r for r in report["results"] if "pipeline" in r]
+    if pipes:
+        console.say("\npipelines: idle fraction of the stages in one step (measured) against GPipe's (p-1)/(M+p-1)")
+        console.say(artifacts.format_table([{
+            "layout": r["label"], "controller": r["controller"], "measured": r["pipeline"]["idle_fraction_measured"],
+            "theory": r["pipeline"]["idle_fraction_gpipe_theory"],
+            "peak activations per stage": str(r["pipeline"]["peak_activations_per_stage"])} for r in pipes]))
+
+
+def plot(report: dict[str, Any], run_dir) -> list[str]:
+    """``benchmark.png`` (throughput, memory, communication per layout) and, for pipelines,
+    ``benchmark_timeline.png`` (each stage's forward and backward passes in one measured step)."""
+    plt = artifacts.pyplot()
+    rows = report["results"]
+    names = [f"{r['label']}\n{r['controller']}" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    y = range(len(rows))
+    axes[0].barh(y, [r["tokens_per_sec"] for r in rows], color="tab:blue")
+    axes[0].set_title("tokens / s (median)")
+    params = [r["memory"]["param_bytes_per_rank"] / 1024 for r in rows]
+    opt = [r["memory"]["optimizer_bytes_per_rank"] / 1024 for r in rows]
+    axes[1].barh(y, params, color="tab:green", label="parameters")
+    axes[1].barh(y, opt, left=params, color="tab:olive", label="optimizer state")
+    axes[1].set_title("KB held by the largest rank")
+    axes[1].legend()
+    axes[2].barh(y, [sum(v["bytes"] or 0 for v in r["traffic_per_rank_per_step"].values()) / 1024 for r in rows],
+                 color="tab:red")
+    axes[2].set_title("KB communicated per rank per step")
+    for ax in axes:
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(names if ax is axes[0] else [""] * len(rows), fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"gpt layouts at global batch {report['global_batch_size']}, context {report['context_length']}")
+    fig.tight_layout()
+    run_dir.save_figure(fig, "benchmark.png")
+    written = ["benchmark.png"]
+    pipes = [r for r in rows if "pipeline" in r]
+    if pipes:
+        fig, axes = plt.subplots(len(pipes), 1, figsize=(11, 1.4 + 0.9 * sum(r["pipeline"]["stages"] for r in pipes)),
+                                 squeeze=False)
+        for ax, r in zip(axes[:, 0], pipes):
+            p = r["pipeline"]
+            for s in range(p["stages"]):
+                for (a, b), name in zip(p["ops"][str(s)], p["op_names"][str(s)]):
+                    ax.barh(s, (b - a) * 1e3, left=a * 1e3, color="tab:blue" if name[0] == "F" else "tab:orange",
+                            edgecolor="black", linewidth=0.5)
+                    ax.text((a + b) / 2 * 1e3, s, name, ha="center", va="center", fontsize=7)
+            ax.set_yticks(range(p["stages"]))
+            ax.set_yticklabels([f"stage {s}" for s in range(p["stages"])])
+            ax.invert_yaxis()
+            ax.set_xlabel("ms (blue: forward, orange: backward, white: idle)")
+            ax.set_title(f"{r['label']} with {r['controller']}: idle {p['idle_fraction_measured']:.0%} measured, "
+                         f"{p['idle_fraction_gpipe_theory']:.0%} GPipe theory", fontsize=9)
+        fig.tight_layout()
+        run_dir.save_figure(fig, "benchmark_timeline.png")
+        written.append("benchmark_timeline.png")
+    return written
