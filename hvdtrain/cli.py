@@ -1,4 +1,4 @@
-"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | recipes | models.
+"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | export | recipes | models.
 
 Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
 """
@@ -74,13 +74,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
-    p = sub.add_parser("generate", help="sample text from a trained gpt")
+    p = sub.add_parser("generate", help="sample text from a trained gpt (cached; speculative with --draft)")
     p.add_argument("--model", required=True, help="a run directory or its model.keras")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue; repeat for a batch of prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=200, help="bytes to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes (0: all)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    p.add_argument("--draft", help="a small gpt (e.g. from compress --method distill) proposing bytes to check")
+    p.add_argument("--draft-tokens", type=int, default=4, help="bytes the draft proposes per model call")
+    p.add_argument("--full-window", action="store_true",
+                   help="recompute the whole window for every byte (no cache; the reference, slow)")
+    p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
+    _common(p)
+
+    p = sub.add_parser("export", help="export a trained gpt for serving: SavedModel (TF Serving) or TFLite")
+    p.add_argument("--model", required=True, help="a run directory or its model.keras")
+    p.add_argument("--format", default="saved_model", help="saved_model | tflite | tflite-int8")
+    p.add_argument("--output", required=True, help="directory for the export")
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
@@ -226,11 +238,43 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from hvdtrain import generate, modelio
+    from hvdtrain.errors import UsageError
 
+    if args.draft and args.full_window:
+        raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
     model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
-    out = generate.sample(model, args.prompt.encode("utf-8"), args.max_tokens, args.temperature, args.top_k,
-                          args.seed)
-    sys.stdout.write(args.prompt + out.decode("utf-8", errors="replace") + "\n")
+    draft = modelio.load_keras(args.draft, allow_unsafe=args.allow_unsafe) if args.draft else None
+    prompts = args.prompt or [""]
+    method = "speculative" if draft is not None else "full" if args.full_window else "cached"
+    texts, stats = generate.run(model, [p.encode("utf-8") for p in prompts], args.max_tokens, args.temperature,
+                                args.top_k, args.seed, method, draft, args.draft_tokens)
+    console.say("\n\n".join(p + t.decode("utf-8", errors="replace") for p, t in zip(prompts, texts)))
+    if method == "speculative":
+        d = stats.as_dict()
+        console.say(f"[hvdtrain] speculative: {d['accepted']} of {d['proposed']} proposed bytes accepted "
+                    f"({d['acceptance_rate']:.0%}), {d['bytes_per_model_call']:.2f} bytes per model call",
+                    sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hvdtrain import decoding, export, modelio
+    from hvdtrain.errors import UsageError, closest
+    from hvdtrain.rundir import RunDir
+
+    if args.format not in export.FORMATS:
+        raise UsageError(f"unknown --format '{args.format}'{closest(args.format, export.FORMATS)}; formats: "
+                         f"{', '.join(export.FORMATS)}")
+    model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
+    decoding.check_model(model)  # before anything is written
+    run_dir = RunDir(args.output)
+    error = run_dir.create()
+    if error:
+        from hvdtrain.errors import HvdtrainError
+
+        raise HvdtrainError(error)
+    for path in export.export(model, args.output, args.format, run_dir):
+        console.say(f"written: {path}")
     return 0
 
 
@@ -254,7 +298,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "compress": cmd_compress, "evaluate": cmd_evaluate,
-            "generate": cmd_generate, "recipes": cmd_recipes, "models": cmd_models}
+            "generate": cmd_generate, "export": cmd_export, "recipes": cmd_recipes, "models": cmd_models}
 
 
 # Options whose value is itself a command line (launcher flags): "--launcher-args --mpi" is joined into

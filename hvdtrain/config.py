@@ -134,21 +134,40 @@ class CompressionConfig:
     int8_io: bool = False
     qat_fallback: bool = False
     # distillation
-    student: str = "cnn"
+    student: str = ""  # empty: the teacher's own family, at the family's student size (STUDENTS)
     # defaults measured on digits-cnn (docs/compression.md): a 9.8x smaller cnn, soft targets only, T=1 on
     # standardized logits
-    student_params: dict[str, Any] = field(default_factory=lambda: {"filters": [12, 24], "dense_units": 32})
+    student_params: dict[str, Any] = field(default_factory=dict)  # empty: the family's student (STUDENTS)
     temperature: float = 1.0
     alpha: float = 0.0
     standardize_logits: bool = True  # z-score both logit vectors before the softened KL (Sun et al., 2024)
-    distill_epochs: int = 20
-    baseline_seeds: int = 5
+    distill_epochs: int = 0  # 0: the family's default (STUDENTS)
+    baseline_seeds: int = 0  # 0: the family's default (STUDENTS)
     # pipeline: distill -> prune to this sparsity (a small student has less to spare) -> this quantization
     pipeline_sparsity: float = 0.5
     pipeline_quantization: Literal["ptq-int8", "qat"] = "ptq-int8"
     # report
     latency_rounds: int = 5
     latency_calls: int = 50
+
+
+# The student each model family distills into when compression.student is empty, and the distillation defaults
+# measured for it (docs/compression.md): digits-cnn's 9.8x smaller cnn over 20 epochs and 5 seeds; for gpt a
+# quarter-width single block over 3 epochs and 2 seeds (a language-model epoch costs far more).
+STUDENTS: dict[str, dict[str, Any]] = {
+    "cnn": {"params": {"filters": [12, 24], "dense_units": 32}, "epochs": 20, "seeds": 5},
+    "mlp": {"params": {"hidden_units": [32], "dropout": 0.0}, "epochs": 20, "seeds": 5},
+    "gpt": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "dropout": 0.0}, "epochs": 3, "seeds": 2},
+}
+
+
+def student_of(cfg) -> tuple[str, dict[str, Any], int, int]:
+    """``(model name, parameters, distillation epochs, seeds)`` of the student ``cfg`` asks for."""
+    c = cfg.compression
+    name = c.student or cfg.model.name
+    preset = STUDENTS.get(name, {"params": {}, "epochs": 20, "seeds": 5})
+    params = c.student_params or (preset["params"] if not c.student or c.student == cfg.model.name else {})
+    return name, params, c.distill_epochs or preset["epochs"], c.baseline_seeds or preset["seeds"]
 
 
 @dataclass(frozen=True)
@@ -345,7 +364,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= c.alpha <= 1.0 or c.temperature <= 0:
         raise ConfigError("compression.alpha must be in [0, 1] and compression.temperature positive")
     try:
-        models.check_params(c.student, c.student_params)
+        name, params, _, _ = student_of(cfg)
+        models.check_params(name, params)
     except models.ModelParamError as exc:
         raise ConfigError(str(exc).replace("model.params.", "compression.student_params.")) from None
     validate_parallel(cfg)

@@ -1,14 +1,21 @@
-"""Sampling text from a trained byte-level ``gpt``."""
+"""``hvdtrain generate``: text from a trained byte-level ``gpt``, three ways.
+
+- cached (the default, :func:`hvdtrain.decoding.sample_cached`): one new position per byte;
+- speculative (``--draft STUDENT``, :func:`hvdtrain.decoding.sample_speculative`): a small draft proposes bytes
+  that the model checks in one call;
+- full window (``--full-window``, :func:`sample` here): the whole window recomputed for every byte, the reference
+  the others are tested against.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain.errors import UsageError
+from hvdtrain import decoding
 
 
 def sample(model, prompt: bytes, max_tokens: int, temperature: float = 0.8, top_k: int = 40,
            seed: int = 0) -> bytes:
-    """Sample ``max_tokens`` bytes after ``prompt``.
+    """Sample ``max_tokens`` bytes after ``prompt``, recomputing the whole window for each.
 
     The model reads a fixed window; the last ``context_length`` bytes are placed at its start and the logits at
     the last real position are used (right padding does not change them: the model is causal). ``temperature=0``
@@ -16,14 +23,8 @@ def sample(model, prompt: bytes, max_tokens: int, temperature: float = 0.8, top_
     """
     import tensorflow as tf
 
-    shape = model.input_shape
-    if len(shape) != 2 or model.inputs[0].dtype not in (tf.int32, tf.int64):
-        raise UsageError(f"the model takes inputs of shape {shape[1:]}, not byte tokens; generate needs a gpt model")
-    if max_tokens < 1:
-        raise UsageError("--max-tokens must be at least 1")
-    if temperature < 0:
-        raise UsageError("--temperature must be 0 (greedy) or positive")
-    context, vocab = shape[1], model.output_shape[-1]
+    context, _ = decoding.check_model(model)
+    decoding.check_args(max_tokens, temperature)
     forward = tf.function(lambda x: model(x, training=False))
     rng = np.random.default_rng(seed)
     tokens = list(prompt) or [ord("\n")]
@@ -33,15 +34,22 @@ def sample(model, prompt: bytes, max_tokens: int, temperature: float = 0.8, top_
         ctx = tokens[-context:]
         window[:] = 0
         window[0, : len(ctx)] = ctx
-        logits = forward(window)[0, len(ctx) - 1].numpy().astype(np.float64)
-        if temperature == 0:
-            nxt = int(np.argmax(logits))
-        else:
-            logits = logits / temperature
-            if 0 < top_k < vocab:
-                cutoff = np.partition(logits, -top_k)[-top_k]
-                logits = np.where(logits >= cutoff, logits, -np.inf)
-            probs = np.exp(logits - logits.max())
-            nxt = int(rng.choice(vocab, p=probs / probs.sum()))
-        tokens.append(nxt)
+        logits = forward(window)[0, len(ctx) - 1].numpy()
+        tokens.append(decoding.choose(logits, temperature, top_k, rng))
     return bytes(tokens[start:])
+
+
+def run(model, prompts: list[bytes], max_tokens: int, temperature: float, top_k: int, seed: int,
+        method: str = "cached", draft=None, draft_tokens: int = 4) -> tuple[list[bytes], decoding.Stats]:
+    """Generate for every prompt with ``method`` (``cached``, ``speculative``, ``full``); returns the texts and
+    what the run did."""
+    stats = decoding.Stats(rows=len(prompts))
+    if method == "speculative":
+        texts = decoding.sample_speculative(model, draft, prompts, max_tokens, temperature, top_k, seed,
+                                            draft_tokens, stats)
+    elif method == "full":
+        texts = [sample(model, p, max_tokens, temperature, top_k, seed) for p in prompts]
+        stats.model_calls, stats.generated = max_tokens * len(prompts), max_tokens * len(prompts)
+    else:
+        texts = decoding.sample_cached(model, prompts, max_tokens, temperature, top_k, seed, stats=stats)
+    return texts, stats

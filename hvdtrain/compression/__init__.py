@@ -87,9 +87,12 @@ def _distill(s: _Session):
     from hvdtrain.compression.distill import distill
     from hvdtrain.evaluation import evaluate
 
+    from hvdtrain.config import student_of
+
     c = s.cfg.compression
+    name, params, _, seeds = student_of(s.cfg)
     student = distill(s.teacher, s.source, s.cfg)
-    s.keras("student", student, "distill", {"student": c.student, "student_params": c.student_params,
+    s.keras("student", student, "distill", {"student": name, "student_params": params,
                                             "alpha": c.alpha, "temperature": c.temperature,
                                             "standardize_logits": c.standardize_logits})
     s.tflite("student-float32", student, "distill", "float32", "student")
@@ -99,7 +102,7 @@ def _distill(s: _Session):
     # the validation split too, when there is one: a second held-out set for the same comparison
     val = s.source.num_examples("val") > 0
     distilled, alone, distilled_val, alone_val = [], [], [], []
-    for seed in range(c.baseline_seeds):
+    for seed in range(seeds):
         with_teacher = student if seed == s.cfg.train.seed else distill(s.teacher, s.source, s.cfg, seed=seed)
         baseline = distill(s.teacher, s.source, s.cfg, seed=seed, alpha=1.0)
         distilled.append(evaluate(with_teacher, s.source, "test", batch)[metric])
@@ -109,7 +112,7 @@ def _distill(s: _Session):
             alone_val.append(evaluate(baseline, s.source, "val", batch)[metric])
     better = (lambda a, b: a < b) if metric == "bits_per_byte" else (lambda a, b: a > b)
     s.extra["distillation"] = {
-        "metric": metric, "seeds": list(range(c.baseline_seeds)), "distilled": distilled, "without_teacher": alone,
+        "metric": metric, "seeds": list(range(seeds)), "distilled": distilled, "without_teacher": alone,
         "seeds_won": sum(better(a, b) for a, b in zip(distilled, alone)),
         "distilled_mean": sum(distilled) / len(distilled), "without_teacher_mean": sum(alone) / len(alone),
         "teacher_params": count_params(s.teacher)[0], "student_params": count_params(student)[0],

@@ -40,7 +40,9 @@ def fine_tune(model, source, cfg: Config, epochs: int, learning_rate: float, ext
     runtime.prepare(model, cfg, plan.learning_rate, loss=loss)
     ds = source.train_dataset(distributed.rank(), size, plan.batch_size_per_rank, cfg.train.seed,
                               cfg.data.shuffle_buffer)
-    callbacks = [cb.broadcast_initial_state(0), cb.metric_average(), *extra_callbacks]
+    # the divergence guard too: a custom train step (distillation) that skipped Horovod's averaging would stop here
+    callbacks = [cb.broadcast_initial_state(0), cb.metric_average(), *extra_callbacks,
+                 cb.DivergenceGuard(cfg.distributed.divergence_check_epochs, cfg.distributed.divergence_tolerance)]
     if distributed.is_chief():
         callbacks.append(cb.ProgressLogger(epochs, plan.steps_per_epoch))
     model.fit(ds, epochs=epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks, verbose=0)

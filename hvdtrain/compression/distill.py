@@ -89,18 +89,21 @@ def make_distiller(student, teacher, cfg: Config, source, alpha: float | None = 
 
 
 def build_student(cfg: Config, source, seed: int) -> tf.keras.Model:
-    """The configured student, initialised with ``seed`` (the same on every rank)."""
+    """The configured student (see :func:`hvdtrain.config.student_of`), initialised with ``seed`` (the same on every
+    rank)."""
+    from hvdtrain.config import student_of
+
     tf.keras.utils.set_random_seed(seed)
-    c = cfg.compression
-    return models.build(c.student, input_shape=source.input_shape, num_classes=source.num_classes,
-                        **c.student_params)
+    name, params, _, _ = student_of(cfg)
+    return models.build(name, input_shape=source.input_shape, num_classes=source.num_classes, **params)
 
 
 def distill(teacher, source, cfg: Config, seed: int | None = None, alpha: float | None = None,
             epochs: int | None = None) -> tf.keras.Model:
     """Train a student from ``teacher`` (``alpha=1`` trains it on labels alone, the no-teacher baseline)."""
-    c = cfg.compression
+    from hvdtrain.config import student_of
+
     student = build_student(cfg, source, cfg.train.seed if seed is None else seed)
     distiller = make_distiller(student, teacher, cfg, source, alpha)
-    fine_tune(distiller, source, cfg, epochs or c.distill_epochs, cfg.train.learning_rate, loss=None)
+    fine_tune(distiller, source, cfg, epochs or student_of(cfg)[2], cfg.train.learning_rate, loss=None)
     return student

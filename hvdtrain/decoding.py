@@ -1,0 +1,315 @@
+"""Fast generation from a trained byte-level ``gpt``: a key-value cache, and speculative decoding.
+
+**Cached decoding.** :class:`CachedDecoder` reads the model's weights and runs one compiled function, ``extend``:
+new tokens at given positions go through every block, their keys and values are written into a cache of shape
+``(layers, 2, batch, heads, context, head_dim)``, and each new token attends to the cached keys up to its own
+position. A prompt is one ``extend`` (prefill); each new byte is one ``extend`` of one token, so a step costs one
+position instead of the whole window. Rows of a batch may have prompts of different lengths: each row has its
+own position; a padded slot is overwritten before any query can see it.
+
+The model has learned positions up to its context length. Up to it, cached decoding computes what the full
+window computes, so greedy decoding gives the same text and sampling with the same seed the same text as
+:func:`hvdtrain.generate.sample` (tested). When a row's cache is full it *slides*: the last half of the context is
+encoded again at positions 0.. (one prefill) and decoding goes on; the full-window path instead re-reads the last
+``context`` bytes at every step, so past the context length the two differ (both are valid continuations).
+
+**Speculative decoding** (Leviathan et al., 2023; Chen et al., 2023). A small draft model proposes ``k`` bytes one
+by one; the large model scores all of them in one ``extend``; each proposal is accepted with probability
+``min(1, p(x) / q(x))`` and the first rejected one is replaced by a sample of ``max(0, p - q)`` renormalised; when
+all are accepted one more byte is sampled from ``p``. The bytes then follow exactly the large model's distribution
+(greedy: exactly its greedy text), and each large-model call yields between 1 and ``k + 1`` bytes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hvdtrain.errors import UsageError
+
+
+def transform(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
+    """The sampling distribution of ``logits`` (float64, last axis) under ``temperature`` and ``top_k``."""
+    logits = np.asarray(logits, np.float64) / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        cutoff = np.partition(logits, -top_k, axis=-1)[..., -top_k, None]
+        logits = np.where(logits >= cutoff, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """The next token from one row of logits: greedy at temperature 0, else sampled (the same rule in every path)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    probs = transform(logits, temperature, top_k)
+    return int(rng.choice(len(probs), p=probs))
+
+
+def check_model(model) -> tuple[int, int]:
+    """``(context_length, vocabulary)`` of a ``gpt``; a clear error for any other model."""
+    import tensorflow as tf
+
+    shape = model.input_shape
+    if len(shape) != 2 or model.inputs[0].dtype not in (tf.int32, tf.int64):
+        raise UsageError(f"the model takes inputs of shape {shape[1:]}, not byte tokens; generate and export need a gpt model")
+    return int(shape[1]), int(model.output_shape[-1])
+
+
+@dataclass
+class Stats:
+    """What a generation run did (for the speculative report and the benchmark)."""
+
+    rows: int = 1  # prompts decoded together
+    model_calls: int = 0  # calls of the large model (one per step for the whole batch)
+    draft_calls: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    generated: int = 0
+    slides: int = 0
+
+    def as_dict(self) -> dict:
+        out = {"rows": self.rows, "model_calls": self.model_calls, "draft_calls": self.draft_calls,
+               "generated": self.generated, "slides": self.slides}
+        if self.proposed:
+            out.update(proposed=self.proposed, accepted=self.accepted,
+                       acceptance_rate=self.accepted / self.proposed,
+                       bytes_per_model_call=self.generated / max(1, self.model_calls * self.rows))
+        return out
+
+
+class CachedDecoder:
+    """A ``gpt``'s forward pass over new positions, with a key-value cache.
+
+    Args:
+        model: a ``gpt`` built by :func:`models.build` (or loaded from its ``.keras`` file).
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.context, self.vocab = check_model(model)
+        blocks = [layer for layer in model.layers if type(layer).__name__ == "TransformerBlock"]
+        embed = model.get_layer("embed")
+        self.token_embedding = embed.tokens.embeddings
+        self.position_embedding = embed.positions.embeddings
+        self.heads, self.head_dim = blocks[0].num_heads, blocks[0].width // blocks[0].num_heads
+        self.layers = len(blocks)
+        self.blocks = blocks
+        self.final_norm = model.get_layer("ln_final")
+        self.logits_layer = model.get_layer("logits")
+        self.extend = tf.function(self._extend, input_signature=[
+            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([self.layers, 2, None, self.heads, self.context, self.head_dim], tf.float32)])
+
+    def empty_cache(self, batch: int):
+        """A cache for ``batch`` rows."""
+        import tensorflow as tf
+
+        return tf.zeros([self.layers, 2, batch, self.heads, self.context, self.head_dim])
+
+    def _extend(self, tokens, start, cache):
+        """Run ``tokens`` (batch, n) at positions ``start[b] + 0..n-1``; returns ``(logits (batch, n, vocab),
+        cache)``. Right-padding may run past the context: such slots write nothing (a one-hot beyond the context
+        is all zeros) and their outputs are never read."""
+        import tensorflow as tf
+
+        n = tf.shape(tokens)[1]
+        positions = start[:, None] + tf.range(n)[None, :]  # (batch, n)
+        x = tf.gather(self.token_embedding, tokens) + tf.gather(self.position_embedding,
+                                                                tf.minimum(positions, self.context - 1))
+        slots = tf.one_hot(positions, self.context)  # (batch, n, context): where each new key goes
+        written = tf.reduce_max(slots, axis=1)[:, None, :, None]  # (batch, 1, context, 1)
+        visible = tf.range(self.context)[None, None, :] <= positions[:, :, None]  # (batch, n, context)
+        scale = 1.0 / math.sqrt(float(self.head_dim))
+        caches = []
+        for i, blk in enumerate(self.blocks):
+            attn = blk.attn
+            h = blk.ln1(x)
+            q = tf.einsum("btw,whd->bthd", h, attn._query_dense.kernel) + attn._query_dense.bias
+            k = tf.einsum("btw,whd->bthd", h, attn._key_dense.kernel) + attn._key_dense.bias
+            v = tf.einsum("btw,whd->bthd", h, attn._value_dense.kernel) + attn._value_dense.bias
+            keys = cache[i, 0] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, k)
+            values = cache[i, 1] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, v)
+            caches.append(tf.stack([keys, values]))
+            scores = tf.einsum("bthd,bhcd->bhtc", q * scale, keys)
+            scores = tf.where(visible[:, None], scores, -1e9)
+            context = tf.einsum("bhtc,bhcd->bthd", tf.nn.softmax(scores, axis=-1), values)
+            x = x + tf.einsum("bthd,hdw->btw", context, attn._output_dense.kernel) + attn._output_dense.bias
+            x = x + blk.proj(blk.fc(blk.ln2(x)))
+        logits = self.logits_layer(self.final_norm(x))
+        return tf.cast(logits, tf.float32), tf.stack(caches)
+
+
+class Session:
+    """Rows being decoded with a :class:`CachedDecoder`: their tokens and what the cache holds of them.
+
+    Row ``b``'s tokens ``tokens[b][offset[b] : offset[b] + done[b]]`` have their keys in the cache at positions
+    ``0 .. done[b] - 1``.
+    """
+
+    def __init__(self, decoder: CachedDecoder, prompts: list[list[int]]):
+        self.decoder = decoder
+        self.tokens = [list(p) for p in prompts]
+        self.cache = decoder.empty_cache(len(prompts))
+        self.done = [0] * len(prompts)
+        self.offset = [0] * len(prompts)
+        self.slides = 0
+
+    def advance(self, extra: list[list[int]] | None = None) -> list[np.ndarray]:
+        """Encode every row's tokens not yet in the cache, then ``extra[b]`` (proposals: in the cache after its
+        tokens, but not added to them); returns each row's logits for those positions (the last row of each
+        predicts what follows)."""
+        import tensorflow as tf
+
+        extra = extra or [[] for _ in self.tokens]
+        c = self.decoder.context
+        for b, row in enumerate(self.tokens):
+            if len(row) - self.offset[b] <= self.done[b] and not extra[b]:
+                self.done[b] = len(row) - self.offset[b] - 1  # nothing new: the last token again, for its logits
+            pending = len(row) - self.offset[b] - self.done[b] + len(extra[b])
+            if self.done[b] + pending > c:
+                # slide: a first prompt longer than the context keeps its last `context` bytes (as the full window
+                # does); a full cache keeps the last half of the context, encoded again from position 0
+                keep = c if self.done[b] == 0 else max(len(extra[b]) + 1, c // 2)
+                self.offset[b] = len(row) - (keep - len(extra[b]))
+                self.slides += self.done[b] > 0
+                self.done[b] = 0
+        news = [row[self.offset[b] + self.done[b]:] + extra[b] for b, row in enumerate(self.tokens)]
+        width = max(len(n) for n in news)
+        padded = np.zeros((len(news), width), np.int32)
+        for b, n in enumerate(news):
+            padded[b, : len(n)] = n
+        logits, self.cache = self.decoder.extend(tf.constant(padded), tf.constant(self.done, tf.int32), self.cache)
+        logits = logits.numpy()
+        for b, n in enumerate(news):
+            self.done[b] += len(n) - len(extra[b])
+        return [logits[b, : len(n)] for b, n in enumerate(news)]
+
+    def keep(self, b: int, kept: int) -> None:
+        """Row ``b`` keeps only its first ``kept`` tokens; the cache keeps what it has of them."""
+        self.tokens[b] = self.tokens[b][:kept]
+        self.done[b] = min(self.done[b], max(0, kept - self.offset[b]))
+
+
+def sample_cached(model, prompts: list[bytes], max_tokens: int, temperature: float = 0.8, top_k: int = 40,
+                  seed: int = 0, decoder: CachedDecoder | None = None, stats: Stats | None = None) -> list[bytes]:
+    """``max_tokens`` bytes after each prompt, decoded with the key-value cache.
+
+    The rules are :func:`hvdtrain.generate.sample`'s (an empty prompt starts from a newline; temperature 0 is
+    greedy); each row has its own generator seeded with ``seed``, so a row's text does not depend on the others.
+    """
+    check_args(max_tokens, temperature)
+    decoder = decoder or CachedDecoder(model)
+    rngs = [np.random.default_rng(seed) for _ in prompts]
+    session = Session(decoder, [list(p) or [ord("\n")] for p in prompts])
+    starts = [len(p) if p else 1 for p in prompts]
+    for _ in range(max_tokens):
+        for b, row in enumerate(session.advance()):
+            session.tokens[b].append(choose(row[-1], temperature, top_k, rngs[b]))
+    if stats is not None:
+        stats.rows = len(prompts)
+        stats.model_calls += max_tokens
+        stats.generated += max_tokens * len(prompts)
+        stats.slides += session.slides
+    return [bytes(row[s:]) for row, s in zip(session.tokens, starts)]
+
+
+def sample_speculative(model, draft, prompts: list[bytes], max_tokens: int, temperature: float = 0.8,
+                       top_k: int = 40, seed: int = 0, k: int = 4, stats: Stats | None = None,
+                       decoders: tuple[CachedDecoder, CachedDecoder] | None = None) -> list[bytes]:
+    """``max_tokens`` bytes after each prompt from ``model``, with ``draft`` proposing ``k`` bytes at a time.
+
+    The output follows ``model``'s distribution exactly (the acceptance rule of the module doc); at temperature 0
+    it is ``model``'s greedy text (the same as :func:`sample_cached`'s at any length).
+    """
+    check_args(max_tokens, temperature)
+    if k < 1:
+        raise UsageError("--draft-tokens must be at least 1")
+    target_dec, draft_dec = decoders or (CachedDecoder(model), CachedDecoder(draft))
+    if draft_dec.vocab != target_dec.vocab:
+        raise UsageError(f"the draft model has {draft_dec.vocab} outputs, the model {target_dec.vocab}; they must "
+                         "share the vocabulary (distill the draft from this model)")
+    stats = stats if stats is not None else Stats()
+    stats.rows = len(prompts)
+    rng = np.random.default_rng(seed)
+    rows = [list(p) or [ord("\n")] for p in prompts]
+    starts = [len(p) if p else 1 for p in prompts]
+    target, proposer = Session(target_dec, rows), Session(draft_dec, rows)
+    goal = [s + max_tokens for s in starts]
+    context = target_dec.context
+    while any(len(row) < g for row, g in zip(target.tokens, goal)):
+        base = [len(row) for row in target.tokens]
+        # proposals must fit the model's window beside every row's bytes: near its end, propose fewer; with no
+        # room, take one plain step, which slides the window exactly as plain cached decoding does (so greedy
+        # text is the same as plain decoding's at any length)
+        room = min(context - (len(row) - off) for row, off, g in zip(target.tokens, target.offset, goal)
+                   if len(row) < g)
+        steps = min(k, room - 1)
+        if steps < 1:
+            scored = target.advance()
+            stats.model_calls += 1
+            for b, row in enumerate(scored):
+                if base[b] < goal[b]:
+                    token = choose(row[-1], temperature, top_k, rng)
+                    target.tokens[b].append(token)
+                    proposer.tokens[b].append(token)
+                    stats.generated += 1
+            continue
+        proposals, q = [[] for _ in rows], [[] for _ in rows]
+        for _ in range(steps):  # the draft proposes `steps` bytes per row, one call each
+            for b, row in enumerate(proposer.advance()):
+                if temperature == 0:
+                    token = int(np.argmax(row[-1]))
+                else:
+                    q[b].append(transform(row[-1], temperature, top_k))
+                    token = int(rng.choice(len(q[b][-1]), p=q[b][-1]))
+                proposals[b].append(token)
+                proposer.tokens[b].append(token)
+            stats.draft_calls += 1
+        scored = target.advance(proposals)  # the model scores every proposal and one more position, in one call
+        stats.model_calls += 1
+        for b in range(len(rows)):
+            accepted, kept = 0, []
+            if base[b] < goal[b]:
+                logits = scored[b][-(steps + 1):]  # predicting proposal 1..steps, then the byte after them
+                for i, token in enumerate(proposals[b]):
+                    stats.proposed += 1
+                    if temperature == 0:
+                        best = int(np.argmax(logits[i]))
+                        ok = best == token
+                    else:
+                        p = transform(logits[i], temperature, top_k)
+                        ok = rng.random() < min(1.0, p[token] / q[b][i][token])
+                    if ok:
+                        kept.append(token)
+                        accepted += 1
+                        continue
+                    if temperature == 0:
+                        kept.append(best)
+                    else:
+                        residual = np.maximum(p - q[b][i], 0.0)
+                        kept.append(int(rng.choice(len(p), p=residual / residual.sum())))
+                    break
+                else:  # every proposal accepted: one more byte from the model
+                    kept.append(choose(logits[steps], temperature, top_k, rng))
+                stats.accepted += accepted
+                kept = kept[: goal[b] - base[b]]
+                stats.generated += len(kept)
+            # both caches hold the prefix and the accepted proposals; what follows is overwritten later
+            proposer.keep(b, base[b] + accepted)
+            proposer.tokens[b][base[b]:] = kept
+            target.tokens[b][base[b]:] = kept
+            target.done[b] = min(base[b] + accepted, len(target.tokens[b])) - target.offset[b]
+    stats.slides += target.slides + proposer.slides
+    return [bytes(row[s: s + max_tokens]) for row, s in zip(target.tokens, starts)]
+
+
+def check_args(max_tokens: int, temperature: float) -> None:
+    """One-line errors for bad generation arguments."""
+    if max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    if temperature < 0:
+        raise UsageError("--temperature must be 0 (greedy) or positive")

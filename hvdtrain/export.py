@@ -1,0 +1,102 @@
+"""``hvdtrain export``: a trained ``gpt`` in the formats serving systems load.
+
+- ``saved_model``: a TensorFlow SavedModel (what TensorFlow Serving, TF-Lite's converter and ``tf.saved_model.load``
+  read) with two signatures: ``serving_default`` (``tokens`` int32 ``(batch, context)`` -> ``logits``
+  ``(batch, context, vocabulary)``) and ``generate`` (``prompt`` int32 ``(batch, length)`` right-padded,
+  ``lengths`` int32 ``(batch,)``, ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: all), ``seed``
+  -> ``tokens`` int32 ``(batch, max_new_tokens)``): the cached decoder of :mod:`hvdtrain.decoding` in one graph,
+  sampling with stateless random ops. In the graph, generation stops at the context length (the new tokens are
+  cut to ``context - max(lengths)``); the CLI's ``generate`` slides past it.
+- ``tflite`` and ``tflite-int8``: the logits model for TFLite, in float32 or with int8 weights (dynamic-range
+  quantization: weights stored as int8, computed in float).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hvdtrain.errors import UsageError
+
+FORMATS = ("saved_model", "tflite", "tflite-int8")
+
+
+def generation_module(model):
+    """A ``tf.Module`` with the two serving signatures of ``model`` (a ``gpt``)."""
+    import tensorflow as tf
+
+    from hvdtrain.decoding import CachedDecoder
+
+    decoder = CachedDecoder(model)
+    context, vocab = decoder.context, decoder.vocab
+
+    class Generation(tf.Module):
+        def __init__(self):
+            super().__init__(name="gpt_generation")
+            self.model = model  # tracked: its variables are saved once, shared by both signatures
+
+        @tf.function(input_signature=[tf.TensorSpec([None, context], tf.int32, name="tokens")])
+        def serve(self, tokens):
+            return {"logits": tf.cast(self.model(tokens, training=False), tf.float32)}
+
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="prompt"), tf.TensorSpec([None], tf.int32, name="lengths"),
+            tf.TensorSpec([], tf.int32, name="max_new_tokens"), tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([], tf.int32, name="top_k"), tf.TensorSpec([], tf.int64, name="seed")])
+        def generate(self, prompt, lengths, max_new_tokens, temperature, top_k, seed):
+            batch = tf.shape(prompt)[0]
+            steps = tf.maximum(0, tf.minimum(max_new_tokens, context - tf.reduce_max(lengths)))
+            logits, cache = decoder.extend(prompt, tf.zeros([batch], tf.int32), decoder.empty_cache(batch))
+            last = tf.gather(logits, lengths - 1, batch_dims=1)  # (batch, vocabulary)
+            k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
+
+            def pick(row_logits, step):
+                def greedy():
+                    return tf.argmax(row_logits, -1, output_type=tf.int32)
+
+                def sampled():
+                    scaled = row_logits / temperature
+                    cutoff = tf.math.top_k(scaled, k).values[:, -1:]
+                    scaled = tf.where(scaled >= cutoff, scaled, -1e30)
+                    draw = tf.random.stateless_categorical(scaled, 1, seed=tf.stack([seed, tf.cast(step, tf.int64)]))
+                    return tf.cast(draw[:, 0], tf.int32)
+
+                return tf.cond(temperature > 0, sampled, greedy)
+
+            def body(step, last, cache, out):
+                token = pick(last, step)
+                out = out.write(step, token)
+                logits, cache = decoder.extend(token[:, None], lengths + step, cache)
+                return step + 1, logits[:, 0], cache, out
+
+            out = tf.TensorArray(tf.int32, size=steps)
+            _, _, _, out = tf.while_loop(lambda step, *_: step < steps, body,
+                                         [tf.constant(0), last, cache, out])
+            return {"tokens": tf.transpose(tf.reshape(out.stack(), [steps, batch]))}
+
+    return Generation()
+
+
+def export(model, output: str, fmt: str, run_dir=None) -> list[str]:
+    """Write ``model`` in ``fmt`` under ``output``; returns the paths written."""
+    import tensorflow as tf
+
+    from hvdtrain import decoding, storage
+
+    if fmt not in FORMATS:
+        from hvdtrain.errors import closest
+
+        raise UsageError(f"unknown --format '{fmt}'{closest(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+    decoding.check_model(model)
+    if fmt == "saved_model":
+        module = generation_module(model)
+        target = storage.join(output, "saved_model")
+        with storage.staged(target) as tmp:
+            tf.saved_model.save(module, str(tmp), signatures={
+                "serving_default": module.serve, "generate": module.generate.get_concrete_function()})
+        return [target]
+    from hvdtrain.compression.export import to_tflite
+
+    name = "model-int8.tflite" if fmt == "tflite-int8" else "model.tflite"
+    local = run_dir.local(name)
+    to_tflite(model, Path(local), "dynamic" if fmt == "tflite-int8" else "float32")
+    run_dir.publish()
+    return [run_dir.path(name)]
