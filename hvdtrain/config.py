@@ -140,7 +140,8 @@ class CompressionConfig:
     student_params: dict[str, Any] = field(default_factory=dict)  # empty: the family's student (STUDENTS)
     temperature: float = 1.0
     alpha: float = 0.0
-    standardize_logits: bool = True  # z-score both logit vectors before the softened KL (Sun et al., 2024)
+    # z-score both logit vectors before the softened KL (Sun et al., 2024); empty: the family's default (STUDENTS)
+    standardize_logits: bool | None = None
     distill_epochs: int = 0  # 0: the family's default (STUDENTS)
     baseline_seeds: int = 0  # 0: the family's default (STUDENTS)
     # pipeline: distill -> prune to this sparsity (a small student has less to spare) -> this quantization
@@ -152,13 +153,22 @@ class CompressionConfig:
 
 
 # The student each model family distills into when compression.student is empty, and the distillation defaults
-# measured for it (docs/compression.md): digits-cnn's 9.8x smaller cnn over 20 epochs and 5 seeds; for gpt a
-# quarter-width single block over 3 epochs and 2 seeds (a language-model epoch costs far more).
+# measured for it (docs/compression.md): digits-cnn's 9.8x smaller cnn over 20 epochs and 5 seeds, on standardized
+# logits; for gpt a quarter-width single block over 3 epochs and 2 seeds (a language-model epoch costs far more),
+# on plain logits: bits per byte need the student's own logit scale, which standardization does not train.
 STUDENTS: dict[str, dict[str, Any]] = {
-    "cnn": {"params": {"filters": [12, 24], "dense_units": 32}, "epochs": 20, "seeds": 5},
-    "mlp": {"params": {"hidden_units": [32], "dropout": 0.0}, "epochs": 20, "seeds": 5},
-    "gpt": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "dropout": 0.0}, "epochs": 3, "seeds": 2},
+    "cnn": {"params": {"filters": [12, 24], "dense_units": 32}, "epochs": 20, "seeds": 5, "standardize": True},
+    "mlp": {"params": {"hidden_units": [32], "dropout": 0.0}, "epochs": 20, "seeds": 5, "standardize": True},
+    "gpt": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "dropout": 0.0}, "epochs": 3, "seeds": 2,
+            "standardize": False},
 }
+
+
+def standardize_logits(cfg) -> bool:
+    """Whether distillation standardizes the logits (``compression.standardize_logits``, or the family's)."""
+    c = cfg.compression
+    return c.standardize_logits if c.standardize_logits is not None else STUDENTS.get(
+        cfg.model.name, {"standardize": True})["standardize"]
 
 
 def student_of(cfg) -> tuple[str, dict[str, Any], int, int]:
@@ -257,6 +267,10 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
                 f"{key}: '{value}' is not one of {', '.join(names)}{closest(str(value), names)}"
             )
         return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

@@ -87,14 +87,14 @@ def _distill(s: _Session):
     from hvdtrain.compression.distill import distill
     from hvdtrain.evaluation import evaluate
 
-    from hvdtrain.config import student_of
+    from hvdtrain.config import standardize_logits, student_of
 
     c = s.cfg.compression
     name, params, _, seeds = student_of(s.cfg)
     student = distill(s.teacher, s.source, s.cfg)
     s.keras("student", student, "distill", {"student": name, "student_params": params,
                                             "alpha": c.alpha, "temperature": c.temperature,
-                                            "standardize_logits": c.standardize_logits})
+                                            "standardize_logits": standardize_logits(s.cfg)})
     s.tflite("student-float32", student, "distill", "float32", "student")
     # The same student without the teacher (alpha=1: labels only), same epochs, over several seeds.
     metric = "bits_per_byte" if s.source.is_language_model else "accuracy"

@@ -2,7 +2,7 @@
 
 loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-With ``standardize_logits`` (the default) both logit vectors are first standardized per example (zero mean,
+With ``standardize_logits`` (the default for classifiers) both logit vectors are first standardized per example (zero mean,
 unit standard deviation; Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024): the student
 then matches the teacher's ranking and relative gaps of classes rather than the scale of its logits, which a
 small student reaches only slowly. ``standardize_logits=false`` is Hinton's loss as written above.
@@ -81,9 +81,11 @@ class Distiller(tf.keras.Model):
 
 def make_distiller(student, teacher, cfg: Config, source, alpha: float | None = None) -> Distiller:
     """A built :class:`Distiller` with the configured loss (``alpha`` overrides the config's)."""
+    from hvdtrain.config import standardize_logits
+
     c = cfg.compression
     distiller = Distiller(student, teacher, c.alpha if alpha is None else alpha, c.temperature,
-                          c.standardize_logits)
+                          standardize_logits(cfg))
     distiller(tf.zeros((1, *source.input_shape), teacher.inputs[0].dtype))  # build before compile
     return distiller
 
