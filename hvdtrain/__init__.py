@@ -44,6 +44,14 @@ def shard(dataset: "tf.data.Dataset", batch_size: int | None = None, num_example
     return shard_dataset(dataset, rank(), size(), batch_size=batch_size, num_examples=num_examples)
 
 
+def exit(code: int = 0) -> None:  # noqa: A001 - the one way a script should end after using S3
+    """End a script that used object storage: flush, shut Horovod down, and leave without the interpreter's
+    teardown, during which tensorflow-io 0.36 aborts (see :func:`hvdtrain.cli.exit_process`)."""
+    from hvdtrain.cli import exit_process
+
+    exit_process(code)
+
+
 def __getattr__(name: str):
     # These import TensorFlow, so they are loaded on first use.
     import importlib
@@ -56,6 +64,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "allreduce", "barrier", "broadcast_object", "callbacks", "init", "is_chief", "local_rank", "local_size",
+    "allreduce", "barrier", "broadcast_object", "callbacks", "exit", "init", "is_chief", "local_rank", "local_size",
     "rank", "shard", "size", "wrap_optimizer", "WarmupSchedule",
 ]

@@ -53,6 +53,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controllers", default="gloo", help="with --layouts: gloo and/or mpi, e.g. gloo,mpi")
     p.add_argument("--global-batch", type=int, default=32, help="with --layouts: the global batch of every layout")
     p.add_argument("--windows", type=int, default=3, help="with --layouts: timed windows per launch")
+    p.add_argument("--inference", action="store_true",
+                   help="generation speed: full window vs key-value cache vs speculative (with --model, --draft)")
+    p.add_argument("--model", help="with --inference: a trained gpt (run directory or model.keras)")
+    p.add_argument("--draft", help="with --inference: a small gpt for speculative decoding")
+    p.add_argument("--batch", default="1,8", help="with --inference: batch sizes, e.g. 1,8")
+    p.add_argument("--max-tokens", type=int, default=256, help="with --inference: bytes generated per prompt")
+    p.add_argument("--methods", default="full,cached,speculative", help="with --inference: which to time")
+    p.add_argument("--temperature", type=float, default=0.8, help="with --inference: sampling temperature")
     p.add_argument("--launcher-args", default="--gloo",
                    help="extra horovodrun arguments, as typed: --launcher-args --mpi, or in quotes for several")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
@@ -127,7 +135,21 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if bad or not modes or not nps or min(nps) < 1:
         raise UsageError("--scaling takes weak and/or strong; --np takes positive rank counts")
     launcher = args.launcher_args.split()
-    if args.layouts is not None:
+    if args.inference:
+        from hvdtrain.benchmark import inference as bench
+
+        if not args.model:
+            raise UsageError("--inference needs --model RUN (a trained gpt)")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not args.draft:
+            methods = [m for m in methods if m != "speculative"]
+        try:
+            batches = sorted({int(b) for b in args.batch.split(",") if b.strip()})
+        except ValueError:
+            raise UsageError(f"--batch '{args.batch}' must be batch sizes separated by commas, e.g. 1,8") from None
+        report = bench.run(args.model, args.draft, batches, args.max_tokens, args.repeats, args.temperature, 4,
+                           methods)
+    elif args.layouts is not None:
         from hvdtrain.benchmark import layouts
 
         cfg = config.load(args.recipe or "gpt-tiny", args.config, args.overrides)
@@ -144,7 +166,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                  args.repeats, launcher, args.timeout)
     out = RunDir(args.output)
     out.write_json("benchmark.json", report)
-    if report["kind"] == "layouts":
+    if report["kind"] == "inference":
+        written = bench.plot(report, out)
+        bench.print_report(report)
+    elif report["kind"] == "layouts":
         written = layouts.plot(report, out)
         layouts.print_report(report)
     else:
@@ -343,9 +368,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_process(code: int) -> None:
+    """End the process with ``code``.
+
+    tensorflow-io 0.36 aborts at interpreter exit once it has used S3 ("pure virtual method called", exit code
+    134; tensorflow/io #1912, #2039, fixed in no release), which would fail a finished job under horovodrun. After
+    S3 was used, the output is flushed, Horovod shut down, and the process ends without the interpreter's
+    teardown.
+    """
+    from hvdtrain import storage
+
+    if storage.used_object_storage():
+        from hvdtrain import distributed
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        distributed.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 def entry() -> None:
     """Console-script wrapper."""
-    sys.exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from hvdtrain.errors import DataError, ModelFileError
 def resolve(path: str | Path) -> str:
     """A model's URI: a ``.keras``/``.tflite`` file, or a run directory holding ``model.keras``."""
     uri = str(path)
-    storage.require_scheme(uri)
+    storage.check(uri)
     if storage.is_dir(uri):
         inner = storage.join(uri, "model.keras")
         if storage.exists(inner):

@@ -78,6 +78,12 @@ class RunDir:
 
     def create(self, config_yaml: str | None = None) -> str | None:
         """Create the directory (and write ``config.yaml``); returns an error message instead of raising."""
+        from hvdtrain.errors import HvdtrainError
+
+        try:
+            storage.check(self.uri)
+        except HvdtrainError as exc:
+            return str(exc)
         try:
             storage.makedirs(self.uri)
             if config_yaml is not None:

@@ -10,14 +10,16 @@ Remote URIs go through ``tf.io.gfile``; schemes other than ``gs://`` need tensor
 """
 from __future__ import annotations
 
+import glob as globbing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hvdtrain.errors import UsageError
+from hvdtrain.errors import HvdtrainError, UsageError
 
 # Schemes that tensorflow-io registers (TensorFlow 2.15 itself has only local files, gs:// and ram://).
 IO_SCHEMES = ("s3", "hdfs", "viewfs", "har", "az", "http", "https")
@@ -84,6 +86,20 @@ def require_scheme(uri: str | Path) -> None:
     except ImportError:
         raise UsageError(f"'{uri}' needs tensorflow-io for {s}:// URIs; install the extra: "
                          "pip install 'hvdtrain[s3]'") from None
+
+
+def glob(pattern: str) -> list[str]:
+    """Files and folders matching ``pattern`` (``*``, ``?``; locally also ``**``), sorted."""
+    if is_local(pattern):
+        return sorted(globbing.glob(str(local_path(pattern)), recursive=True))
+    return sorted(gfile().glob(str(pattern)))
+
+
+def size(uri: str) -> int:
+    """Bytes in the file at ``uri``."""
+    if is_local(uri):
+        return local_path(uri).stat().st_size
+    return int(gfile().stat(str(uri)).length)
 
 
 def exists(uri: str) -> bool:
@@ -235,3 +251,101 @@ def remove(uri: str) -> None:
         g.rmtree(str(uri))
     elif g.exists(str(uri)):
         g.remove(str(uri))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S3: checks before anything starts, with one-line reasons, and bucket creation (tests, local servers)
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint as a URL, from ``S3_ENDPOINT`` (and ``S3_USE_HTTPS``), as tensorflow-io reads them."""
+    endpoint = os.environ.get("S3_ENDPOINT", "")
+    if not endpoint:
+        region = os.environ.get("AWS_REGION", "us-east-1")
+        return f"https://s3.{region}.amazonaws.com"
+    if "://" in endpoint:
+        return endpoint.rstrip("/")
+    https = os.environ.get("S3_USE_HTTPS", "1") not in ("0", "false", "False")
+    return f"{'https' if https else 'http'}://{endpoint}".rstrip("/")
+
+
+def s3_request(method: str, bucket: str, key: str = "", timeout: float = 10.0) -> int:
+    """One S3 request on ``bucket``/``key``, signed with AWS Signature V4 from the standard environment variables;
+    returns the HTTP status. Raises ``OSError`` when the endpoint cannot be reached."""
+    import datetime
+    import hashlib
+    import hmac
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    endpoint = s3_endpoint()
+    host = endpoint.split("://", 1)[1]
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    region = os.environ.get("AWS_REGION", "us-east-1")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    payload = hashlib.sha256(b"").hexdigest()
+    path = "/" + quote(bucket) + ("/" + quote(key) if key else "")
+    headers = f"host:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{stamp}\n"
+    signed = "host;x-amz-content-sha256;x-amz-date"
+    canonical = f"{method}\n{path}\n\n{headers}\n{signed}\n{payload}"
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key_bytes = ("AWS4" + secret).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key_bytes = hmac.new(key_bytes, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key_bytes, to_sign.encode(), hashlib.sha256).hexdigest()
+    request = urllib.request.Request(endpoint + path, method=method, headers={
+        "x-amz-date": stamp, "x-amz-content-sha256": payload,
+        "Authorization": f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, "
+                         f"Signature={signature}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason)) from None
+
+
+def check(uri: str | Path) -> None:
+    """Fail with one line, before anything starts, when ``uri`` cannot be used: its scheme needs a missing
+    package, or (S3) the endpoint cannot be reached, the bucket does not exist, or the credentials are refused."""
+    require_scheme(uri)
+    if scheme(uri) != "s3":
+        return
+    bucket = str(uri)[len("s3://"):].split("/", 1)[0]
+    endpoint = s3_endpoint()
+    try:
+        status = s3_request("HEAD", bucket)
+    except OSError as exc:
+        raise HvdtrainError(f"cannot reach the S3 endpoint {endpoint} for '{uri}' ({exc}); check S3_ENDPOINT "
+                            "and that the server is running") from None
+    if status == 404:
+        raise HvdtrainError(f"bucket '{bucket}' does not exist at {endpoint} (for '{uri}'); create it first")
+    if status in (401, 403):
+        raise HvdtrainError(f"{endpoint} refused access to bucket '{bucket}' (for '{uri}', HTTP {status}); check "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if not 200 <= status < 300:
+        raise HvdtrainError(f"{endpoint} answered HTTP {status} for bucket '{bucket}' (for '{uri}')")
+
+
+def create_bucket(name: str) -> None:
+    """Create an S3 bucket (for local servers and tests; an existing bucket is fine)."""
+    status = s3_request("PUT", name)
+    if status not in (200, 409):
+        raise HvdtrainError(f"cannot create bucket '{name}' at {s3_endpoint()}: HTTP {status}")
+
+
+def used_object_storage() -> bool:
+    """Whether this process loaded tensorflow-io's file systems (see :func:`exit_process`)."""
+    return "tensorflow_io" in sys.modules
+
+
+if __name__ == "__main__":  # python -m hvdtrain.storage create-bucket NAME
+    if len(sys.argv) == 3 and sys.argv[1] == "create-bucket":
+        create_bucket(sys.argv[2])
+        print(f"s3://{sys.argv[2]}")
+    else:
+        sys.exit("usage: python -m hvdtrain.storage create-bucket NAME")

@@ -12,7 +12,12 @@ LANGUAGE_MODELS = ("gpt",)
 
 
 def load(cfg, seed: int = 0, model_name: str = "") -> Source:
-    """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`)."""
+    """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`); ``data.path`` may be a
+    local path or a storage URI (``s3://bucket/prefix``)."""
+    if cfg.path and cfg.source in ("text", "npz", "tfrecord"):
+        from hvdtrain import storage
+
+        storage.check(cfg.path)
     if cfg.source == "digits":
         from hvdtrain.data import digits
 

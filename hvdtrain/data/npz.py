@@ -1,8 +1,6 @@
 """NumPy ``.npz`` files with arrays ``x`` (examples) and ``y`` (integer labels), for small in-memory data."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from hvdtrain.data.source import ArraySource, split_arrays
@@ -14,11 +12,15 @@ def load(path: str, test_fraction: float, validation_fraction: float, num_classe
 
     Integer-typed images (``uint8``) are scaled to [0, 1]; 2-D ``x`` of images is given a channel axis.
     """
-    p = Path(path)
-    if not p.is_file():
+    import io
+
+    from hvdtrain import storage
+
+    p = path
+    if not storage.exists(p) or storage.is_dir(p):
         raise DataError(f"data.path '{p}' does not exist; give an .npz file with arrays x and y")
     try:
-        with np.load(p, allow_pickle=False) as f:
+        with np.load(io.BytesIO(storage.read_bytes(p)), allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
             if missing:
                 raise DataError(f"'{p}' has arrays {sorted(f.files)}, but needs x and y (missing: {sorted(missing)})")

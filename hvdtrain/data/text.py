@@ -8,9 +8,6 @@ overlaps the training text, and each part into windows of ``context_length + 1``
 """
 from __future__ import annotations
 
-import glob
-from pathlib import Path
-
 import numpy as np
 
 from hvdtrain.data.source import LANGUAGE_MODEL, ArraySource
@@ -27,11 +24,13 @@ def embedded_corpus() -> bytes:
 
 
 def read_corpus(pattern: str) -> bytes:
-    """Bytes of every file matching ``pattern`` (sorted, joined by a newline)."""
-    files = sorted(f for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+    """Bytes of every file matching ``pattern`` (sorted, joined by a newline); local or on object storage."""
+    from hvdtrain import storage
+
+    files = [f for f in storage.glob(pattern) if not storage.is_dir(f)]
     if not files:
         raise DataError(f"no text files match data.path='{pattern}'; give a file, or a glob such as 'corpus/*.txt'")
-    data = b"\n".join(Path(f).read_bytes() for f in files)
+    data = b"\n".join(storage.read_bytes(f) for f in files)
     if not data:
         raise DataError(f"the text files matching '{pattern}' are empty")
     return data

@@ -12,12 +12,9 @@ resizes and centre-crops only. The training stream repeats, so every rank runs t
 """
 from __future__ import annotations
 
-import glob
-import os
-from pathlib import Path
-
 import tensorflow as tf
 
+from hvdtrain import storage
 from hvdtrain.data.sharding import shard_files
 from hvdtrain.data.source import Source
 from hvdtrain.errors import DataError
@@ -30,13 +27,14 @@ CACHE_LIMIT_BYTES = 512 * 1024 * 1024  # cache the raw records in memory below t
 
 
 def find_files(path: str) -> tuple[list[str], list[str]]:
-    """Training and validation shards under ``path`` (a directory, or a glob of training shards)."""
-    if os.path.isdir(path):
-        train = sorted(glob.glob(os.path.join(path, "train*")))
-        val = sorted(glob.glob(os.path.join(path, "validation*")) + glob.glob(os.path.join(path, "val-*")))
+    """Training and validation shards under ``path`` (a directory, or a glob of training shards), local or on
+    object storage (streamed by ``tf.data``, never copied first)."""
+    if storage.is_dir(path):
+        train = storage.glob(storage.join(path, "train*"))
+        val = sorted(storage.glob(storage.join(path, "validation*")) + storage.glob(storage.join(path, "val-*")))
     else:
-        train, val = sorted(glob.glob(path)), []
-    train = [f for f in train if os.path.isfile(f)]
+        train, val = storage.glob(path), []
+    train = [f for f in train if not storage.is_dir(f)]
     if not train:
         raise DataError(
             f"no TFRecord training files at data.path='{path}'; give a directory with train-* shards or a glob"
@@ -86,7 +84,7 @@ class TFRecordSource(Source):
                         "test": count_records(self.test_files) if self.test_files else 0}
         if self._counts["train"] == 0:
             raise DataError(f"the TFRecord training files at '{path}' hold no records")
-        self._cache = sum(Path(f).stat().st_size for f in self.train_files) < CACHE_LIMIT_BYTES
+        self._cache = sum(storage.size(f) for f in self.train_files) < CACHE_LIMIT_BYTES
 
     def num_examples(self, name: str) -> int:
         """Records in ``train``, ``val`` (none: the validation shards serve as ``test``) or ``test``."""

@@ -318,6 +318,16 @@ def start_timeline(path: str) -> None:
     _hvd().start_timeline(path, mark_cycles=False)
 
 
+def shutdown() -> None:
+    """Shut Horovod down (when it was started); the ranks then stop exchanging."""
+    global _initialized
+    if _initialized:
+        import horovod.tensorflow as hvd_tf
+
+        hvd_tf.shutdown()
+        _initialized = False
+
+
 def stop_timeline() -> None:
     """Stop Horovod's timeline and flush its file."""
     _hvd().stop_timeline()
@@ -364,6 +374,6 @@ __all__ = [
     "REDUCE_OPS", "agree", "allgather_object", "allreduce", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
     "local_rank",
-    "local_size", "metric_average_callback", "rank", "run_elastic", "size", "extremes", "start_timeline", "stop_timeline",
+    "local_size", "metric_average_callback", "rank", "run_elastic", "shutdown", "size", "extremes", "start_timeline", "stop_timeline",
     "time_allreduce", "wrap_optimizer",
 ]

@@ -12,7 +12,7 @@ LAYERS = {
     "errors": 0, "console": 0, "storage": 1, "artifacts": 2, "plan": 1, "schedule": 1,
     "distributed": 2, "config": 2, "data": 2, "rundir": 3, "modelio": 2, "evaluation": 3,
     "checkpoint": 4, "callbacks": 5, "parallel": 5, "runtime": 6,
-    "decoding": 6, "train": 7, "benchmark": 7, "compression": 7, "generate": 7, "export": 8,
+    "decoding": 6, "train": 7, "compression": 7, "generate": 7, "benchmark": 8, "export": 8,
     "cli": 9, "__init__": 10,
 }
 

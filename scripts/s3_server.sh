@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# A real S3 server on this machine for the tests and for trying hvdtrain with object storage: Ceph's S3 gateway
+# (radosgw) on a single-node Ceph cluster (one monitor, one OSD on memory-backed storage, authentication off,
+# pools of size 1), listening on 127.0.0.1 only, without systemd. Debian 12 packages: ceph-mon ceph-osd radosgw.
+#
+#   scripts/s3_server.sh start DIR [PORT]   start it in DIR (state, logs), print the environment to use it
+#   scripts/s3_server.sh stop DIR           stop every daemon started in DIR
+#   scripts/s3_server.sh bucket DIR NAME    create a bucket (an S3 PUT signed with AWS Signature V4)
+#
+# The S3 endpoint is http://127.0.0.1:PORT (default 7480) with the access key and secret printed by start (also in
+# DIR/env). Nothing is written outside DIR; nothing survives stop (the OSD's storage is memory).
+set -euo pipefail
+
+cmd=${1:?usage: s3_server.sh start|stop DIR [PORT]}
+dir=${2:?usage: s3_server.sh start|stop DIR [PORT]}
+conf=$dir/ceph.conf
+access_key=hvdtrain-test-key
+secret_key=hvdtrain-test-secret
+log() { printf '[s3_server] %s\n' "$*" >&2; }
+
+stop() {
+  for pidfile in "$dir"/run/*.pid; do
+    [ -e "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+  done
+  for pidfile in "$dir"/run/*.pid; do
+    [ -e "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+}
+
+if [ "$cmd" = stop ]; then
+  stop
+  log "stopped ($dir)"
+  exit 0
+fi
+if [ "$cmd" = bucket ]; then
+  name=${3:?usage: s3_server.sh bucket DIR NAME}
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  python=${PYTHON:-$here/.venv/bin/python}
+  [ -x "$python" ] || python=python3
+  # shellcheck disable=SC1091
+  . "$dir/env"
+  PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} "$python" -m hvdtrain.storage create-bucket "$name"
+  exit 0
+fi
+[ "$cmd" = start ] || { log "unknown command '$cmd': use start, stop or bucket"; exit 2; }
+port=${3:-7480}
+mon_port=$((port + 1))
+for tool in ceph-mon ceph-osd radosgw radosgw-admin monmaptool; do
+  command -v "$tool" >/dev/null || { log "$tool is missing: apt-get install ceph-mon ceph-osd radosgw"; exit 1; }
+done
+
+mkdir -p "$dir"/{run,log,mon,osd,rgw}
+fsid=$(cat /proc/sys/kernel/random/uuid)
+cat > "$conf" <<EOF
+[global]
+fsid = $fsid
+mon host = v1:127.0.0.1:$mon_port
+mon initial members = a
+public addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd pool default size = 1
+osd pool default min size = 1
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+run dir = $dir/run
+pid file = $dir/run/\$name.pid
+admin socket = $dir/run/\$name.asok
+log file = $dir/log/\$name.log
+mon data = $dir/mon/\$name
+osd data = $dir/osd/\$name
+osd objectstore = memstore
+memstore device bytes = 2147483648
+osd max object name len = 460
+osd max object namespace len = 64
+keyring = $dir/keyring
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:$port
+rgw data = $dir/rgw
+rgw enable usage log = false
+EOF
+
+log "starting the monitor"
+ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+monmaptool --create --add a "v1:127.0.0.1:$mon_port" --fsid "$fsid" "$dir/monmap" >/dev/null
+ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/monmap" --keyring "$dir/keyring"
+ceph-mon -c "$conf" -i a
+
+log "starting the OSD (memory-backed)"
+osd_id=$(ceph -c "$conf" --connect-timeout 20 osd create)
+mkdir -p "$dir/osd/osd.$osd_id"
+ceph-osd -c "$conf" -i "$osd_id" --mkfs >/dev/null 2>&1
+ceph-osd -c "$conf" -i "$osd_id"
+
+log "starting the S3 gateway on 127.0.0.1:$port"
+radosgw -c "$conf" -n client.rgw.a
+for _ in $(seq 300); do
+  if radosgw-admin -c "$conf" user info --uid=hvdtrain >/dev/null 2>&1 \
+     || radosgw-admin -c "$conf" user create --uid=hvdtrain --display-name=hvdtrain --access-key="$access_key" \
+          --secret-key="$secret_key" >/dev/null 2>&1; then
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      break
+    fi
+  fi
+  sleep 0.2
+done
+(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { log "the gateway did not answer on port $port; see $dir/log"; stop; exit 1; }
+
+cat > "$dir/env" <<EOF
+export S3_ENDPOINT=http://127.0.0.1:$port
+export S3_USE_HTTPS=0
+export S3_VERIFY_SSL=0
+export AWS_ACCESS_KEY_ID=$access_key
+export AWS_SECRET_ACCESS_KEY=$secret_key
+export AWS_REGION=us-east-1
+export AWS_EC2_METADATA_DISABLED=true
+EOF
+cat "$dir/env"
+log "ready: http://127.0.0.1:$port (source $dir/env)"
