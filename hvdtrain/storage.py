@@ -130,9 +130,10 @@ def listdir(uri: str) -> list[str]:
         p = local_path(uri)
         return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
     g = gfile()
-    if not g.exists(str(uri)):
+    folder = str(uri) if str(uri)[len(scheme(uri)) + 3:].strip("/").count("/") else str(uri).rstrip("/") + "/"
+    if not g.exists(folder):
         return []
-    return sorted({name.rstrip("/") for name in g.listdir(str(uri))})
+    return sorted({name.rstrip("/") for name in g.listdir(folder)})
 
 
 def read_bytes(uri: str) -> bytes:

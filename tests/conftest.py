@@ -1,0 +1,70 @@
+"""Servers shared by the tests that need them, started once per session by the project's own scripts and stopped
+afterwards: a Ceph S3 gateway (scripts/s3_server.sh) and a Slurm cluster (scripts/slurm_cluster.sh)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(span: int = 2) -> int:
+    """A port whose next ``span - 1`` ports are free too."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span < 65000 and all(_free(port + i) for i in range(1, span)):
+            return port
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """``export K=V`` lines as a dict."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, value = line[len("export "):].split("=", 1)
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server on 127.0.0.1 (Ceph's radosgw on a one-OSD, memory-backed cluster) and its environment."""
+    state = tmp_path_factory.mktemp("ceph")
+    port = free_port()
+    script = ROOT / "scripts" / "s3_server.sh"
+    proc = subprocess.run([str(script), "start", str(state), str(port)], capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        subprocess.run([str(script), "stop", str(state)], capture_output=True, timeout=60)
+        pytest.fail(f"the S3 server did not start:\n{proc.stderr[-3000:]}")
+    environment = read_env(state / "env")
+    try:
+        yield {"env": environment, "state": state}
+    finally:
+        subprocess.run([str(script), "stop", str(state)], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket for one test, named after it."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "bucket"
+    subprocess.run([str(ROOT / "scripts" / "s3_server.sh"), "bucket", str(s3_server["state"]), name],
+                   check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable})
+    return f"s3://{name}"

@@ -1,0 +1,117 @@
+"""Data, checkpoints and every artifact on S3, against a real S3 server (Ceph's radosgw on 127.0.0.1, started by
+scripts/s3_server.sh through the session fixture in tests/conftest.py)."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tests.helpers import BIN, env, run
+from tests.unit.test_data_sources import write_shard
+
+pytestmark = pytest.mark.e2e
+
+
+def s3_env(s3_server, **extra):
+    return {**env(), **s3_server["env"], **extra}
+
+
+def s3(s3_server, code: str) -> str:
+    """Run Python code with hvdtrain.storage against the server; returns its stdout."""
+    import subprocess
+    import sys
+
+    full = "import os\nfrom hvdtrain import storage\n" + code + "\nimport sys; sys.stdout.flush(); os._exit(0)\n"
+    return subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env=s3_env(s3_server),
+                          check=True, timeout=120).stdout
+
+
+def hvdtrain_2_ranks(s3_server, args, failpoint=None, check=True):
+    extra = {"HVDTRAIN_FAILPOINT": failpoint} if failpoint else {}
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", str(BIN / "hvdtrain"), *args]
+    return run(cmd, env=s3_env(s3_server, **extra), timeout=600, check=check)
+
+
+def test_tfrecords_from_a_bucket_outputs_to_the_bucket_killed_then_resumed(s3_server, bucket, tmp_path):
+    local = tmp_path / "data"
+    local.mkdir()
+    for i in range(2):
+        write_shard(local / f"train-{i}", [1, 2, 3, 4] * 6, seed=i)
+    write_shard(local / "validation-0", [1, 2, 3, 4] * 2)
+    s3(s3_server, f"storage.upload({str(local)!r}, {bucket + '/imagenet'!r})")
+    out = f"{bucket}/runs/r1"
+    args = ["train", "--recipe", "synthetic-resnet-small", "--set", "data.source=tfrecord",
+            "--set", f"data.path={bucket}/imagenet", "--set", "data.num_classes=4", "--set", "data.label_offset=-1",
+            "--set", "data.image_size=16", "--set", "data.batch_size_per_rank=4", "--set", "data.num_examples=0",
+            "--set", "train.epochs=3", "--set", "model.params={blocks_per_stage: 1}", "--output", out]
+    killed = hvdtrain_2_ranks(s3_server, args, failpoint="mid-checkpoint@2", check=False)
+    assert killed.returncode != 0
+    # epoch 2's checkpoint files are in the bucket, its marker is not: an incomplete checkpoint
+    listing = json.loads(s3(s3_server, f"import json; print(json.dumps(storage.listdir({out + '/checkpoints/epoch-0002'!r})))"))
+    assert "state.json" not in listing and any(n.startswith("ckpt") for n in listing)
+    again = hvdtrain_2_ranks(s3_server, args)
+    assert "resuming after epoch 1" in again.stdout
+    assert "incomplete checkpoint" in again.stderr and "epoch-0002" in again.stderr
+    found = json.loads(s3(s3_server, f"""import json
+print(json.dumps({{"top": storage.listdir({out!r}), "ckpt": storage.listdir({out + '/checkpoints'!r}),
+    "metrics": storage.read_text({out + '/metrics.jsonl'!r}), "summary": storage.read_text({out + '/summary.json'!r}),
+    "tb": storage.glob({out + '/tensorboard/train/*'!r})}}))"""))
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "model.keras", "curves.png", "tensorboard",
+            "checkpoints"} <= set(found["top"])
+    assert found["ckpt"] == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert [json.loads(line)["epoch"] for line in found["metrics"].splitlines()] == [1, 2, 3]
+    summary = json.loads(found["summary"])
+    assert summary["world_size"] == 2 and summary["train_examples"] == 48 and summary["test_examples"] == 8
+    assert found["tb"]  # TensorBoard event files written straight to the bucket
+    # the model in the bucket is an ordinary model: evaluate reads it (and its run's config) from there
+    result = run([str(BIN / "hvdtrain"), "evaluate", "--model", out], env=s3_env(s3_server), timeout=300)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+
+def test_text_and_npz_sources_read_from_a_bucket(s3_server, bucket, tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    x = (rng.random((400, 4, 4)) * 0.2 + y[:, None, None] * 0.8).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    from hvdtrain.data import text
+
+    (tmp_path / "corpus.txt").write_bytes(text.embedded_corpus()[:20_000])
+    s3(s3_server, f"storage.upload({str(tmp_path / 'd.npz')!r}, {bucket + '/d.npz'!r}); "
+                  f"storage.upload({str(tmp_path / 'corpus.txt')!r}, {bucket + '/text/corpus.txt'!r})")
+    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "data.source=npz",
+         "--set", f"data.path={bucket}/d.npz", "--set", "train.epochs=10", "--output", str(tmp_path / "npz")],
+        env=s3_env(s3_server))
+    assert json.loads((tmp_path / "npz" / "summary.json").read_text())["test_accuracy"] >= 0.95
+    run([str(BIN / "hvdtrain"), "train", "--recipe", "gpt-tiny", "--set", f"data.path={bucket}/text/*.txt",
+         "--set", "model.params={num_layers: 1, width: 32, num_heads: 2}", "--set", "data.context_length=16",
+         "--set", "train.epochs=1", "--output", str(tmp_path / "text")], env=s3_env(s3_server))
+    assert json.loads((tmp_path / "text" / "summary.json").read_text())["train_examples"] > 1000
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing bucket", "bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
+    ("wrong credentials", "refused access to bucket"),
+    ("unreachable endpoint", "cannot reach the S3 endpoint http://127.0.0.1:1"),
+    ("no tensorflow-io", "needs tensorflow-io for s3:// URIs; install the extra: pip install 'hvdtrain[s3]'"),
+])
+def test_object_storage_errors_are_one_line_and_write_nothing(s3_server, bucket, tmp_path, case, message):
+    overrides = {}
+    output = f"{bucket}/run"
+    if case == "missing bucket":
+        output = "s3://no-such-bucket/run"
+    elif case == "wrong credentials":
+        overrides["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    elif case == "unreachable endpoint":
+        overrides["S3_ENDPOINT"] = "http://127.0.0.1:1"
+    else:  # a tensorflow_io that cannot be imported, as on a machine without the extra
+        fake = tmp_path / "no_io" / "tensorflow_io"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+        overrides["PYTHONPATH"] = f"{fake.parent}{os.pathsep}{env()['PYTHONPATH']}"
+    proc = run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "train.epochs=1",
+                "--output", output], env=s3_env(s3_server, **overrides), check=False, timeout=300)
+    assert proc.returncode in (1, 2), proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not re.match(r"^\d{4}-\d\d-\d\d \d", ln)]
+    assert len(lines) == 1 and message in lines[0] and output in lines[0], proc.stderr
+    assert "run" not in s3(s3_server, f"print(storage.listdir({bucket!r}))")  # nothing written
