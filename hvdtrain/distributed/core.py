@@ -40,6 +40,8 @@ def horovod_environment(knobs: Any = None, autotune_log: str = "", enable_xla_op
                 env[name] = str(value)
         if autotune_log and getattr(knobs, "autotune", False):
             env["HOROVOD_AUTOTUNE_LOG"] = autotune_log
+        if getattr(knobs, "timeline", ""):
+            env["HOROVOD_TIMELINE"] = "DYNAMIC"  # started once the output directory exists (start_timeline)
     if enable_xla_ops:
         env["HOROVOD_ENABLE_XLA_OPS"] = "1"
     return env
