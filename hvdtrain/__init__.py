@@ -60,10 +60,12 @@ def __getattr__(name: str):
         return importlib.import_module("hvdtrain.callbacks")
     if name == "WarmupSchedule":
         return importlib.import_module("hvdtrain.schedule").WarmupSchedule
+    if name == "ray":  # hvdtrain.ray.run(fn, num_workers=2): a user's function on Horovod workers placed by Ray
+        return importlib.import_module("hvdtrain.distributed.raycluster")
     raise AttributeError(f"module 'hvdtrain' has no attribute '{name}'")
 
 
 __all__ = [
     "allreduce", "barrier", "broadcast_object", "callbacks", "exit", "init", "is_chief", "local_rank", "local_size",
-    "rank", "shard", "size", "wrap_optimizer", "WarmupSchedule",
+    "rank", "ray", "shard", "size", "wrap_optimizer", "WarmupSchedule",
 ]

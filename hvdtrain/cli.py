@@ -36,6 +36,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the run's artifacts (written by rank 0)")
     p.add_argument("--elastic", action="store_true",
                    help="Horovod elastic mode (same as --set train.elastic=true); launch with horovodrun --min-np")
+    ray = p.add_argument_group("training on a Ray cluster (pip install 'hvdtrain[ray]')")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the workers on Ray: a cluster address (auto, ray://host:10001), or none for a local "
+                          "cluster on this machine")
+    ray.add_argument("--np", type=int, help="with --ray: workers (one per slot)")
+    ray.add_argument("--min-np", type=int, help="with --ray --elastic: fewest workers to go on with")
+    ray.add_argument("--max-np", type=int, help="with --ray --elastic: most workers")
+    ray.add_argument("--cpus-per-worker", type=int, default=1, help="with --ray: CPUs each worker reserves")
+    ray.add_argument("--gpus-per-worker", type=int, default=0, help="with --ray: 1 to give each worker a GPU")
+    ray.add_argument("--network-interface", help="with --ray: the interface workers talk over (local: lo)")
     _common(p)
 
     p = sub.add_parser("benchmark", help="throughput, scaling and allreduce; or the comparison with plain Horovod")
@@ -116,7 +126,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, *(["train.elastic=true"] if args.elastic else [])]
     cfg = config.load(args.recipe, args.config, overrides)
-    train.run(cfg, args.output)
+    if args.ray is None:
+        if args.np or args.min_np or args.max_np:
+            from hvdtrain.errors import UsageError
+
+            raise UsageError("--np, --min-np and --max-np go with --ray; under horovodrun give them to horovodrun")
+        train.run(cfg, args.output)
+        return 0
+    import functools
+
+    from hvdtrain.distributed import raycluster
+    from hvdtrain.errors import UsageError
+
+    if args.elastic and not args.min_np:
+        raise UsageError("--ray --elastic needs --min-np (and --max-np): the fewest and most workers")
+    if not args.elastic and not args.np:
+        raise UsageError("--ray needs --np N: the number of workers")
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("S3_", "AWS_", "HVDTRAIN_")) or k in ("TF_CPP_MIN_LOG_LEVEL", "PYTHONWARNINGS")}
+    raycluster.run(functools.partial(train.run_config_dict, config.to_dict(cfg), args.output),
+                   num_workers=None if args.elastic else args.np, address=None if args.ray == "local" else args.ray,
+                   cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpus_per_worker > 0,
+                   min_workers=args.min_np if args.elastic else None,
+                   max_workers=args.max_np if args.elastic else None, env=env,
+                   network_interface=args.network_interface)
     return 0
 
 

@@ -43,13 +43,23 @@ class Run:
     plan: Plan
     layout: Any  # hvdtrain.parallel.DataParallel or Parallel: how the model sits on the ranks
     model: Any  # what fit trains (the model, or the parallel layout's trainer)
-    run_dir: RunDir | None  # the chief's; None on the other ranks
+    chief_dir: RunDir | None  # the output directory, on the process that was the chief at start
     output: str | None  # the output directory as given (every rank knows whether there is one)
     output_error: str | None  # the chief's verdict on the output directory, agreed on by every rank
     started: float
     callbacks: tuple = ()  # the caller's, after the default ones
     progress: str | None = None
     scratch: list = field(default_factory=list)  # local temporary folders, removed at the end
+
+    @property
+    def run_dir(self) -> RunDir | None:
+        """The output directory on the chief, None elsewhere. Elastic runs can change the chief (when rank 0
+        dies, another process becomes rank 0): the new one writes to the same directory."""
+        if self.output is None or not distributed.is_chief() or self.output_error:
+            return None
+        if self.chief_dir is None:
+            self.chief_dir = RunDir(self.output)
+        return self.chief_dir
 
 
 def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = None) -> Run:
@@ -267,3 +277,10 @@ def run(cfg: Config, output: str | None = None, *, callbacks=(), progress: str |
         initial_epoch, previous_rows = resume(r)
         rows, plan = fit(r, r.plan, initial_epoch, previous_rows, initial_epoch * r.plan.steps_per_epoch), r.plan
     return finish(r, plan, rows, time.perf_counter() - fit_started)
+
+
+def run_config_dict(raw: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """:func:`run` from a config as plain data (what a Ray worker receives: ``hvdtrain train --ray``)."""
+    from hvdtrain import config
+
+    return run(config.from_dict(raw), output)
