@@ -5,24 +5,29 @@ BIN := $(VENV)/bin
 NP ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-parallel test-e2e lint clean
+.PHONY: setup setup-test demo test test-unit test-parallel test-e2e lint clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
+# The tests also need the optional extras (object storage, Ray) and the Debian packages of the real servers they
+# start (Ceph's S3 gateway, Slurm).
+setup-test:
+	VENV=$(VENV) HVDTRAIN_EXTRAS=s3,ray HVDTRAIN_TEST_SERVERS=1 bash scripts/setup.sh
+
 demo: setup
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-test-unit: setup
+test-unit: setup-test
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-parallel: setup
+test-parallel: setup-test
 	$(BIN)/python -m pytest tests/parallel $(PYTEST_ARGS)
 
-test-e2e: setup
+test-e2e: setup-test
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 clean:

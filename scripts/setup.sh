@@ -4,6 +4,8 @@
 #
 #   VENV=.venv             where to create the virtual environment ("system" installs into the current Python)
 #   HVDTRAIN_GPU=1         GPU flavour: tensorflow instead of tensorflow-cpu, Horovod with NCCL operations
+#   HVDTRAIN_EXTRAS=s3,ray the package's optional extras (object storage, Ray); `make test` installs both
+#   HVDTRAIN_TEST_SERVERS=1  the Debian packages of the servers the tests start: Ceph's S3 gateway, Slurm
 #   PYTHON=python3.11      interpreter used to create the venv
 set -euo pipefail
 
@@ -18,6 +20,10 @@ log() { printf '[setup] %s\n' "$*"; }
 # strace: the test that only rank 0 writes files traces what each rank opens for writing.
 # iproute2, openssh-server: the multi-host test runs two "hosts" in network namespaces, each with its own sshd.
 debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace iproute2 openssh-server)
+# The real servers of the tests (scripts/s3_server.sh, scripts/slurm_cluster.sh): ~70 MB, for `make test` only.
+if [ "${HVDTRAIN_TEST_SERVERS:-0}" = 1 ]; then
+  debs+=(ceph-mon ceph-osd radosgw slurmctld slurmd slurm-client munge)
+fi
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -50,13 +56,18 @@ reqs=$here/requirements.txt
 if [ "$HVDTRAIN_GPU" = 1 ]; then
   reqs=$(mktemp); sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' "$here/requirements.txt" > "$reqs"
 fi
+extras=${HVDTRAIN_EXTRAS:-}
 stamp=$("$py" -c 'import sys; print(sys.prefix)')/.hvdtrain-reqs
-want=$(cat "$reqs" "$here/setup.cfg" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
+want=$( (cat "$reqs" "$here/setup.cfg" "$here/pyproject.toml"; echo "extras=$extras") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  log "installing Python packages"
+  log "installing Python packages${extras:+ (extras: $extras)}"
   "$py" -m pip install -q --upgrade pip 'setuptools<70' wheel
   "$py" -m pip install -q -r "$reqs"
   "$py" -m pip install -q --no-deps -e "$here"
+  if [ -n "$extras" ]; then
+    # the extras' own requirements, pinned in setup.cfg, with TensorFlow's protobuf kept as it is
+    "$py" -m pip install -q -e "${here}[$extras]" "protobuf<5"
+  fi
   echo "$want" > "$stamp"
 fi
 
