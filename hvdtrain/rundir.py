@@ -101,18 +101,6 @@ class RunDir:
         """``name`` as JSON."""
         artifacts.write_json(self.path(name), value)
 
-    def write_text(self, name: str, text: str) -> None:
-        """``name`` as text."""
-        storage.write_text(self.path(name), text)
-
-    def read_json(self, name: str) -> Any:
-        """The JSON in ``name``."""
-        return json.loads(storage.read_text(self.path(name)))
-
-    def exists(self, name: str) -> bool:
-        """Whether ``name`` exists in the directory."""
-        return storage.exists(self.path(name))
-
     def write_metrics(self, rows: list[dict]) -> None:
         """``metrics.jsonl``: one line per epoch, the whole file each time."""
         storage.write_text(self.path("metrics.jsonl"), artifacts.jsonl(rows))
@@ -131,10 +119,6 @@ class RunDir:
     def save_figure(self, fig, name: str) -> None:
         """A matplotlib figure as ``name`` (PNG)."""
         artifacts.save_figure(fig, self.path(name))
-
-    def staged(self, name: str, suffix: str = ""):
-        """A local path to write ``name`` to, which becomes ``name`` whole on success (a context manager)."""
-        return storage.staged(self.path(name), suffix=suffix)
 
     @property
     def tensorboard(self) -> str:

@@ -58,3 +58,14 @@ def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: fl
     else:
         horovodrun(command, np=np, timeout=timeout)
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(np)]
+
+
+def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``out/metrics.jsonl`` has ``epochs`` lines, failing if ``proc`` ends first or time runs out."""
+    import time
+
+    deadline = time.time() + timeout
+    metrics = out / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < epochs:
+        assert proc.poll() is None and time.time() < deadline, f"the job ended before epoch {epochs}"
+        time.sleep(0.1)

@@ -18,7 +18,6 @@ from hvdtrain.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 CLASSIFICATION, LANGUAGE_MODEL = "classification", "language_model"
-SPLITS = ("train", "val", "test")
 
 
 class Source(abc.ABC):

@@ -185,17 +185,8 @@ class Mesh:
         return self.rank // (self.tensor * self.data)
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.stage == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.stage == self.pipeline - 1
-
-    @property
-    def is_stage_root(self) -> bool:
-        """The first rank of its stage (replica 0, shard 0): it speaks for the stage when gathering."""
-        return self.data_rank == 0 and self.tensor_rank == 0
 
     def describe(self) -> str:
         """One line for the log."""

@@ -60,10 +60,6 @@ class ShardedOptimizer:
         """The optimizer's state for this rank's slice (without the step count)."""
         return [v for v in self.optimizer.variables if v is not self.optimizer.iterations]
 
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds."""
-        return sum(int(np.prod(v.shape)) * v.dtype.size for v in self.slot_variables())
-
     def gather_slots(self) -> list[list[np.ndarray]]:
         """Every slot kind's full state, per variable (a collective on the group): ``[kind][variable] -> array``."""
         out = []

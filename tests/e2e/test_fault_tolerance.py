@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import BIN, ROOT, env, horovodrun, run
+from tests.helpers import BIN, ROOT, env, horovodrun, run, wait_for_epochs
 
 pytestmark = pytest.mark.e2e
 
@@ -124,10 +124,7 @@ def test_elastic_job_survives_a_killed_worker(tmp_path):
     proc = subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
-            assert proc.poll() is None and time.time() < deadline, "the job ended before its second epoch"
-            time.sleep(0.1)
+        wait_for_epochs(out, 2, proc)
         time.sleep(0.3)  # into epoch 3
         victims = rank_pids(str(out), 1)
         assert victims, "rank 1 not found"
@@ -160,10 +157,7 @@ def test_elastic_job_grows_when_a_host_is_added(tmp_path):
     proc = subprocess.Popen(cmd, env={**env(), "HOSTS_FILE": str(hosts)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists():
-            assert proc.poll() is None and time.time() < deadline, "the job ended before its first epoch"
-            time.sleep(0.1)
+        wait_for_epochs(out, 1, proc)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")  # a second host joins after epoch 1
         output, _ = proc.communicate(timeout=300)
     finally:

@@ -6,12 +6,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, ROOT, env, run
+from tests.helpers import BIN, ROOT, env, run, wait_for_epochs
 
 pytestmark = pytest.mark.e2e
 
@@ -91,10 +90,7 @@ def test_elastic_ray_job_goes_on_when_a_worker_is_killed(two_node_cluster, tmp_p
     proc = subprocess.Popen(cmd, env=ray_env(), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
-            assert proc.poll() is None and time.time() < deadline, "the job ended before its second epoch"
-            time.sleep(0.1)
+        wait_for_epochs(out, 2, proc)
         workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"ray::BaseHorovodWorker" in
                    open(f"/proc/{p}/cmdline", "rb").read()]
         assert len(workers) == 2
