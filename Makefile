@@ -16,7 +16,7 @@ setup-test:
 	VENV=$(VENV) HVDTRAIN_EXTRAS=s3,ray HVDTRAIN_TEST_SERVERS=1 bash scripts/setup.sh
 
 demo: setup
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo
 
 test: setup-test
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
