@@ -100,9 +100,13 @@ class CachedDecoder:
         self.blocks = blocks
         self.final_norm = model.get_layer("ln_final")
         self.logits_layer = model.get_layer("logits")
+        cache_spec = tf.TensorSpec([self.layers, 2, None, self.heads, self.context, self.head_dim], tf.float32)
         self.extend = tf.function(self._extend, input_signature=[
-            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([self.layers, 2, None, self.heads, self.context, self.head_dim], tf.float32)])
+            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), cache_spec])
+        self.propose = tf.function(self._propose, input_signature=[
+            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), cache_spec,
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
 
     def empty_cache(self, batch: int):
         """A cache for ``batch`` rows."""
@@ -141,6 +145,47 @@ class CachedDecoder:
             x = x + blk.proj(blk.fc(blk.ln2(x)))
         logits = self.logits_layer(self.final_norm(x))
         return tf.cast(logits, tf.float32), tf.stack(caches)
+
+    def _propose(self, tokens, start, cache, lengths, k, temperature, top_k, seed):
+        """The draft's side of speculative decoding in one call: encode ``tokens`` (right-padded; row b has
+        ``lengths[b]``), then draw ``k`` bytes one by one (greedy at temperature 0, else sampled with stateless
+        random ops from ``seed``). Returns ``(proposals (batch, k), their distributions (batch, k, vocabulary),
+        cache)``; the last proposal is not encoded."""
+        import tensorflow as tf
+
+        logits, cache = self._extend(tokens, start, cache)
+        last = tf.gather(logits, lengths - 1, batch_dims=1)
+        batch = tf.shape(tokens)[0]
+        chosen = tf.TensorArray(tf.int32, size=k)
+        dists = tf.TensorArray(tf.float32, size=k)
+
+        def body(i, last, cache, chosen, dists):
+            probs = tf.cond(temperature > 0, lambda: distribution(last, temperature, top_k, self.vocab),
+                            lambda: tf.one_hot(tf.argmax(last, -1), self.vocab))
+            token = tf.cond(
+                temperature > 0,
+                lambda: tf.cast(tf.random.stateless_categorical(tf.math.log(probs + 1e-30), 1,
+                                                               seed=seed + tf.cast(tf.stack([0, i]), tf.int64))[:, 0],
+                                tf.int32),
+                lambda: tf.argmax(last, -1, output_type=tf.int32))
+            chosen, dists = chosen.write(i, token), dists.write(i, probs)
+            nxt, cache = self._extend(token[:, None], start + lengths + i, cache)
+            return i + 1, nxt[:, 0], cache, chosen, dists
+
+        _, _, cache, chosen, dists = tf.while_loop(lambda i, *_: i < k, body, [tf.constant(0), last, cache, chosen,
+                                                                               dists])
+        proposals = tf.transpose(tf.reshape(chosen.stack(), [k, batch]))
+        return proposals, tf.transpose(dists.stack(), [1, 0, 2]), cache
+
+
+def distribution(logits, temperature, top_k, vocab: int):
+    """In the graph: the sampling distribution of ``logits`` (batch, vocabulary) as :func:`transform` makes it."""
+    import tensorflow as tf
+
+    scaled = logits / temperature
+    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
+    cutoff = tf.math.top_k(scaled, k).values[:, -1:]
+    return tf.nn.softmax(tf.where(scaled >= cutoff, scaled, -1e30), axis=-1)
 
 
 class Session:
@@ -187,6 +232,35 @@ class Session:
         for b, n in enumerate(news):
             self.done[b] += len(n) - len(extra[b])
         return [logits[b, : len(n)] for b, n in enumerate(news)]
+
+    def propose(self, k: int, temperature: float, top_k: int, rng: np.random.Generator):
+        """Encode every row's new tokens and draw ``k`` proposals per row in one call of the decoder; returns
+        ``(proposals (batch, k), distributions (batch, k, vocabulary))``. The proposals join the rows' tokens; all
+        but the last are in the cache."""
+        import tensorflow as tf
+
+        c = self.decoder.context
+        for b, row in enumerate(self.tokens):
+            if len(row) - self.offset[b] <= self.done[b]:
+                self.done[b] = len(row) - self.offset[b] - 1
+            if len(row) - self.offset[b] + k - 1 > c:  # slide, keeping room for the proposals
+                self.offset[b] = len(row) - max(1, c // 2 - k)
+                self.slides += self.done[b] > 0
+                self.done[b] = 0
+        news = [row[self.offset[b] + self.done[b]:] for b, row in enumerate(self.tokens)]
+        padded = np.zeros((len(news), max(len(n) for n in news)), np.int32)
+        for b, n in enumerate(news):
+            padded[b, : len(n)] = n
+        seed = rng.integers(0, 2**31 - 1, size=2)
+        proposals, dists, self.cache = self.decoder.propose(
+            tf.constant(padded), tf.constant(self.done, tf.int32), self.cache,
+            tf.constant([len(n) for n in news], tf.int32), tf.constant(k, tf.int32),
+            tf.constant(float(temperature), tf.float32), tf.constant(int(top_k), tf.int32), tf.constant(seed, tf.int64))
+        proposals = proposals.numpy()
+        for b, n in enumerate(news):
+            self.done[b] += len(n) + k - 1
+            self.tokens[b].extend(int(t) for t in proposals[b])
+        return proposals, dists.numpy().astype(np.float64)
 
     def keep(self, b: int, kept: int) -> None:
         """Row ``b`` keeps only its first ``kept`` tokens; the cache keeps what it has of them."""
@@ -258,18 +332,12 @@ def sample_speculative(model, draft, prompts: list[bytes], max_tokens: int, temp
                     proposer.tokens[b].append(token)
                     stats.generated += 1
             continue
-        proposals, q = [[] for _ in rows], [[] for _ in rows]
-        for _ in range(steps):  # the draft proposes `steps` bytes per row, one call each
-            for b, row in enumerate(proposer.advance()):
-                if temperature == 0:
-                    token = int(np.argmax(row[-1]))
-                else:
-                    q[b].append(transform(row[-1], temperature, top_k))
-                    token = int(rng.choice(len(q[b][-1]), p=q[b][-1]))
-                proposals[b].append(token)
-                proposer.tokens[b].append(token)
-            stats.draft_calls += 1
-        scored = target.advance(proposals)  # the model scores every proposal and one more position, in one call
+        # the draft proposes `steps` bytes per row, all in one call; the model scores every proposal and one more
+        # position, in one call
+        drafted, q = proposer.propose(steps, temperature, top_k, rng)
+        proposals = [[int(t) for t in row] for row in drafted]
+        stats.draft_calls += 1
+        scored = target.advance(proposals)
         stats.model_calls += 1
         for b in range(len(rows)):
             accepted, kept = 0, []
@@ -282,7 +350,7 @@ def sample_speculative(model, draft, prompts: list[bytes], max_tokens: int, temp
                         ok = best == token
                     else:
                         p = transform(logits[i], temperature, top_k)
-                        ok = rng.random() < min(1.0, p[token] / q[b][i][token])
+                        ok = rng.random() < min(1.0, p[token] / q[b, i, token])
                     if ok:
                         kept.append(token)
                         accepted += 1
@@ -290,8 +358,10 @@ def sample_speculative(model, draft, prompts: list[bytes], max_tokens: int, temp
                     if temperature == 0:
                         kept.append(best)
                     else:
-                        residual = np.maximum(p - q[b][i], 0.0)
-                        kept.append(int(rng.choice(len(p), p=residual / residual.sum())))
+                        residual = np.maximum(p - q[b, i], 0.0)
+                        total = residual.sum()  # zero only if p == q, where rejection cannot happen
+                        kept.append(int(rng.choice(len(p), p=residual / total)) if total > 0 else
+                                    choose(logits[i], temperature, top_k, rng))
                     break
                 else:  # every proposal accepted: one more byte from the model
                     kept.append(choose(logits[steps], temperature, top_k, rng))

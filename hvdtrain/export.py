@@ -23,7 +23,7 @@ def generation_module(model):
     """A ``tf.Module`` with the two serving signatures of ``model`` (a ``gpt``)."""
     import tensorflow as tf
 
-    from hvdtrain.decoding import CachedDecoder
+    from hvdtrain.decoding import CachedDecoder, distribution
 
     decoder = CachedDecoder(model)
     context, vocab = decoder.context, decoder.vocab
@@ -46,20 +46,15 @@ def generation_module(model):
             steps = tf.maximum(0, tf.minimum(max_new_tokens, context - tf.reduce_max(lengths)))
             logits, cache = decoder.extend(prompt, tf.zeros([batch], tf.int32), decoder.empty_cache(batch))
             last = tf.gather(logits, lengths - 1, batch_dims=1)  # (batch, vocabulary)
-            k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
 
             def pick(row_logits, step):
-                def greedy():
-                    return tf.argmax(row_logits, -1, output_type=tf.int32)
-
                 def sampled():
-                    scaled = row_logits / temperature
-                    cutoff = tf.math.top_k(scaled, k).values[:, -1:]
-                    scaled = tf.where(scaled >= cutoff, scaled, -1e30)
-                    draw = tf.random.stateless_categorical(scaled, 1, seed=tf.stack([seed, tf.cast(step, tf.int64)]))
+                    probs = distribution(row_logits, temperature, top_k, vocab)
+                    draw = tf.random.stateless_categorical(tf.math.log(probs + 1e-30), 1,
+                                                           seed=tf.stack([seed, tf.cast(step, tf.int64)]))
                     return tf.cast(draw[:, 0], tf.int32)
 
-                return tf.cond(temperature > 0, sampled, greedy)
+                return tf.cond(temperature > 0, sampled, lambda: tf.argmax(row_logits, -1, output_type=tf.int32))
 
             def body(step, last, cache, out):
                 token = pick(last, step)
