@@ -99,7 +99,14 @@ log "starting the OSD (memory-backed)"
 osd_id=$(ceph -c "$conf" --connect-timeout 20 osd create)
 mkdir -p "$dir/osd/osd.$osd_id"
 ceph-osd -c "$conf" -i "$osd_id" --mkfs >/dev/null 2>&1
-ceph-osd -c "$conf" -i "$osd_id"
+# An OSD's first mon command can race its monitor client and be refused ("wrong fsid": the monmap not read yet);
+# the OSD then exits at start. It is harmless to start it again.
+for attempt in 1 2 3; do
+  if ceph-osd -c "$conf" -i "$osd_id" 2>"$dir/log/osd-start.err"; then break; fi
+  if [ "$attempt" = 3 ]; then cat "$dir/log/osd-start.err" >&2; stop; exit 1; fi
+  log "the OSD stopped at start (attempt $attempt, see $dir/log/osd.$osd_id.log); starting it again"
+  sleep 1
+done
 
 log "starting the S3 gateway on 127.0.0.1:$port"
 radosgw -c "$conf" -n client.rgw.a
