@@ -300,8 +300,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.draft and args.full_window:
         raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
+    from hvdtrain.decoding import check_model
+
     model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
+    check_model(model, f"--model {args.model}")
     draft = modelio.load_keras(args.draft, allow_unsafe=args.allow_unsafe) if args.draft else None
+    if draft is not None:
+        check_model(draft, f"--draft {args.draft}")
     prompts = args.prompt or [""]
     method = "speculative" if draft is not None else "full" if args.full_window else "cached"
     texts, stats = generate.run(model, [p.encode("utf-8") for p in prompts], args.max_tokens, args.temperature,
@@ -324,7 +329,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --format '{args.format}'{closest(args.format, export.FORMATS)}; formats: "
                          f"{', '.join(export.FORMATS)}")
     model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
-    decoding.check_model(model)  # before anything is written
+    decoding.check_model(model, f"--model {args.model}")  # before anything is written
     run_dir = RunDir(args.output)
     error = run_dir.create()
     if error:

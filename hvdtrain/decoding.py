@@ -48,13 +48,13 @@ def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
     return int(rng.choice(len(probs), p=probs))
 
 
-def check_model(model) -> tuple[int, int]:
-    """``(context_length, vocabulary)`` of a ``gpt``; a clear error for any other model."""
+def check_model(model, name: str = "the model") -> tuple[int, int]:
+    """``(context_length, vocabulary)`` of a ``gpt``; a clear error naming ``name`` for any other model."""
     import tensorflow as tf
 
     shape = model.input_shape
     if len(shape) != 2 or model.inputs[0].dtype not in (tf.int32, tf.int64):
-        raise UsageError(f"the model takes inputs of shape {shape[1:]}, not byte tokens; generate and export need a gpt model")
+        raise UsageError(f"{name} takes inputs of shape {shape[1:]}, not byte tokens; generate and export need a gpt model")
     return int(shape[1]), int(model.output_shape[-1])
 
 

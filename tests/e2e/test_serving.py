@@ -185,7 +185,7 @@ def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, model
     assert "int8" in TFLiteModel(int8).tensor_types()
 
 
-def test_export_rejects_an_unknown_format_and_an_image_model(lm_run, tmp_path):
+def test_export_and_generate_reject_an_unknown_format_and_an_image_model(lm_run, tmp_path):
     proc = run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", "onnx", "--output",
                 str(tmp_path / "x")], check=False)
     assert proc.returncode == 2 and "unknown --format 'onnx'" in proc.stderr and not (tmp_path / "x").exists()
@@ -195,3 +195,8 @@ def test_export_rejects_an_unknown_format_and_an_image_model(lm_run, tmp_path):
     proc = run([str(BIN / "hvdtrain"), "export", "--model", str(tmp_path / "mlp.keras"), "--output",
                 str(tmp_path / "y")], check=False)
     assert proc.returncode == 2 and "need a gpt model" in proc.stderr and not (tmp_path / "y").exists()
+    assert f"--model {tmp_path / 'mlp.keras'} takes inputs of shape (8, 8, 1)" in proc.stderr
+    proc = run([str(BIN / "hvdtrain"), "generate", "--model", str(lm_run), "--draft", str(tmp_path / "mlp.keras"),
+                "--prompt", "The "], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and proc.stdout == ""
+    assert f"--draft {tmp_path / 'mlp.keras'} takes inputs of shape (8, 8, 1)" in proc.stderr
