@@ -336,7 +336,8 @@ def create_bucket(name: str) -> None:
     """Create an S3 bucket (for local servers and tests; an existing bucket is fine)."""
     status = s3_request("PUT", name)
     if status not in (200, 409):
-        raise HvdtrainError(f"cannot create bucket '{name}' at {s3_endpoint()}: HTTP {status}")
+        hint = " (bucket names are 3-63 lowercase letters, digits, dots and hyphens)" if status == 400 else ""
+        raise HvdtrainError(f"cannot create bucket '{name}' at {s3_endpoint()}: HTTP {status}{hint}")
 
 
 def used_object_storage() -> bool:
@@ -346,7 +347,10 @@ def used_object_storage() -> bool:
 
 if __name__ == "__main__":  # python -m hvdtrain.storage create-bucket NAME
     if len(sys.argv) == 3 and sys.argv[1] == "create-bucket":
-        create_bucket(sys.argv[2])
+        try:
+            create_bucket(sys.argv[2])
+        except (HvdtrainError, OSError) as exc:
+            sys.exit(f"error: {exc}")
         print(f"s3://{sys.argv[2]}")
     else:
         sys.exit("usage: python -m hvdtrain.storage create-bucket NAME")

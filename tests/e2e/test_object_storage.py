@@ -69,7 +69,8 @@ print(json.dumps({{"top": storage.listdir({out!r}), "ckpt": storage.listdir({out
     assert json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(summary["test_accuracy"])
 
 
-def test_text_and_npz_sources_read_from_a_bucket(s3_server, bucket, tmp_path):
+def test_text_and_npz_sources_read_from_a_bucket_and_a_model_there_generates_compresses_exports(
+        s3_server, bucket, tmp_path):
     rng = np.random.default_rng(0)
     y = np.arange(400) % 2
     x = (rng.random((400, 4, 4)) * 0.2 + y[:, None, None] * 0.8).astype(np.float32)
@@ -85,8 +86,22 @@ def test_text_and_npz_sources_read_from_a_bucket(s3_server, bucket, tmp_path):
     assert json.loads((tmp_path / "npz" / "summary.json").read_text())["test_accuracy"] >= 0.95
     run([str(BIN / "hvdtrain"), "train", "--recipe", "gpt-tiny", "--set", f"data.path={bucket}/text/*.txt",
          "--set", "model.params={num_layers: 1, width: 32, num_heads: 2}", "--set", "data.context_length=16",
-         "--set", "train.epochs=1", "--output", str(tmp_path / "text")], env=s3_env(s3_server))
-    assert json.loads((tmp_path / "text" / "summary.json").read_text())["train_examples"] > 1000
+         "--set", "train.epochs=1", "--output", f"{bucket}/lm"], env=s3_env(s3_server))
+    lm = f"{bucket}/lm"
+    assert json.loads(s3(s3_server, f"print(storage.read_text({lm + '/summary.json'!r}))"))["train_examples"] > 1000
+    # generate, compress and export take the model from the bucket, and the last two write there
+    hvd = str(BIN / "hvdtrain")
+    text = run([hvd, "generate", "--model", lm, "--prompt", "The ", "--max-tokens", "8", "--temperature", "0"],
+               env=s3_env(s3_server)).stdout
+    assert text.startswith("The ") and len(text) > len("The ")
+    run([hvd, "compress", "--model", lm, "--method", "ptq-dynamic", "--output", f"{bucket}/small"],
+        env=s3_env(s3_server))
+    run([hvd, "export", "--model", lm, "--format", "saved_model", "--output", f"{bucket}/export"],
+        env=s3_env(s3_server))
+    found = json.loads(s3(s3_server, f"""import json
+print(json.dumps([storage.listdir({bucket + '/small'!r}), storage.listdir({bucket + '/export/saved_model'!r})]))"""))
+    assert {"compression_report.json", "compression_tradeoff.png"} <= set(found[0])
+    assert any(name.endswith(".tflite") for name in found[0]) and "saved_model.pb" in found[1]
 
 
 @pytest.mark.parametrize("case, message", [
