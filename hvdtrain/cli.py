@@ -295,18 +295,16 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from hvdtrain import generate, modelio
+    from hvdtrain import decoding, generate, modelio
     from hvdtrain.errors import UsageError
 
     if args.draft and args.full_window:
         raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
-    from hvdtrain.decoding import check_model
-
     model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
-    check_model(model, f"--model {args.model}")
+    decoding.check_model(model, f"--model {args.model}")
     draft = modelio.load_keras(args.draft, allow_unsafe=args.allow_unsafe) if args.draft else None
     if draft is not None:
-        check_model(draft, f"--draft {args.draft}")
+        decoding.check_model(draft, f"--draft {args.draft}")
     prompts = args.prompt or [""]
     method = "speculative" if draft is not None else "full" if args.full_window else "cached"
     texts, stats = generate.run(model, [p.encode("utf-8") for p in prompts], args.max_tokens, args.temperature,
