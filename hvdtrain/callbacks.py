@@ -7,6 +7,7 @@
 2. ``metric_average`` (``MetricAverageCallback``): replaces each epoch's logs by the mean over ranks. It comes
    before every callback that reads the logs (early stopping, checkpoints, loggers), so that all ranks see the same
    numbers and take the same decisions; a decision taken on one rank only leaves the others hanging.
+   :class:`Validation` then adds the validation split's metrics, exact sums over every rank's part.
    :class:`LanguageModelMetrics` (language models) derives bits per byte and perplexity from the averaged loss.
 3. :class:`LearningRateLogger`: the learning rate into the logs (the schedule runs in the graph, see
    :mod:`hvdtrain.schedule`).
@@ -17,7 +18,8 @@
 7. :class:`ProgressLogger` (chief only): whole lines under a launcher or in a log file, a bar in a terminal.
 8. :class:`MetricsLogger` (every rank keeps the rows; the chief writes ``metrics.jsonl``), then
    :class:`CheckpointCallback` (its marker holds those rows, so a resumed run loses and repeats no epoch's line),
-   and ``TensorBoard`` (chief only). Other ranks write nothing.
+   and ``TensorBoard`` (chief only). Other ranks write nothing, except their own part of a checkpoint when the
+   layout splits the model.
 
 None of them converts the logs to NumPy on every batch except the NaN guard (which must read the loss; with
 ``steps_per_execution=N`` that is once per N steps) and the progress logger when it prints.
@@ -75,6 +77,27 @@ class LanguageModelMetrics(tf.keras.callbacks.Callback):
                 nats = float(logs[f"{prefix}loss"])
                 logs[f"{prefix}bits_per_byte"] = nats / math.log(2)
                 logs[f"{prefix}perplexity"] = math.exp(min(nats, 50.0))
+
+
+class Validation(tf.keras.callbacks.Callback):
+    """At each epoch's end, the model's loss and accuracy on the whole validation split as ``val_loss`` and
+    ``val_accuracy``: summed over positions and ranks (:mod:`hvdtrain.evaluation`), so the same numbers whatever
+    the layout, and the same on every rank (a collective: every rank runs it).
+
+    Args:
+        evaluate: returns ``{"loss": ..., "accuracy": ...}`` of the validation split (empty when there is none).
+    """
+
+    def __init__(self, evaluate):
+        super().__init__()
+        self.evaluate = evaluate
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for key, value in (self.evaluate() or {}).items():
+            if key in ("loss", "accuracy"):
+                logs[f"val_{key}"] = value
 
 
 class NanGuard(tf.keras.callbacks.Callback):
@@ -263,18 +286,24 @@ class MetricsLogger(tf.keras.callbacks.Callback):
 
 
 class CheckpointCallback(tf.keras.callbacks.Callback):
-    """Checkpoints of weights, optimizer state and progress, written by the chief; keeps the last K.
+    """Checkpoints of weights, optimizer state and progress (:mod:`hvdtrain.checkpoint`); keeps the last K.
 
     Each checkpoint's marker (``state.json``) holds the epoch and every metrics row up to it, taken from
     ``metrics`` (the :class:`MetricsLogger` that runs before this callback). A checkpoint whose metrics are NaN or
     Inf is never written. With a ``layout`` whose parts live on several ranks (tensor or pipeline parallelism,
-    sharded optimizer state) every rank runs this callback, to gather the full state on the chief.
+    sharded optimizer state) every rank runs this callback and writes its own part; otherwise the chief writes.
+
+    Args:
+        run_dir: the output directory on the chief (None elsewhere).
+        output_uri: the output directory as given (every rank of a split layout writes into it).
+        layout: how the model sits on the ranks (default: the whole model on every rank).
     """
 
     def __init__(self, run_dir: RunDir | None, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0,
-                 metrics: MetricsLogger | None = None, layout=None):
+                 metrics: MetricsLogger | None = None, layout=None, output_uri: str | None = None):
         super().__init__()
         self.run_dir = run_dir
+        self.output_uri = output_uri or (run_dir.uri if run_dir is not None else None)
         self.every_epochs = max(1, every_epochs)
         self.keep = max(1, keep)
         self.steps_per_epoch = steps_per_epoch
@@ -287,16 +316,18 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
             return
         if not all(math.isfinite(v) for v in logs.values()):
             return  # never keep a diverged model (the logs are averaged: every rank decides alike)
-        if self.layout is not None:
-            self.layout.gather()
-        if self.run_dir is None:
+        if self.layout is None:
+            from hvdtrain.parallel import DataParallel
+
+            self.layout = DataParallel(self.model, None)
+        if self.run_dir is None and not self.layout.collective_checkpoint:
             return
-        model, optimizer = self.layout.checkpoint_objects() if self.layout else (self.model, self.model.optimizer)
-        checkpoint.save(self.run_dir, model, optimizer, epoch + 1, {
+        checkpoint.save(self.output_uri, self.run_dir, epoch + 1, self.layout, {
             "steps_per_epoch": self.steps_per_epoch, "step": (epoch + 1) * self.steps_per_epoch, "logs": logs,
             "metrics": self.metrics.rows if self.metrics is not None else [],
-        })
-        self.run_dir.prune_checkpoints(self.keep)
+        }, distributed.rank())
+        if self.run_dir is not None:
+            self.run_dir.prune_checkpoints(self.keep)
 
 
 def scalars(logs: dict[str, Any] | None) -> dict[str, float]:
@@ -326,6 +357,8 @@ def default_callbacks(
     divergence_tolerance: float = 1e-6,
     progress: str | None = "off",
     layout=None,
+    output_uri: str | None = None,
+    validation=None,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -343,6 +376,8 @@ def default_callbacks(
         progress: ``"off"`` (the default: use Keras' ``verbose``), ``"lines"``, ``"bar"``, or None to choose by
             the output (a bar on a terminal, whole lines under a launcher or in a file).
         layout: how the model is laid out over the ranks (:mod:`hvdtrain.parallel`; default: data parallel).
+        output_uri: the output directory as given, for every rank of a layout that writes from every rank.
+        validation: a function giving the validation split's metrics (:class:`Validation`), after the averaging.
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
@@ -351,7 +386,9 @@ def default_callbacks(
     run_dir = output_dir if isinstance(output_dir, RunDir) or output_dir is None else RunDir(output_dir)
     run_dir = run_dir if chief else None
     broadcast = layout.broadcast_callback() if layout is not None else broadcast_initial_state(0)
-    cbs: list[tf.keras.callbacks.Callback] = [broadcast, metric_average()]
+    cbs: list[tf.keras.callbacks.Callback] = [c for c in (broadcast, metric_average()) if c is not None]
+    if validation is not None:
+        cbs.append(Validation(validation))
     if language_model:
         cbs.append(LanguageModelMetrics())
     groups = layout.consistency_groups if layout is not None else None
@@ -363,10 +400,11 @@ def default_callbacks(
         cbs.append(ProgressLogger(epochs, steps_per_epoch, progress))
     metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows)
     cbs.append(metrics)
-    gathers = layout is not None and layout.needs_gather
-    if output_dir is not None and (run_dir is not None or gathers):
+    collective = layout is not None and layout.collective_checkpoint and distributed.size() > 1
+    if output_dir is not None and (run_dir is not None or collective):
+        uri = output_uri or (output_dir.uri if isinstance(output_dir, RunDir) else str(output_dir))
         cbs.append(CheckpointCallback(run_dir, checkpoint_every_epochs, keep_checkpoints, steps_per_epoch, metrics,
-                                      layout if gathers else None))
+                                      layout, uri))
     if run_dir is not None:
         if tensorboard:
             cbs.append(tf.keras.callbacks.TensorBoard(log_dir=run_dir.tensorboard, profile_batch=0))

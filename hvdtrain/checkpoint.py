@@ -1,17 +1,46 @@
-"""Checkpoints of a training run: what is saved, how it is restored, and the newest good one after a crash.
+"""Checkpoints of a training run: sharded, written by every rank that holds state no other rank holds, readable at
+any layout.
 
-A checkpoint is the model's weights and the optimizer's state (its step count included, so the learning-rate
-schedule resumes exactly) in TensorFlow's checkpoint format, plus ``state.json`` (written last, the marker of a
-complete checkpoint; see :mod:`hvdtrain.rundir`) with the epoch, steps per epoch, the epoch's logs and every
-``metrics.jsonl`` line up to it.
+A checkpoint folder::
+
+    checkpoints/epoch-0003/
+      rank-00000.index, rank-00000.data-00000-of-00001    one TensorFlow bundle per writing rank: its slices of
+      rank-00001.index, ...                               the weights and of the optimizer's slots
+      manifest.json     the layout it was written at, every variable's global shape and split, where each piece
+                        of each variable is (file, key, tensor-parallel part, flat range), the optimizer's step
+      state.json        written last: the marker of a complete checkpoint (epoch, metrics rows; see rundir.py)
+
+Who writes: a rank of the first data-parallel replica writes its weights and slots (a replicated weight only on
+the tensor group's first member); with sharded optimizer states every rank writes its slice (master weights and
+slots) as flat ranges of the variables it covers. In data-parallel runs only the chief writes. Nothing is
+gathered on one rank: each piece goes to storage from the rank that holds it.
+
+Reading is planned from the manifest: :class:`Reader` returns any box of any variable, reading only the pieces
+that overlap it (one saved slice in memory at a time), so a run resumes at another tensor, pipeline or data
+degree, or in one process, and ``model.keras`` is written one variable at a time (:mod:`hvdtrain.modelfile`).
+Checkpoints written before this format (``ckpt.*`` files, one process) still restore in data-parallel runs.
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvdtrain import console
-from hvdtrain.rundir import RunDir
+import numpy as np
+
+from hvdtrain import console, storage
+from hvdtrain.errors import HvdtrainError
+from hvdtrain.rundir import CHECKPOINT_MARKER, RunDir, failpoint
+
+MANIFEST = "manifest.json"
+FORMAT = "hvdtrain-sharded-checkpoint"
+
+
+class CheckpointError(HvdtrainError):
+    """A checkpoint that cannot be read, or does not fit the model it is read into."""
 
 
 def inner_optimizer(optimizer):
@@ -19,35 +48,216 @@ def inner_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
-def save(run_dir: RunDir, model, optimizer, epoch: int, state: dict[str, Any]) -> str:
-    """Write the checkpoint of ``epoch`` (chief only); returns its URI."""
+@dataclass(frozen=True)
+class Piece:
+    """A flat range of one tensor-parallel part of one variable's weights (``kind="param"``) or optimizer slot."""
+
+    name: str
+    kind: str
+    part: int
+    start: int
+    stop: int
+    values: Any  # a NumPy array of ``stop - start`` elements (or of the part's shape when it is whole)
+
+
+def file_name(rank: int) -> str:
+    """The bundle of a writing rank."""
+    return f"rank-{rank:05d}"
+
+
+def write_bundle(prefix: str, pieces: list[Piece]) -> list[list]:
+    """Write ``pieces`` as one TensorFlow bundle at local ``prefix``; returns each piece's manifest row
+    ``[name, kind, part, start, stop, key]``."""
     import tensorflow as tf
 
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    return run_dir.write_checkpoint(epoch, lambda folder: ckpt.write(str(folder / "ckpt")), state)
+    keys = [f"t{i}" for i in range(len(pieces))]
+    tensors = [tf.constant(np.asarray(p.values, np.float32).ravel()) for p in pieces]
+    if pieces:
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=tensors)
+    return [[p.name, p.kind, p.part, p.start, p.stop, k] for p, k in zip(pieces, keys)]
 
 
-def restore_latest(run_dir: RunDir, model, optimizer) -> tuple[int, dict[str, Any], list[str]]:
-    """Restore the newest readable checkpoint into ``model`` and ``optimizer`` (chief only).
+def save(run_dir_uri: str, chief: RunDir | None, epoch: int, layout, state: dict[str, Any], rank: int) -> str | None:
+    """Write the checkpoint of ``epoch``; every rank of ``layout`` calls it when ``layout.collective_checkpoint``,
+    only the chief otherwise. Returns the checkpoint's URI on the chief.
 
-    A checkpoint that cannot be read (truncated, corrupt, from another model) is skipped with a warning and the
-    previous one is tried. Returns ``(epoch, state, warnings)``; epoch 0 and an empty state when none could be.
+    Order: the chief removes an earlier partial attempt at this epoch; every writer writes its bundle; the chief
+    writes the manifest, then the marker (last, so that a crash anywhere before leaves an incomplete checkpoint
+    that the next start removes).
     """
+    from hvdtrain import distributed
+
+    collective = layout.collective_checkpoint and distributed.size() > 1
+    target = RunDir(run_dir_uri)
+    staging = target.checkpoint_staging(epoch)
+    if chief is not None:
+        chief.begin_checkpoint(epoch)
+    if collective:
+        distributed.barrier()  # the cleanup above before anyone writes
+    pieces = layout.checkpoint_pieces()
+    rows = []
+    if pieces:
+        name = file_name(rank)
+        if storage.is_local(staging):
+            folder = storage.local_path(staging)
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = write_bundle(str(folder / name), pieces)
+        else:
+            with tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-") as tmp:
+                rows = write_bundle(os.path.join(tmp, name), pieces)
+                for f in os.listdir(tmp):
+                    storage.upload(os.path.join(tmp, f), storage.join(staging, f))
+        del pieces
+    meta = layout.variables_meta()
+    written = {file_name(rank): (rows, {r[0]: meta[r[0]] for r in rows})} if rows else {}
+    if collective:
+        everyone = distributed.allgather_object(written)
+        written = {k: v for part in everyone for k, v in part.items()}
+    if chief is None:
+        return None
+    manifest = {"format": FORMAT, "version": 1, "layout": layout.describe_layout(), "model": layout.spec,
+                "scalars": layout.scalars(), "variables": {}}
+    for file, (file_rows, meta) in sorted(written.items()):
+        for name, kind, part, start, stop, key in file_rows:
+            entry = manifest["variables"].setdefault(name, {**meta[name], "pieces": {}})
+            entry["pieces"].setdefault(kind, []).append([file, key, part, start, stop])
+    storage.write_text(storage.join(staging, MANIFEST), json.dumps(manifest) + "\n")
+    failpoint("mid-checkpoint", epoch)
+    return chief.finish_checkpoint(epoch, state)
+
+
+class Reader:
+    """Any box of any variable of one checkpoint, read from the pieces that cover it."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        path = storage.join(uri, MANIFEST)
+        if not storage.exists(path):
+            raise CheckpointError(f"{uri} has no {MANIFEST}")
+        try:
+            self.manifest = json.loads(storage.read_text(path))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an hvdtrain checkpoint manifest")
+        self.variables: dict[str, dict] = self.manifest["variables"]
+        self.scalars: dict[str, Any] = self.manifest.get("scalars", {})
+        self.layout: dict[str, Any] = self.manifest.get("layout", {})
+        self._files: dict[str, Any] = {}
+
+    def kinds(self, name: str) -> list[str]:
+        """What the checkpoint holds of ``name``: ``param`` and the optimizer's slot kinds."""
+        return list(self.variables[name]["pieces"])
+
+    def _file(self, file: str):
+        import tensorflow as tf
+
+        if file not in self._files:
+            self._files[file] = tf.train.load_checkpoint(storage.join(self.uri, file))
+        return self._files[file]
+
+    def _part(self, name: str, kind: str, part: int) -> np.ndarray:
+        meta = self.variables[name]
+        shape = list(meta["shape"])
+        if meta["axis"] is not None:
+            shape[meta["axis"]] //= meta["parts"]
+        size = int(np.prod(shape))
+        pieces = sorted((p for p in meta["pieces"].get(kind, []) if p[2] == part), key=lambda p: p[3])
+        out = np.empty(size, np.float32)
+        at = 0
+        for file, key, _, start, stop in pieces:
+            if start != at:
+                break
+            values = self._file(file).get_tensor(key)
+            if values.size != stop - start:
+                raise CheckpointError(f"{self.uri}: {name} ({kind}) piece {key} of {file} has {values.size} values, "
+                                      f"the manifest says {stop - start}")
+            out[start:stop] = values.ravel()
+            at = stop
+        if at != size:
+            raise CheckpointError(f"{self.uri} lacks part of {name} ({kind}): {at} of {size} values of slice {part}")
+        return out.reshape(shape)
+
+    def read(self, name: str, kind: str = "param", box=None) -> np.ndarray:
+        """The values of ``box = (start, size)`` (default: all) of variable ``name``'s ``kind``, as float32."""
+        if name not in self.variables:
+            raise CheckpointError(f"{self.uri} has no variable {name}")
+        meta = self.variables[name]
+        if kind not in meta["pieces"]:
+            raise CheckpointError(f"{self.uri} holds no {kind} of {name} (it holds {', '.join(meta['pieces'])})")
+        shape, axis, parts = tuple(meta["shape"]), meta["axis"], meta["parts"]
+        start, size = box or ((0,) * len(shape), shape)
+        if axis is None:
+            whole = self._part(name, kind, 0)
+            return whole[tuple(slice(a, a + n) for a, n in zip(start, size))].copy()
+        out = np.empty(size, np.float32)
+        width = shape[axis] // parts
+        for part in range(parts):
+            lo, hi = max(start[axis], part * width), min(start[axis] + size[axis], (part + 1) * width)
+            if lo >= hi:
+                continue
+            values = self._part(name, kind, part)
+            src = [slice(a, a + n) for a, n in zip(start, size)]
+            dst = [slice(0, n) for n in size]
+            src[axis], dst[axis] = slice(lo - part * width, hi - part * width), slice(lo - start[axis], hi - start[axis])
+            out[tuple(dst)] = values[tuple(src)]
+            del values
+        return out
+
+
+def restore_latest(run_dir_uri: str, chief: RunDir | None, layout) -> tuple[int, dict[str, Any], list[str]]:
+    """Restore the newest readable checkpoint into ``layout`` (a collective on every rank when the layout reads on
+    every rank, the chief's alone otherwise).
+
+    The chief lists the complete checkpoints; every reading rank tries the newest, and if any rank fails to read
+    its part (truncated, corrupt, from another model) every rank goes back to the one before, with a warning.
+    Returns ``(epoch, state, warnings)``; epoch 0 and an empty state when none could be read.
+    """
+    from hvdtrain import distributed
+
+    collective = layout.collective_checkpoint and distributed.size() > 1
+    found = [(c.epoch, c.uri) for c in chief.checkpoints()] if chief is not None else []
+    if collective:
+        found = distributed.broadcast_object(found)
+    warnings = []
+    for epoch, uri in reversed(found):
+        error = None
+        try:
+            layout.load_checkpoint(uri)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means: use the previous checkpoint
+            error = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if collective:
+            errors = [e for e in distributed.allgather_object(error) if e]
+            error = errors[0] if errors else None
+        if error is None:
+            state = json.loads(storage.read_text(storage.join(uri, CHECKPOINT_MARKER))) if chief is not None else {}
+            return epoch, state, warnings
+        warnings.append(f"checkpoint {uri} is unreadable ({error}); using the previous one")
+    return 0, {}, warnings
+
+
+def latest(run_dir_uri: str) -> str | None:
+    """The newest complete checkpoint of a run directory (None when it has none)."""
+    found = RunDir(run_dir_uri).checkpoints()
+    return found[-1].uri if found else None
+
+
+def is_sharded(uri: str) -> bool:
+    """Whether the checkpoint at ``uri`` is in this format (it has a manifest)."""
+    return storage.exists(storage.join(uri, MANIFEST))
+
+
+def read_legacy(uri: str, model, optimizer) -> None:
+    """Restore a checkpoint of the earlier one-process format (``ckpt.*``: TensorFlow's object checkpoint of the
+    model and its optimizer) into a data-parallel model."""
     import tensorflow as tf
 
-    warnings = []
-    for found in reversed(run_dir.checkpoints()):
-        def read(folder: Path) -> None:
-            status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(str(folder / "ckpt"))
-            status.assert_existing_objects_matched()
-
-        try:
-            state = run_dir.read_checkpoint(found, read)
-            return int(state["epoch"]), state, warnings
-        except Exception as exc:  # noqa: BLE001 - any failure to read means: use the previous checkpoint
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            warnings.append(f"checkpoint {found.uri} is unreadable ({reason}); using the previous one")
-    return 0, {}, warnings
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-") as tmp:
+        folder = storage.local_path(uri) if storage.is_local(uri) else Path(tmp)
+        if not storage.is_local(uri):
+            storage.download(uri, tmp)
+        status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(str(folder / "ckpt"))
+        status.assert_existing_objects_matched()
 
 
 def warn(message: str) -> None:

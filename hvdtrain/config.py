@@ -64,12 +64,16 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    clip_norm: float = 0.0  # clip the gradients by the whole model's norm (0: off), in every layout
     steps_per_execution: int = 1
     jit_compile: bool = False
     seed: int = 0
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 3
     resume: bool = True  # the same command again continues from the output directory's last good checkpoint
+    # write model.keras at the end (false: for a model whose weights do not fit one host; generate, evaluate,
+    # compress and export then read the sharded checkpoint)
+    save_model: bool = True
     early_stopping_patience: int = 0
     elastic: bool = False
     commit_every_batches: int = 50
@@ -357,6 +361,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.train.clip_norm < 0:
+        raise ConfigError(f"train.clip_norm must be 0 (off) or positive, got {cfg.train.clip_norm}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be positive, got {cfg.train.learning_rate}")
     if cfg.train.warmup_epochs < 0:
@@ -389,12 +395,15 @@ def validate(cfg: Config) -> None:
 
 def validate_parallel(cfg: Config) -> None:
     """Parallel settings that cannot run (the world size is checked when the job starts)."""
+    import models
+
     p = cfg.parallel
     modelled = p.tensor > 1 or p.pipeline > 1 or p.recompute
-    if modelled and cfg.model.name != "gpt":
-        raise ConfigError(f"parallel.tensor, parallel.pipeline and parallel.recompute split Transformer blocks: "
-                          f"they need model.name=gpt, not '{cfg.model.name}' (parallel.shard_optimizer works for "
-                          "any model)")
+    if modelled and not models.has_plan(cfg.model.name):
+        with_plan = [n for n in models.names() if models.has_plan(n)]
+        raise ConfigError(f"parallel.tensor, parallel.pipeline and parallel.recompute need a model family with a "
+                          f"parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
+                          "(parallel.shard_optimizer works for any model)")
     if not (modelled or p.shard_optimizer):
         if p.microbatches > 1:
             raise ConfigError("parallel.microbatches > 1 needs parallel.pipeline > 1")
@@ -402,9 +411,6 @@ def validate_parallel(cfg: Config) -> None:
     if cfg.train.elastic:
         raise ConfigError("elastic training runs data parallelism only; set parallel.tensor=1, pipeline=1, "
                           "shard_optimizer=false and recompute=false, or drop --elastic")
-    if cfg.train.precision != "float32":
-        raise ConfigError("parallel layouts train in float32 (mixed_float16's loss scaling would have to agree "
-                          "across the tensor and pipeline groups); use train.precision=float32")
     if cfg.distributed.backward_passes_per_step > 1 or cfg.distributed.grad_compression != "none":
         raise ConfigError("parallel layouts average gradients themselves: use distributed.backward_passes_per_step=1 "
                           "and distributed.grad_compression=none")
@@ -413,16 +419,19 @@ def validate_parallel(cfg: Config) -> None:
     if p.pipeline == 1 and p.microbatches > 1:
         raise ConfigError("parallel.microbatches > 1 needs parallel.pipeline > 1")
     if modelled:
-        import models
-
-        params = {**models.params_of("gpt"), **cfg.model.params}
-        heads, width, ratio = params["num_heads"], params["width"], params["mlp_ratio"]
-        for what, value in (("model.params.num_heads", heads), ("model.params.mlp_ratio x width", ratio * width)):
+        # the plan at the configured context (its vocabulary is checked once the data is loaded: a placeholder here)
+        try:
+            plan = models.parallel_plan(cfg.model.name, input_shape=(cfg.data.context_length,),
+                                        num_classes=p.tensor, **cfg.model.params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model '{cfg.model.name}' cannot be built with {cfg.model.params}: {exc}") from None
+        for what, value in plan.divisors.items():
             if value % p.tensor:
                 raise ConfigError(f"parallel.tensor={p.tensor} must divide {what}={value}")
-        if p.pipeline > params["num_layers"]:
-            raise ConfigError(f"parallel.pipeline={p.pipeline} stages need at least as many Transformer blocks; the "
-                              f"model has model.params.num_layers={params['num_layers']}")
+        blocks = sum(u.pin is None for u in plan.units)
+        if p.pipeline > blocks:
+            raise ConfigError(f"parallel.pipeline={p.pipeline} stages need at least as many blocks; the model has "
+                              f"{blocks} (model.params.num_layers)")
         if cfg.data.batch_size_per_rank % p.microbatches:
             raise ConfigError(f"parallel.microbatches={p.microbatches} must divide data.batch_size_per_rank="
                               f"{cfg.data.batch_size_per_rank}")

@@ -5,6 +5,7 @@ A leaf: it imports nothing of hvdtrain but the distributed core (for the sum acr
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 
@@ -14,22 +15,30 @@ from hvdtrain import distributed
 def local_sums(model, dataset) -> np.ndarray:
     """``[sum of cross-entropy, number correct, count]`` over ``dataset`` (count is examples, or tokens).
 
-    One compiled function per batch shape: eager calls would cost more than these small models.
+    One compiled function per batch shape: eager calls would cost more than these small models. A model that
+    computes them itself (a parallel layout's trainer, whose logits are split over ranks) gives its
+    ``metric_sums(x, y)``.
     """
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
+    def sums(x, y):
         logits = tf.cast(model(x, training=False), tf.float32)
         ce = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
         return tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
+
+    step = _steps.get(model)
+    if step is None:
+        step = _steps[model] = tf.function(getattr(model, "metric_sums", sums), reduce_retracing=True)
 
     total = np.zeros(3, np.float64)
     if dataset is not None:
         for x, y in dataset:
             total += step(x, y).numpy()
     return total
+
+
+_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one compiled step per model, kept across epochs
 
 
 def metrics_from_sums(sums, language_model: bool) -> dict[str, float]:

@@ -1,51 +1,77 @@
-"""How a model is laid out over the ranks, and how each layout trains, checkpoints and saves.
+"""How a model is laid out over the ranks, and how each layout trains, checkpoints and restores.
 
-- :class:`DataParallel` (the default): every rank holds the whole model; Horovod's ``DistributedOptimizer``
-  averages gradients over all ranks.
+- :class:`DataParallel` (the default): every rank holds the whole Keras model; Horovod's ``DistributedOptimizer``
+  averages gradients over all ranks; the chief writes checkpoints.
 - :class:`Parallel` (``parallel.tensor``, ``parallel.pipeline``, ``parallel.shard_optimizer``,
-  ``parallel.recompute``): each rank holds its part of the model (:mod:`hvdtrain.distributed.tensor`), its stage
-  (:mod:`hvdtrain.distributed.pipeline`), its slice of the optimizer state (:mod:`hvdtrain.distributed.zero`);
-  :class:`ParallelTrainer` is the Keras model that ``fit`` trains.
+  ``parallel.recompute``): each rank holds only its part: its tensor-parallel slices of its pipeline stage's
+  weights, made one variable at a time from the family's plan (:mod:`hvdtrain.distributed.sharded`), and its slice
+  of the optimizer state (:mod:`hvdtrain.distributed.zero`). :class:`ParallelTrainer` is the Keras model that
+  ``fit`` trains. Every rank that holds state no other rank holds writes it to the checkpoint itself.
 
 Both offer the run the same interface, so a run is the same run whatever the layout: the model to fit, where this
 rank's data comes from, the variables that must stay identical and across which ranks (for the divergence guard),
-and the full model, gathered on the chief, for checkpoints and ``model.keras``. Checkpoints of every layout hold
-the full, unsharded model and optimizer state in the one-process format, so a run resumes at another layout.
+what this rank writes to a checkpoint and how it reads one back (at any layout: :mod:`hvdtrain.checkpoint`), and
+the bytes it holds.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from hvdtrain import distributed
-from hvdtrain.checkpoint import inner_optimizer
+from hvdtrain.checkpoint import CheckpointError, Piece, Reader, inner_optimizer, is_sharded, read_legacy
 from hvdtrain.distributed.mesh import Group, Mesh
+from hvdtrain.distributed.sharded import Entry, KerasModule, ShardedModule, bytes_of, keras_name
+from hvdtrain.errors import ConfigError
+
+COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
-def variable_bytes(variables) -> int:
-    """Bytes held by ``variables``."""
-    return int(sum(int(np.prod(v.shape)) * v.dtype.size for v in variables))
-
-
-def slots_of(optimizer, variables) -> list[list[tf.Variable]]:
+def slots_of(optimizer, variables) -> tuple[list[str], list[list[tf.Variable]]]:
     """The optimizer's state per slot kind, each a list aligned with ``variables`` (Keras keeps, after the step
-    count, every variable's slots one after the other: ``m0, v0, m1, v1, ...``)."""
+    count, every variable's slots one after the other: ``m0, v0, m1, v1, ...``), and the kinds' names."""
     opt = inner_optimizer(optimizer)
     slots = [v for v in opt.variables if v is not opt.iterations]
-    if not variables:
-        return []
+    if not variables or not slots:
+        return [], []
     kinds = len(slots) // len(variables)
-    return [[slots[i * kinds + k] for i in range(len(variables))] for k in range(kinds)]
+    return ([slots[k].name.split("/")[0] for k in range(kinds)],
+            [[slots[i * kinds + k] for i in range(len(variables))] for k in range(kinds)])
+
+
+def _meta(entries: list[Entry]) -> dict[str, dict]:
+    return {e.name: {"shape": list(e.shape), "axis": e.axis, "parts": e.parts, "trainable": e.trainable}
+            for e in entries}
+
+
+def _check_fits(reader: Reader, entries: list[Entry]) -> None:
+    """One-line errors when a checkpoint is of another model."""
+    for e in entries:
+        if e.name not in reader.variables:
+            raise CheckpointError(f"{reader.uri} is of another model: it has no variable {e.name}")
+        if tuple(reader.variables[e.name]["shape"]) != tuple(e.shape):
+            raise CheckpointError(f"{reader.uri} is of another model: {e.name} has shape "
+                                  f"{tuple(reader.variables[e.name]['shape'])} there, {tuple(e.shape)} here")
 
 
 class DataParallel:
     """Every rank holds the whole model; gradients are averaged over all ranks by Horovod's optimizer."""
 
-    needs_gather = False
+    collective_checkpoint = False  # the chief writes and reads, then broadcasts
+    spec = None  # the model a checkpoint holds (set by make_layout)
 
-    def __init__(self, model, mesh: Mesh):
-        self.model, self.mesh = model, mesh
+    def __init__(self, model, mesh: Mesh, plan=None):
+        self.model, self.mesh, self.plan = model, mesh, plan
         self.training_model = model
+        if plan is not None:
+            from models.plan import keras_variables
+
+            by_id = {id(v): n for n, v in keras_variables(model, plan).items()}
+        else:
+            by_id = {}
+        self.names = [by_id.get(id(v)) or keras_name(i, v) for i, v in enumerate(model.variables)]
 
     @property
     def data_rank(self) -> int:
@@ -59,25 +85,72 @@ class DataParallel:
 
     counted = True  # every rank's evaluation counts
 
-    def gather(self) -> None:
-        """Make the full model current on the chief (nothing to do: every rank holds it)."""
-
-    def full_model(self):
-        """The whole model (on the chief, after :meth:`gather`)."""
-        return self.model
-
-    def checkpoint_objects(self):
-        """What a checkpoint saves and restores on the chief: ``(model, optimizer)``."""
-        return self.model, self.model.optimizer
-
     def build_optimizer(self) -> None:
         """Create the optimizer state now (it exists only after a first step otherwise)."""
         inner_optimizer(self.model.optimizer).build(self.model.trainable_variables)
 
+    def _state_variables(self) -> dict[str, tf.Variable]:
+        """The optimizer's scalars a checkpoint keeps: its step, the loss scale, the elastic schedule's state."""
+        opt = self.model.optimizer
+        inner = inner_optimizer(opt)
+        out = {"iterations": inner.iterations}
+        if isinstance(opt, tf.keras.mixed_precision.LossScaleOptimizer) and opt.dynamic:
+            out["loss_scale"] = opt._loss_scale._current_loss_scale
+            out["loss_scale_good_steps"] = opt.dynamic_counter
+        schedule = getattr(inner, "_learning_rate", None)
+        for key in ("scale", "ratio", "start", "offset"):
+            if isinstance(getattr(schedule, key, None), tf.Variable):
+                out[f"schedule_{key}"] = getattr(schedule, key)
+        return out
+
+    # ---- checkpoints
+
+    def _entries(self) -> list[Entry]:
+        return [Entry(n, tuple(v.shape), None, 0, 1, trainable=v.trainable)
+                for n, v in zip(self.names, self.model.variables)]
+
+    def checkpoint_pieces(self) -> list[Piece]:
+        """The whole model and optimizer state (the chief writes them)."""
+        pieces = [Piece(n, "param", 0, 0, int(np.prod(v.shape)), v.numpy()) for n, v in
+                  zip(self.names, self.model.variables)]
+        trainable = self.model.trainable_variables
+        names = {id(v): n for n, v in zip(self.names, self.model.variables)}
+        kinds, slots = slots_of(self.model.optimizer, trainable)
+        for kind, per_var in zip(kinds, slots):
+            pieces += [Piece(names[id(v)], kind, 0, 0, int(np.prod(v.shape)), s.numpy())
+                       for v, s in zip(trainable, per_var)]
+        return pieces
+
+    def variables_meta(self) -> dict[str, dict]:
+        return _meta(self._entries())
+
+    def scalars(self) -> dict[str, float]:
+        return {k: float(v.numpy()) for k, v in self._state_variables().items()}
+
+    def describe_layout(self) -> dict[str, Any]:
+        return {"world": distributed.size(), "data": distributed.size(), "tensor": 1, "pipeline": 1,
+                "shard_optimizer": False}
+
+    def load_checkpoint(self, uri: str) -> None:
+        """Read a checkpoint (of any layout) into the model and its optimizer (on the chief)."""
+        if not is_sharded(uri):
+            read_legacy(uri, self.model, self.model.optimizer)
+            return
+        reader = Reader(uri)
+        _check_fits(reader, self._entries())
+        for name, var in zip(self.names, self.model.variables):
+            var.assign(reader.read(name).astype(var.dtype.as_numpy_dtype))
+        _assign_slots(reader, self.model.optimizer, self.model.trainable_variables,
+                      {id(v): n for n, v in zip(self.names, self.model.variables)})
+        _assign_scalars(reader, self._state_variables())
+
     def distribute_restored(self) -> None:
         """Give every rank the state the chief restored (a collective)."""
         if distributed.size() > 1:
-            distributed.broadcast_variables(self.model.variables + list(self.model.optimizer.variables))
+            state = list(self._state_variables().values())
+            distributed.broadcast_variables(self.model.variables + list(self.model.optimizer.variables) + state)
+
+    # ---- what the run asks of every layout
 
     def consistency_groups(self) -> list[tuple[list, Group | None]]:
         """Variables that must be identical, and over which ranks (None: all of them)."""
@@ -90,234 +163,240 @@ class DataParallel:
     def memory(self) -> dict[str, int]:
         """Bytes of parameters and optimizer state on this rank."""
         opt = inner_optimizer(self.model.optimizer)
-        params = variable_bytes(self.model.trainable_variables)
-        return {"param_bytes_full": params, "param_bytes_per_rank": params,
-                "optimizer_bytes_per_rank": variable_bytes([v for v in opt.variables if v is not opt.iterations])}
+        params = bytes_of(self.model.trainable_variables)
+        return {"param_bytes_full": params, "param_bytes_per_rank": bytes_of(self.model.variables),
+                "sharded_param_bytes_per_rank": 0,
+                "optimizer_bytes_per_rank": bytes_of([v for v in opt.variables if v is not opt.iterations])}
+
+
+def _assign_slots(reader: Reader, optimizer, variables, names: dict[int, str], boxes=None) -> None:
+    kinds, slots = slots_of(optimizer, variables)
+    for kind, per_var in zip(kinds, slots):
+        for i, (var, slot) in enumerate(zip(variables, per_var)):
+            name = names[id(var)]
+            if kind not in reader.kinds(name):
+                raise CheckpointError(f"{reader.uri} holds no optimizer state '{kind}' for {name} (it holds "
+                                      f"{', '.join(k for k in reader.kinds(name) if k != 'param') or 'none'}): "
+                                      "was it written with another train.optimizer?")
+            slot.assign(reader.read(name, kind, boxes[i] if boxes else None))
+
+
+def _assign_scalars(reader: Reader, variables: dict[str, tf.Variable]) -> None:
+    for key, var in variables.items():
+        if key in reader.scalars:
+            var.assign(tf.cast(reader.scalars[key], var.dtype))
 
 
 class Parallel:
-    """The model split over the mesh: tensor-parallel blocks, pipeline stages, sharded optimizer state.
+    """The model split over the mesh: tensor-parallel slices, pipeline stages, sharded optimizer state.
 
     Args:
-        cfg: the run's config (``parallel`` and ``train`` sections are read).
-        full: the one-process model, built by :func:`models.build` on every rank with the same seed; each rank
-            keeps its part (the chief keeps ``full`` itself, to gather into).
+        cfg: the run's config (``parallel``, ``train`` and ``model`` sections are read).
         mesh: the rank grid.
+        plan: the family's parallel plan (None: a model without one, for ``shard_optimizer`` alone).
+        keras_model: builds the whole Keras model (only called when there is no plan).
     """
 
-    needs_gather = True
+    collective_checkpoint = True  # every rank writes its part and reads what it needs
+    spec = None  # the model a checkpoint holds (set by make_layout)
 
-    def __init__(self, cfg, full, mesh: Mesh):
-        from hvdtrain.distributed import tensor
+    def __init__(self, cfg, mesh: Mesh, plan=None, keras_model=None):
+        from hvdtrain.distributed import pipeline
 
-        self.cfg, self.mesh = cfg, mesh
+        self.cfg, self.mesh, self.plan = cfg, mesh, plan
         p = cfg.parallel
-        self.full_names = [v.name for v in full.trainable_variables]
-        self.full_bytes = variable_bytes(full.trainable_variables)
-        self.stage_layers = self.split = self.pipeline = None
-        if p.pipeline > 1:
-            from hvdtrain.distributed import pipeline
-
-            self.split = pipeline.split_stages(full, p.pipeline)
-            self.split_description = pipeline.describe_split(full, self.split)
-            self.stage_layers = self.split[mesh.stage]
-        if p.tensor > 1 or p.pipeline > 1 or p.recompute:
-            self.module, self.shards = tensor.parallelize_gpt(full, mesh.tensor_group, p.recompute,
-                                                              self.stage_layers)
-        else:  # sharded optimizer states only: the model itself
-            self.module, self.shards = full, [tensor.Shard(v.name, None) for v in full.trainable_variables]
-        self.variables = self.module.trainable_variables
-        if p.pipeline > 1:
-            from hvdtrain.distributed.pipeline import Pipeline
-
-            width = full.get_layer("embed").width
-            self.pipeline = Pipeline(self.module, mesh, p.schedule, p.microbatches, (full.input_shape[1], width))
-            self.pipeline.last_width = full.output_shape[-1]
-        self.full = full if mesh.rank == 0 else None  # the chief gathers into it
-        self.full_optimizer = None
-        self.training_model = ParallelTrainer(self)
+        self.compute_dtype = COMPUTE_DTYPES[cfg.train.precision]
+        self.param_dtype = self.compute_dtype if p.shard_optimizer else tf.float32
+        self.pipeline = self.split = None
+        if plan is None:
+            model = keras_model()
+            if mesh.data > 1:  # every replica starts from replica 0's weights
+                mesh.data_group.broadcast_variables(model.variables)
+            self.module = KerasModule(model)
+            self.full_bytes = bytes_of(model.trainable_variables)
+        else:
+            for what, value in plan.divisors.items():
+                if value % mesh.tensor:
+                    raise ConfigError(f"parallel.tensor={mesh.tensor} must divide {what}={value}")
+            units = plan.units
+            if mesh.pipeline > 1:
+                self.split = pipeline.split_stages(plan, mesh.pipeline)
+                self.split_description = pipeline.describe_split(self.split)
+                units = self.split[mesh.stage]
+            self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
+                                        self.compute_dtype, self.param_dtype)
+            self.full_bytes = 4 * plan.parameters
+            if mesh.pipeline > 1:
+                self.pipeline = pipeline.Pipeline(self.module, mesh, p.schedule, p.microbatches, plan.activation,
+                                                  self.compute_dtype)
+        self.entries = self.module.entries
+        self.variables = self.module.trainable
         self.zero = None
+        self.training_model = ParallelTrainer(self)
 
     data_rank = property(lambda self: self.mesh.data_rank)
     data_size = property(lambda self: self.mesh.data)
 
     @property
     def counted(self) -> bool:
-        """Whether this rank's evaluation counts: one shard of a tensor group, on the stage that has the logits."""
-        return self.mesh.tensor_rank == 0 and self.mesh.is_last_stage
+        """Whether this rank's evaluation counts: one rank of each replica (the sums are the same on all)."""
+        return self.mesh.tensor_rank == 0 and self.mesh.stage == 0
+
+    @property
+    def tied(self) -> list[int]:
+        """Indices of this rank's variables that are copies of one weight on two pipeline stages."""
+        if self.mesh.tie_group is None or self.plan is None:
+            return []
+        shared = {n for u in self.plan.units for n in u.shared}
+        return [i for i, e in enumerate(self.entries) if e.name in shared]
 
     def attach_optimizer(self, optimizer) -> None:
         """Build the optimizer's state for this rank's variables (a slice of them with ``shard_optimizer``)."""
         if self.cfg.parallel.shard_optimizer:
             from hvdtrain.distributed.zero import ShardedOptimizer
 
-            self.zero = ShardedOptimizer(optimizer, self.variables, self.mesh.data_group)
+            self.zero = ShardedOptimizer(optimizer, self.variables, self.mesh.data_group,
+                                         [e.counted for e in self.entries[: len(self.variables)]])
         else:
             optimizer.build(self.variables)
 
     def build_optimizer(self) -> None:
         """The optimizer state exists from :meth:`attach_optimizer` on."""
 
-    # ---- the full state, for checkpoints and model.keras
+    # ---- checkpoints: each rank writes its part, reads what its part needs
 
-    def _slot_arrays(self) -> list[list[np.ndarray]]:
+    @property
+    def _writes(self) -> bool:
+        return self.mesh.data_rank == 0
+
+    def checkpoint_pieces(self) -> list[Piece]:
+        """This rank's unique state: its counted slices (first replica), or its ZeRO slice (every rank)."""
+        pieces = []
         if self.zero is not None:
-            return self.zero.gather_slots()  # a collective over the data group
-        return [[s.numpy() for s in kind] for kind in slots_of(self.training_model.optimizer, self.variables)]
+            for i, kind, a, b, values in self.zero.pieces():
+                e = self.entries[i]
+                if e.counted:
+                    pieces.append(Piece(e.name, kind, e.part, a, b, values))
+            extra = [(e, v) for e, v in zip(self.entries, self.module.all_variables()) if not e.trainable]
+            if self._writes:
+                pieces += [Piece(e.name, "param", e.part, 0, int(np.prod(v.shape)), v.numpy()) for e, v in extra]
+            return pieces
+        if not self._writes:
+            return []
+        kinds, slots = slots_of(self.training_model.optimizer, self.variables)
+        trainable = len(self.variables)
+        for i, (e, var) in enumerate(zip(self.entries, self.module.all_variables())):
+            if not e.counted:
+                continue
+            size = int(np.prod(var.shape))
+            pieces.append(Piece(e.name, "param", e.part, 0, size, var.numpy()))
+            if i < trainable:
+                pieces += [Piece(e.name, kind, e.part, 0, size, per_var[i].numpy()) for kind, per_var in
+                           zip(kinds, slots)]
+        return pieces
 
-    def gather(self) -> None:
-        """Assemble the full model and optimizer state on the chief (a collective on every rank)."""
-        slots = self._slot_arrays()
-        if self.mesh.data_rank != 0:
-            return  # replicas hold copies of replica 0's values
-        values = [v.numpy() for v in self.variables]
-        arrays = [values, *slots]  # [kind][variable]
-        if self.mesh.tensor > 1:
-            sharded = [i for i, s in enumerate(self.shards) if s.axis is not None]
-            parts = self.mesh.tensor_group.allgather_object([[a[i] for i in sharded] for a in arrays])
-            for k, kind in enumerate(arrays):
-                for j, i in enumerate(sharded):
-                    kind[i] = np.concatenate([member[k][j] for member in parts], axis=self.shards[i].axis)
-        stage = {s.name: [kind[i] for kind in arrays] for i, s in enumerate(self.shards)}
-        if self.mesh.pipeline > 1:
-            if self.mesh.rank == 0:
-                for link in self.mesh.chief_links:
-                    stage.update(link.broadcast_object(None, root=link.ranks[1]))
-            elif self.mesh.chief_link is not None:
-                self.mesh.chief_link.broadcast_object(stage, root=self.mesh.rank)
-        if self.mesh.rank == 0:
-            self._assign_full(stage)
+    def variables_meta(self) -> dict[str, dict]:
+        return _meta(self.entries)
 
-    def _full_optimizer(self):
-        if self.full_optimizer is None:  # the training optimizer's kind and settings, over the full model
-            opt = inner_optimizer(self.training_model.optimizer)
-            self.full_optimizer = type(opt).from_config(opt.get_config())
-            self.full_optimizer.build(self.full.trainable_variables)
-        return self.full_optimizer
+    def _state_variables(self) -> dict[str, tf.Variable]:
+        opt = self.zero.optimizer if self.zero is not None else inner_optimizer(self.training_model.optimizer)
+        out = {"iterations": opt.iterations}
+        if self.training_model.loss_scale is not None:
+            out["loss_scale"] = self.training_model.loss_scale
+            out["loss_scale_good_steps"] = self.training_model.good_steps
+        return out
 
-    def _assign_full(self, by_name: dict) -> None:
-        opt = self._full_optimizer()
-        kinds = slots_of(opt, self.full.trainable_variables)
-        for i, var in enumerate(self.full.trainable_variables):
-            value, *slot_values = by_name[var.name]
-            var.assign(value)
-            for kind, slot_value in zip(kinds, slot_values):
-                kind[i].assign(slot_value)
-        opt.iterations.assign(self.training_model.optimizer.iterations)
+    def scalars(self) -> dict[str, float]:
+        return {k: float(v.numpy()) for k, v in self._state_variables().items()}
 
-    def full_model(self):
-        """The whole model on the chief (after :meth:`gather`); None elsewhere."""
-        return self.full
+    def describe_layout(self) -> dict[str, Any]:
+        return {"world": self.mesh.world, "data": self.mesh.data, "tensor": self.mesh.tensor,
+                "pipeline": self.mesh.pipeline, "shard_optimizer": self.cfg.parallel.shard_optimizer}
 
-    def checkpoint_objects(self):
-        """On the chief: the full model and an optimizer with the full state, in the one-process format."""
-        return self.full, self._full_optimizer()
+    def load_checkpoint(self, uri: str) -> None:
+        """Read this rank's slices of a checkpoint written at any layout (every rank reads its own)."""
+        if not is_sharded(uri):
+            raise CheckpointError(f"{uri} is a one-process checkpoint of the earlier format; resume it with "
+                                  "parallel.tensor=1, pipeline=1 and shard_optimizer=false")
+        reader = Reader(uri)
+        _check_fits(reader, self.entries)
+        variables = self.module.all_variables()
+        boxes = [e.box() for e in self.entries]
+        if self.zero is not None:
+            def read(i, kind):
+                return reader.read(self.entries[i].name, kind, boxes[i]).ravel()
+
+            self.zero.load(read)
+            for e, var, box in zip(self.entries, variables, boxes):
+                if not e.trainable:
+                    var.assign(reader.read(e.name, "param", box).astype(var.dtype.as_numpy_dtype))
+        else:
+            for e, var, box in zip(self.entries, variables, boxes):
+                var.assign(reader.read(e.name, "param", box).astype(var.dtype.as_numpy_dtype))
+            _assign_slots(reader, self.training_model.optimizer, self.variables,
+                          {id(v): e.name for v, e in zip(variables, self.entries)}, boxes)
+        _assign_scalars(reader, self._state_variables())
 
     def distribute_restored(self) -> None:
-        """Cut the chief's restored full state into every rank's part (a collective on every rank)."""
-        by_name = None
-        if self.mesh.rank == 0:
-            opt = self.full_optimizer
-            kinds = slots_of(opt, self.full.trainable_variables)
-            by_name = {v.name: [v.numpy(), *(kind[i].numpy() for kind in kinds)]
-                       for i, v in enumerate(self.full.trainable_variables)}
-            by_name["__iterations__"] = int(opt.iterations.numpy())
-            stages = self._stage_names()
-            for link, names in zip(self.mesh.chief_links, stages[1:]):
-                link.broadcast_object({n: by_name[n] for n in [*names, "__iterations__"]}, root=0)
-            by_name = {n: by_name[n] for n in [*stages[0], "__iterations__"]}
-        elif self.mesh.chief_link is not None:
-            by_name = self.mesh.chief_link.broadcast_object(None, root=self.mesh.chief_link.ranks[0])
-        by_name = self.mesh.stage_group.broadcast_object(by_name)
-        tp, me = self.mesh.tensor, self.mesh.tensor_rank
-        from hvdtrain.distributed.tensor import split
-
-        local = [[split(a, tp, me, s.axis) for a in by_name[s.name]] for s in self.shards]
-        for var, arrays in zip(self.variables, local):
-            var.assign(arrays[0])
-        slot_arrays = [[arrays[1 + k] for arrays in local] for k in range(len(local[0]) - 1)] if local else []
-        if self.zero is not None:
-            self.zero.load_slots(slot_arrays)
-            self.zero.resync()
-        else:
-            for kind, values in zip(slots_of(self.training_model.optimizer, self.variables), slot_arrays):
-                for slot, value in zip(kind, values):
-                    slot.assign(value)
-        self.training_model.optimizer.iterations.assign(by_name["__iterations__"])
-
-    def _stage_names(self) -> list[list[str]]:
-        """The full variable names each stage holds (on the chief, which has the full model)."""
-        if self.mesh.pipeline == 1:
-            return [self.full_names]
-        owner = {}
-        for s, names in enumerate(self.split):
-            for layer in names:
-                for v in self.full.get_layer(layer).trainable_variables:
-                    owner[v.name] = s
-        return [[n for n in self.full_names if owner[n] == s] for s in range(self.mesh.pipeline)]
+        """Every rank read its own part: nothing to send."""
 
     # ---- what the run asks of every layout
 
     def consistency_groups(self) -> list[tuple[list, Group]]:
-        """Replicated variables must be identical over the stage; shards over their replicas."""
-        replicated = [v for v, s in zip(self.variables, self.shards) if s.axis is None]
-        sharded = [v for v, s in zip(self.variables, self.shards) if s.axis is not None]
+        """Replicated variables must be identical over the stage; slices over their replicas; tied copies over the
+        first and last stage."""
+        replicated = [v for v, e in zip(self.variables, self.entries) if e.axis is None]
+        sharded = [v for v, e in zip(self.variables, self.entries) if e.axis is not None]
         groups = [(replicated, self.mesh.stage_group)]
         if sharded:
             groups.append((sharded, self.mesh.data_group))
+        if self.tied:
+            groups.append(([self.variables[i] for i in self.tied], self.mesh.tie_group))
         return groups
 
     def broadcast_callback(self):
-        """Replica 0's initial state to the other replicas of each shard, after the first batch."""
-        return _BroadcastReplicas(self)
+        """None: every rank makes its variables from the same per-variable seeds."""
+        return None
 
     def memory(self) -> dict[str, int]:
-        """Bytes of parameters (and of their sharded part) and of optimizer state on this rank."""
-        opt_vars = (self.zero.slot_variables() if self.zero is not None else
-                    [v for kind in slots_of(self.training_model.optimizer, self.variables) for v in kind])
+        """Bytes this rank holds: its variables, its optimizer state (with ZeRO's float32 master slice)."""
+        if self.zero is not None:
+            opt_vars = self.zero.slot_variables() + [self.zero.master]
+        else:
+            opt_vars = [v for kind in slots_of(self.training_model.optimizer, self.variables)[1] for v in kind]
+        variables = self.module.all_variables()
         return {
             "param_bytes_full": self.full_bytes,
-            "param_bytes_per_rank": variable_bytes(self.variables),
-            "sharded_param_bytes_per_rank": variable_bytes([v for v, s in zip(self.variables, self.shards)
-                                                            if s.axis is not None]),
-            "optimizer_bytes_per_rank": variable_bytes(opt_vars),
+            "param_bytes_per_rank": bytes_of(variables),
+            "sharded_param_bytes_per_rank": bytes_of([v for v, e in zip(variables, self.entries)
+                                                      if e.axis is not None]),
+            "optimizer_bytes_per_rank": bytes_of(opt_vars),
         }
-
-
-class _BroadcastReplicas(tf.keras.callbacks.Callback):
-    """After the first batch, every replica of a shard takes replica 0's values (a collective on the data group)."""
-
-    def __init__(self, layout: Parallel):
-        super().__init__()
-        self.layout, self.done = layout, False
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.done:
-            return
-        self.done = True
-        group = self.layout.mesh.data_group
-        group.broadcast_variables(self.layout.variables)
-        if self.layout.zero is not None:
-            self.layout.zero.resync()
-        else:
-            group.broadcast_variables([v for kind in slots_of(self.model.optimizer, self.layout.variables)
-                                       for v in kind])
 
 
 class ParallelTrainer(tf.keras.Model):
     """The Keras model that ``fit`` trains for a :class:`Parallel` layout.
 
     One step: forward and backward through this rank's part (the tensor-parallel collectives run inside the
-    layers; a pipeline runs its schedule), the gradients averaged over the data-parallel group (or reduce-scattered
-    to the optimizer slices), one optimizer step. The loss and accuracy it reports are those of the replica's whole
-    batch, the same on every rank of the replica.
+    family's math; a pipeline runs its schedule), the loss vocabulary-parallel at tensor > 1, tied copies' gradients
+    summed, the gradients averaged over the data-parallel group (or reduce-scattered to the optimizer slices),
+    clipped by the whole model's norm, one optimizer step (skipped on every rank alike when float16 gradients
+    overflow). Loss and accuracy are the replica's, weighted by positions, the same on every rank of the replica.
     """
+
+    GROWTH_STEPS = 2000  # float16 loss scaling as Keras' LossScaleOptimizer: doubled after 2000 finite steps
 
     def __init__(self, layout: Parallel):
         super().__init__(name="parallel_trainer")
         self.layout, self.module = layout, layout.module
+        self.module_variables = list(layout.variables)  # tracked: model.weights (early stopping) sees them
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
         self.accuracy_tracker = tf.keras.metrics.Mean(name="accuracy")
+        self.clip_norm = layout.cfg.train.clip_norm
+        self.loss_scale = self.good_steps = None
+        if layout.cfg.train.precision == "mixed_float16":
+            self.loss_scale = tf.Variable(2.0 ** 15, trainable=False, name="loss_scale")
+            self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good_steps")
 
     @property
     def metrics(self):
@@ -328,67 +407,135 @@ class ParallelTrainer(tf.keras.Model):
         self.layout.attach_optimizer(optimizer)
 
     def call(self, x, training=False):
-        if self.layout.pipeline is not None:  # logits on the last stage, zeros on the others
-            return self.layout.pipeline.forward(x)
+        """This rank's output: logits (its vocabulary slice at tensor > 1) on the last stage."""
         return self.module(x, training=training)
 
-    @staticmethod
-    def _loss_and_accuracy(y, logits):
-        ce = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
-        return tf.reduce_mean(ce), tf.reduce_mean(hit)
+    def terms(self, labels, logits):
+        """Per position: cross-entropy and hit (vocabulary-parallel over the tensor group)."""
+        from hvdtrain.distributed.tensor import TensorContext, cross_entropy
 
-    def _over_pipeline(self, loss, accuracy):
-        """The last stage's numbers on every stage (the others contribute zeros), after the pipeline's transfers
+        return cross_entropy(logits, labels, TensorContext(self.layout.mesh.tensor_group, tf.float32, False))
+
+    def _over_pipeline(self, sums):
+        """The last stage's sums on every stage (the others contribute zeros), after the pipeline's transfers
         (see :meth:`hvdtrain.distributed.pipeline.Pipeline.fence`)."""
         if self.layout.pipeline is None:
-            return loss, accuracy
-        both = tf.stack([loss, accuracy]) + self.layout.pipeline.fence()
-        both = self.layout.mesh.pipeline_group.allreduce(both, "sum", name="pp_metrics")
-        return both[0], both[1]
+            return sums
+        return self.layout.mesh.pipeline_group.allreduce(sums + self.layout.pipeline.fence(), "sum", name="pp_sums")
+
+    def metric_sums(self, x, y):
+        """``[sum of cross-entropy, hits, positions]`` of a batch, forward only, on every rank of the replica."""
+        if self.layout.pipeline is not None:
+            return self._over_pipeline(self.layout.pipeline.forward_sums(x, y, self.terms))
+        ce, hit = self.terms(y, self.module(x, training=False))
+        return tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
+
+    def _track(self, sums):
+        self.loss_tracker.update_state(sums[0] / sums[2], sample_weight=sums[2])
+        self.accuracy_tracker.update_state(sums[1] / sums[2], sample_weight=sums[2])
+        return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data):
         x, y = data
         variables = self.layout.variables
         if self.layout.pipeline is not None:
-            loss, accuracy, grads = self.layout.pipeline.train(x, y, self._loss_and_accuracy, variables)
-            loss, accuracy = self._over_pipeline(loss, accuracy)
+            sums, grads = self.layout.pipeline.train(x, y, self.terms, variables, self.loss_scale)
+            sums = self._over_pipeline(sums)
             # the gradients' collectives after the pipeline's, on every rank (a data dependency: see fence())
-            after = tf.minimum(tf.abs(loss), 0.0)
-            grads = [g + after for g in grads]
+            after = tf.minimum(tf.abs(sums[0]), 0.0)
+            grads = [g + tf.cast(after, g.dtype) for g in grads]
         else:
             with tf.GradientTape() as tape:
-                logits = self.module(x, training=True)
-                loss, accuracy = self._loss_and_accuracy(y, logits)
+                ce, hit = self.terms(y, self.module(x, training=True))
+                loss = tf.reduce_mean(ce)
+                if self.loss_scale is not None:
+                    loss = loss * self.loss_scale
             grads = tape.gradient(loss, variables)
+            sums = tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
         self._apply(grads)
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(accuracy)
-        return {m.name: m.result() for m in self.metrics}
-
-    def _apply(self, grads) -> None:
-        if self.layout.zero is not None:
-            self.layout.zero.apply_gradients(grads)
-            return
-        grads = self.layout.mesh.data_group.grouped_allreduce(
-            [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.layout.variables)], "average")
-        self.optimizer.apply_gradients(zip(grads, self.layout.variables))
+        return self._track(sums)
 
     def test_step(self, data):
         x, y = data
-        logits = self(x, training=False)
-        loss, accuracy = self._loss_and_accuracy(y, logits)
-        if self.layout.pipeline is not None and not self.layout.mesh.is_last_stage:
-            loss, accuracy = loss * 0.0, accuracy * 0.0
-        loss, accuracy = self._over_pipeline(loss, accuracy)
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(accuracy)
-        return {m.name: m.result() for m in self.metrics}
+        return self._track(self.metric_sums(x, y))
+
+    # ---- one optimizer step from this rank's gradients
+
+    def _apply(self, grads) -> None:
+        layout = self.layout
+        mesh = layout.mesh
+        grads = [tf.zeros_like(v, tf.float32) if g is None else tf.cast(g, tf.float32)
+                 for g, v in zip(grads, layout.variables)]
+        if layout.tied:  # the two copies of a tied weight take the sum of both stages' gradients
+            summed = mesh.tie_group.grouped_allreduce([grads[i] for i in layout.tied], "sum")
+            for i, g in zip(layout.tied, summed):
+                grads[i] = g
+        if self.loss_scale is None:
+            self._step(grads)
+            return
+        grads = [g / self.loss_scale for g in grads]
+        local = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]) if grads else tf.constant(True)
+        # every rank takes the same decision: finite only if every rank's gradients are
+        finite = distributed.allreduce_tensor(tf.cast(local, tf.float32), "min", name="loss_scale_finite") > 0.5
+
+        def apply():
+            self._step(grads)
+            grown = self.good_steps + 1 >= self.GROWTH_STEPS
+            self.loss_scale.assign(tf.where(grown, self.loss_scale * 2.0, self.loss_scale))
+            self.good_steps.assign(tf.where(grown, tf.constant(0, tf.int64), self.good_steps + 1))
+            return tf.constant(True)
+
+        def skip():
+            self.loss_scale.assign(tf.maximum(self.loss_scale / 2.0, 1.0))
+            self.good_steps.assign(0)
+            return tf.constant(False)
+
+        tf.cond(finite, apply, skip)
+
+    def _clip_factor(self, sum_of_squares, group: Group | None):
+        """``clip / max(norm, clip)`` from this rank's share of the squared norm (as ``tf.clip_by_global_norm``)."""
+        total = distributed.allreduce_tensor(sum_of_squares, "sum", name="clip_norm") if group is None else \
+            group.allreduce(sum_of_squares, "sum", name="clip_norm")
+        norm = tf.sqrt(total)
+        return self.clip_norm / tf.maximum(norm, self.clip_norm)
+
+    def _step(self, grads) -> None:
+        layout = self.layout
+        if layout.zero is not None:
+            mine = layout.zero.reduce(grads)
+            if self.clip_norm > 0:  # the slices of every replica's every rank cover the model once
+                mine = mine * self._clip_factor(layout.zero.sum_of_squares(mine), None)
+            layout.zero.step(mine)
+            return
+        grads = layout.mesh.data_group.grouped_allreduce(grads, "average")
+        if self.clip_norm > 0:  # every replica holds the same averaged gradients: the replica's norm is the norm
+            counted = [tf.reduce_sum(tf.square(g)) for g, e in zip(grads, layout.entries) if e.counted]
+            squares = tf.add_n(counted) if counted else tf.constant(0.0)
+            factor = self._clip_factor(squares, layout.mesh.replica_group)
+            grads = [g * factor for g in grads]
+        self.optimizer.apply_gradients(zip(grads, layout.variables))
 
 
-def make_layout(cfg, model, mesh: Mesh):
-    """The layout ``cfg.parallel`` asks for, around ``model`` (the full, one-process model)."""
+def make_layout(cfg, source, mesh: Mesh):
+    """The layout ``cfg.parallel`` asks for, of the model ``cfg.model`` for ``source``'s shapes.
+
+    Tensor and pipeline layouts build only this rank's part, from the family's plan; data parallelism builds the
+    whole Keras model (starting, for a family with a plan, from the plan's per-variable initial weights, so every
+    layout starts from the same model).
+    """
+    from hvdtrain import runtime
+
     p = cfg.parallel
+    plan = runtime.model_plan(cfg.model, source)
     if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer:
-        return Parallel(cfg, model, mesh)
-    return DataParallel(model, mesh)
+        layout = Parallel(cfg, mesh, plan, keras_model=lambda: runtime.build_model(cfg.model, source))
+    else:
+        model = runtime.build_model(cfg.model, source)
+        if plan is not None:
+            from models.plan import initialize
+
+            initialize(model, plan, cfg.train.seed)
+        layout = DataParallel(model, mesh, plan)
+    layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
+                   "num_classes": int(source.num_classes)}
+    return layout

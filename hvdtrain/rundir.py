@@ -1,13 +1,16 @@
 """The output directory of one command, as one object: every path in it and every write to it.
 
-Only the chief makes a :class:`RunDir` (other ranks hold ``None`` and write nothing). The directory may be local
-or on object storage (:mod:`hvdtrain.storage`); nothing else in hvdtrain knows how a file gets there.
+Only the chief makes a :class:`RunDir` to write with (other ranks hold ``None`` and write nothing, except the
+bundles of a sharded checkpoint, which each writing rank puts in :meth:`RunDir.checkpoint_staging`). The
+directory may be local or on object storage (:mod:`hvdtrain.storage`); nothing else in hvdtrain knows how a file
+gets there.
 
 A training run's directory::
 
     config.yaml         the resolved config (written first, before training)
     metrics.jsonl       one line per epoch, rewritten whole at each epoch's end
-    checkpoints/epoch-NNNN/   ckpt.* files, then state.json: a checkpoint is complete only once its state.json exists
+    checkpoints/epoch-NNNN/   the writers' bundles and manifest.json, then state.json: a checkpoint is complete only
+                        once its state.json exists (hvdtrain.checkpoint)
     tensorboard/        TensorBoard event files
     summary.json, model.keras, curves.png, and files written by code that knows only local paths (Horovod's
                         timeline and autotune log), staged locally and uploaded when the directory is remote
@@ -177,45 +180,42 @@ class RunDir:
         for name in storage.listdir(folder):
             uri = storage.join(folder, name)
             partial = _CHECKPOINT.match(name) and not storage.exists(storage.join(uri, CHECKPOINT_MARKER))
-            if partial or name.startswith(".epoch-"):
+            if partial or name.startswith(".epoch-"):  # a staging folder, or a replaced one not yet removed
                 storage.remove(uri)
                 removed.append(uri)
         return removed
 
-    def write_checkpoint(self, epoch: int, write: Callable[[Path], None], state: dict[str, Any]) -> str:
-        """Write the checkpoint of ``epoch``: ``write(folder)`` fills a local folder, then ``state`` is the marker.
-
-        Local: the folder is written under a temporary name with its marker and renamed into place. Object
-        storage: the files are uploaded, then the marker, last.
-        """
+    def checkpoint_staging(self, epoch: int) -> str:
+        """Where the writers of the checkpoint of ``epoch`` put their files: on a local disk a temporary folder,
+        renamed into place once complete; on object storage the checkpoint's own prefix (its marker comes last)."""
         target = self.checkpoint_uri(epoch)
-        marker = artifacts.to_json({**state, "epoch": epoch}) + "\n"
         if storage.is_local(target):
-            with storage.atomic_local(storage.local_path(target), suffix=".tmp") as tmp:
-                tmp.mkdir()
-                write(tmp)
-                failpoint("mid-checkpoint", epoch)
-                (tmp / CHECKPOINT_MARKER).write_text(marker)
-        else:
-            storage.remove(target)  # an older, partial attempt at the same epoch
-            with tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-") as tmp:
-                write(Path(tmp))
-                storage.upload(tmp, target)
-            failpoint("mid-checkpoint", epoch)
-            storage.write_text(storage.join(target, CHECKPOINT_MARKER), marker)
-        failpoint("after-checkpoint", epoch)
+            return self.path("checkpoints", f".epoch-{epoch:04d}.tmp")
         return target
 
-    def read_checkpoint(self, ckpt: Checkpoint, read: Callable[[Path], None]) -> dict[str, Any]:
-        """Call ``read(folder)`` on the checkpoint's files (downloaded first from object storage); returns its state."""
-        state = json.loads(storage.read_text(storage.join(ckpt.uri, CHECKPOINT_MARKER)))
-        if storage.is_local(ckpt.uri):
-            read(storage.local_path(ckpt.uri))
-        else:
-            with tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-") as tmp:
-                storage.download(ckpt.uri, tmp)
-                read(Path(tmp))
-        return state
+    def begin_checkpoint(self, epoch: int) -> None:
+        """Remove what an earlier, interrupted attempt at this epoch's checkpoint left (chief only, before anyone
+        writes)."""
+        staging = self.checkpoint_staging(epoch)
+        storage.remove(staging)
+        if storage.is_local(staging):
+            storage.makedirs(staging)
+
+    def finish_checkpoint(self, epoch: int, state: dict[str, Any]) -> str:
+        """Write the marker of ``epoch``'s checkpoint, whose files are all in :meth:`checkpoint_staging` (chief
+        only); on a local disk the folder then takes its place, replacing an older one of the same epoch."""
+        staging, target = self.checkpoint_staging(epoch), self.checkpoint_uri(epoch)
+        marker = artifacts.to_json({**state, "epoch": epoch}) + "\n"
+        storage.write_text(storage.join(staging, CHECKPOINT_MARKER), marker)
+        if staging != target:
+            final, tmp = storage.local_path(target), storage.local_path(staging)
+            old = final.with_name(f".{final.name}.old")
+            if final.exists():
+                os.rename(final, old)
+            os.rename(tmp, final)
+            storage.remove(str(old))
+        failpoint("after-checkpoint", epoch)
+        return target
 
     def prune_checkpoints(self, keep: int) -> None:
         """Delete all but the newest ``keep`` checkpoints."""

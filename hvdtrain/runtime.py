@@ -43,6 +43,15 @@ def build_model(cfg: ModelConfig, source):
         raise ConfigError(f"model '{cfg.name}' cannot be built with {cfg.params}: {exc}") from None
 
 
+def model_plan(cfg: ModelConfig, source):
+    """The parallel plan of the configured model for ``source``'s shapes (None for a family without one)."""
+    import models
+
+    if not models.has_plan(cfg.name):
+        return None
+    return models.parallel_plan(cfg.name, input_shape=source.input_shape, num_classes=source.num_classes, **cfg.params)
+
+
 def loss_and_metrics():
     """Cross-entropy on float32 logits, and accuracy (per next byte for language models).
 
@@ -55,18 +64,23 @@ def loss_and_metrics():
     return loss, [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
 
-def make_optimizer(cfg: TrainConfig, learning_rate):
-    """The (not yet distributed) Keras optimizer named by ``train.optimizer``; the rate may be a schedule."""
+def make_optimizer(cfg: TrainConfig, learning_rate, clip: bool = True):
+    """The (not yet distributed) Keras optimizer named by ``train.optimizer``; the rate may be a schedule.
+
+    ``clip``: with ``train.clip_norm``, clip the gradients by their global norm in the optimizer (Keras'
+    ``global_clipnorm``, applied to the gradients Horovod averaged); parallel layouts clip themselves.
+    """
     import tensorflow as tf
 
     opts = tf.keras.optimizers
+    kw = {"global_clipnorm": cfg.clip_norm} if clip and cfg.clip_norm > 0 else {}
     if cfg.optimizer == "sgd":
-        return opts.SGD(learning_rate)
+        return opts.SGD(learning_rate, **kw)
     if cfg.optimizer == "momentum":
-        return opts.SGD(learning_rate, momentum=cfg.momentum, nesterov=True)
+        return opts.SGD(learning_rate, momentum=cfg.momentum, nesterov=True, **kw)
     if cfg.optimizer == "adam":
-        return opts.Adam(learning_rate)
-    return opts.AdamW(learning_rate, weight_decay=cfg.weight_decay)
+        return opts.Adam(learning_rate, **kw)
+    return opts.AdamW(learning_rate, weight_decay=cfg.weight_decay, **kw)
 
 
 def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, elastic: bool = False, layout=None):
@@ -87,7 +101,8 @@ def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, 
 
     if isinstance(layout, Parallel):
         trainer = layout.training_model
-        trainer.compile(make_optimizer(cfg.train, learning_rate), steps_per_execution=cfg.train.steps_per_execution)
+        trainer.compile(make_optimizer(cfg.train, learning_rate, clip=False),
+                        steps_per_execution=cfg.train.steps_per_execution)
         return trainer
 
     optimizer = distributed.wrap_optimizer(

@@ -90,7 +90,7 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     if mesh.tensor > 1 or mesh.pipeline > 1:
         log(mesh.describe())
     log(plan.describe())
-    layout = parallel.make_layout(cfg, runtime.build_model(cfg.model, source), mesh)
+    layout = parallel.make_layout(cfg, source, mesh)
     if mesh.pipeline > 1:
         log(f"pipeline ({cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches): "
             f"{layout.split_description}")
@@ -100,6 +100,8 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     run_dir, error = rundir.prepare(output, to_yaml(cfg), distributed.is_chief())
     if not cfg.train.elastic:  # elastic runs agree inside Horovod's elastic loop, which a late joiner enters first
         distributed.agree(error)
+        if output is not None and layout.collective_checkpoint and distributed.size() > 1:
+            check_shared(output)
     if run_dir is not None and error is None:
         for uri in run_dir.clean_incomplete_checkpoints():
             checkpoint.warn(f"removed {uri}: an incomplete checkpoint (the run was stopped while writing it)")
@@ -110,22 +112,41 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     return Run(cfg, source, plan, layout, model, run_dir, output, error, started, tuple(callbacks), progress, scratch)
 
 
+def check_shared(output: str) -> None:
+    """Every rank must see the output directory the chief made: layouts that split the model write their
+    checkpoints from every rank (a collective: one line on every rank when some rank cannot)."""
+    import socket
+
+    from hvdtrain import storage
+
+    seen = storage.exists(storage.join(output, "config.yaml"))
+    blind = [where for ok, where in distributed.allgather_object((seen, f"rank {distributed.rank()} on "
+                                                                        f"{socket.gethostname()}")) if not ok]
+    if blind:
+        from hvdtrain.errors import HvdtrainError
+
+        raise HvdtrainError(f"--output {output} is not visible to {', '.join(blind)}: layouts that split the model "
+                            "write checkpoints from every rank; use a shared filesystem or object storage (s3://)")
+
+
 def resume(run: Run) -> tuple[int, list[dict]]:
-    """Continue an interrupted run: restore the newest good checkpoint on the chief, share it with every rank,
-    and return ``(epochs_done, metrics_rows)`` (the rows from the checkpoint itself). ``(0, [])`` for a new run."""
+    """Continue an interrupted run: restore the newest good checkpoint (every rank reads its own part, or the
+    chief reads and shares it) and return ``(epochs_done, metrics_rows)`` (the rows from the checkpoint itself).
+    ``(0, [])`` for a new run."""
     found = bool(run.run_dir is not None and run.cfg.train.resume and run.run_dir.checkpoints())
     if not (distributed.broadcast_object(found) if distributed.size() > 1 else found):
         return 0, []
     run.layout.build_optimizer()
     epoch, rows = 0, []
-    if run.run_dir is not None:
-        epoch, state, warnings = checkpoint.restore_latest(run.run_dir, *run.layout.checkpoint_objects())
+    if run.run_dir is not None or run.layout.collective_checkpoint:
+        epoch, state, warnings = checkpoint.restore_latest(run.output, run.run_dir, run.layout)
         for w in warnings:
             checkpoint.warn(w)
         rows = state.get("metrics", [])
-        # metrics.jsonl may hold lines of epochs after this checkpoint (a crash between the two writes): they
-        # will be trained again, so the file goes back to the checkpoint's lines now.
-        run.run_dir.write_metrics(rows)
+        if run.run_dir is not None:
+            # metrics.jsonl may hold lines of epochs after this checkpoint (a crash between the two writes): they
+            # will be trained again, so the file goes back to the checkpoint's lines now.
+            run.run_dir.write_metrics(rows)
     if distributed.size() > 1:
         epoch = distributed.broadcast_object(epoch)
     run.layout.distribute_restored()
@@ -139,8 +160,15 @@ def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], ski
     """One ``model.fit`` from ``initial_epoch`` at the current world size; returns the metrics rows."""
     from hvdtrain import callbacks as cb
 
+    from hvdtrain.evaluation import evaluate
+
     cfg = run.cfg
     rank, size = run.layout.data_rank, run.layout.data_size
+
+    def validation():
+        return evaluate(run.model, run.source, "val", plan.batch_size_per_rank, shard=(rank, size),
+                        counted=run.layout.counted)
+
     callbacks = [*cb.default_callbacks(
         steps_per_epoch=plan.steps_per_epoch, output_dir=run.run_dir or run.output, previous_rows=previous_rows,
         examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size, epochs=plan.epochs,
@@ -148,13 +176,13 @@ def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], ski
         early_stopping_patience=cfg.train.early_stopping_patience, language_model=run.source.is_language_model,
         divergence_check_epochs=cfg.distributed.divergence_check_epochs,
         divergence_tolerance=cfg.distributed.divergence_tolerance, progress=run.progress, layout=run.layout,
+        output_uri=run.output, validation=validation if run.source.num_examples("val") else None,
     ), *extra, *run.callbacks]
     train_ds = run.source.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
     # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
     train_ds = train_ds.skip(skip_batches) if skip_batches else train_ds
-    val_ds = run.source.eval_dataset("val", rank, size, plan.batch_size_per_rank, equal=True)
     run.model.fit(train_ds, epochs=plan.epochs, initial_epoch=initial_epoch, steps_per_epoch=plan.steps_per_epoch,
-                  validation_data=val_ds, callbacks=callbacks, verbose=0)
+                  callbacks=callbacks, verbose=0)
     return next(c for c in callbacks if isinstance(c, cb.MetricsLogger)).rows
 
 
@@ -206,19 +234,53 @@ def throughput(rows: list[dict[str, Any]]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def final_checkpoint(run: Run, plan: Plan, rows: list[dict]) -> str | None:
+    """The checkpoint of the trained model: the newest one when it is of the last epoch, else one written now
+    (every rank of a layout that writes from every rank takes part). Returns its URI on the chief."""
+    epoch = rows[-1]["epoch"] if rows else 0
+    newest = run.run_dir.checkpoints()[-1] if run.run_dir is not None and run.run_dir.checkpoints() else None
+    current = newest is not None and newest.epoch == epoch and not run.cfg.train.early_stopping_patience
+    if run.layout.collective_checkpoint and distributed.size() > 1:
+        current = distributed.broadcast_object(current)
+    if current:
+        return newest.uri if newest else None
+    if run.run_dir is None and not (run.layout.collective_checkpoint and run.output is not None):
+        return None
+    state = {"steps_per_epoch": plan.steps_per_epoch, "step": epoch * plan.steps_per_epoch,
+             "logs": {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float))},
+             "metrics": rows}
+    return checkpoint.save(run.output, run.run_dir, epoch, run.layout, state, distributed.rank())
+
+
 def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[str, Any]:
-    """Test metrics on every rank, then the summary, model and curves on the chief; returns the summary."""
+    """Test metrics on every rank, then the summary, model and curves on the chief; returns the summary.
+
+    ``model.keras``: data-parallel ranks hold the whole model and the chief saves it; a layout that splits the
+    model writes it from the final checkpoint, one variable at a time (nothing is gathered on one rank), unless
+    ``train.save_model`` is false (then the checkpoint is the model: generate, evaluate, compress and export
+    read it).
+    """
     import shutil
 
-    from hvdtrain import artifacts
+    from hvdtrain import artifacts, memory, modelfile
     from hvdtrain.evaluation import evaluate
 
     cfg, source, layout = run.cfg, run.source, run.layout
     test = evaluate(run.model, source, "test", plan.batch_size_per_rank, shard=(layout.data_rank, layout.data_size),
                     counted=layout.counted)
-    memory = layout.memory()
-    if distributed.size() > 1:  # the largest footprint over the ranks is what has to fit one device
-        memory = dict(zip(memory, distributed.allreduce(list(memory.values()), op="max").astype(int).tolist()))
+    whole = getattr(layout, "model", None) or getattr(layout.module, "model", None)  # a whole Keras model
+    streamed = whole is None and run.output is not None and cfg.train.save_model
+    final = final_checkpoint(run, plan, rows) if (streamed or not cfg.train.save_model) else None
+    if run.run_dir is not None and cfg.train.save_model:
+        if whole is not None:
+            from hvdtrain import modelio
+
+            modelio.save_keras(whole, run.run_dir.path("model.keras"))
+        elif final is not None:
+            modelfile.write_keras(final, run.run_dir.path("model.keras"))
+    figures = layout.memory()
+    figures["peak_memory_bytes"] = memory.peak_bytes()
+    per_rank = distributed.allgather_object(figures) if distributed.size() > 1 else [figures]
     summary: dict[str, Any] = {
         "model": cfg.model.name,
         "task": source.task,
@@ -234,7 +296,10 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
         "controller": distributed.controller(),
         "parallel": {"data": layout.mesh.data, "tensor": layout.mesh.tensor, "pipeline": layout.mesh.pipeline,
                      "shard_optimizer": cfg.parallel.shard_optimizer, "recompute": cfg.parallel.recompute},
-        **memory,
+        # the largest footprint over the ranks is what has to fit one device
+        **{key: max(r[key] for r in per_rank) for key in figures},
+        "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
+        "memory_measured": memory.what_is_measured(),
     }
     if source.is_language_model and test:
         summary["test_bits_per_byte"] = test["bits_per_byte"]
@@ -243,11 +308,7 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
     summary["wall_seconds"] = time.perf_counter() - run.started
     if cfg.distributed.timeline:
         distributed.stop_timeline()
-    layout.gather()
     if run.run_dir is not None:
-        from hvdtrain import modelio
-
-        modelio.save_keras(layout.full_model(), run.run_dir.path("model.keras"))
         if rows:
             run.run_dir.plot_curves(rows, title=f"{cfg.model.name}, {distributed.size()} rank(s)")
         run.run_dir.write_json("summary.json", summary)

@@ -1,59 +1,164 @@
 """A GPT-style decoder-only Transformer language model (Radford et al., 2019), byte-level by default.
 
 Pre-norm blocks of causal multi-head self-attention and a GELU MLP, learned position embeddings, a final layer
-norm and float32 logits over the vocabulary. The input has a fixed length (``context_length``), which keeps the
-model convertible to TFLite; shorter prompts are right-padded, which causality makes harmless.
+norm and float32 logits over the vocabulary (optionally tied to the token embedding). The input has a fixed length
+(``context_length``), which keeps the model convertible to TFLite; shorter prompts are right-padded, which
+causality makes harmless.
+
+The family's math is written once, as the pure functions :func:`embed`, :func:`block` and :func:`head` over a dict
+of weights and a :class:`models.plan.Context`. The Keras layers below call them in one process; the parallel
+engines call them on each rank's slices of the weights (:func:`plan`: which weight splits on which axis).
 """
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
-from models.registry import register
+from models.plan import LocalContext, Plan, Unit, Weight
+from models.registry import register, register_plan
 
 layers = tf.keras.layers
+EMBEDDING_INIT = {"class_name": "RandomUniform", "config": {"minval": -0.05, "maxval": 0.05}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The math, once
+
+
+def layer_norm(x, gamma, beta, epsilon: float = 1e-5):
+    """Layer normalization over the last axis, computed in float32 (as Keras' own under mixed precision)."""
+    x32 = tf.cast(x, tf.float32)
+    mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+    y = tf.nn.batch_normalization(x32, mean, variance, tf.cast(beta, tf.float32), tf.cast(gamma, tf.float32),
+                                  epsilon)
+    return tf.cast(y, x.dtype)
+
+
+def vocabulary_lookup(table, tokens, ctx):
+    """Rows of ``table`` for ``tokens``; with tensor parallelism each member holds ``vocabulary / size`` rows and
+    looks up the tokens in its range, and the members' rows are summed (*g*)."""
+    if ctx.size == 1:
+        return tf.gather(table, tokens)
+    rows = tf.shape(table)[0]
+    local = tokens - ctx.rank * rows
+    inside = (local >= 0) & (local < rows)
+    found = tf.gather(table, tf.where(inside, local, tf.zeros_like(local)))
+    return ctx.exit(found * tf.cast(inside, found.dtype)[..., None])
+
+
+def embed(p, tokens, ctx, dropout: float = 0.0, site: int = 0):
+    """Token plus position embeddings, in the compute dtype, then dropout."""
+    steps = tf.shape(tokens)[-1]
+    x = vocabulary_lookup(p["embed/tokens/embeddings"], tokens, ctx) + p["embed/positions/embeddings"][:steps]
+    return ctx.dropout(tf.cast(x, ctx.dtype), dropout, site)
+
+
+def block(p, prefix: str, x, ctx, dropout: float = 0.0, site: int = 0):
+    """One pre-norm block: ``x + attention(ln1(x))``, then ``x + mlp(ln2(x))``.
+
+    With tensor parallelism (Megatron-LM): the query, key and value projections hold this member's heads, the
+    output projection the same heads' rows, the MLP's first layer a slice of its columns and the second the same
+    rows; *f* enters each split region and *g* leaves it, so a block costs 2 allreduces forward and 2 backward.
+    The biases of the row-parallel layers are added once, after *g*.
+    """
+    def w(name):
+        return tf.cast(p[f"{prefix}/{name}"], ctx.dtype)
+
+    # attention: f -> this member's heads -> their rows of the output projection -> g
+    h = ctx.enter(layer_norm(x, p[f"{prefix}/ln1/gamma"], p[f"{prefix}/ln1/beta"]))
+    q = tf.einsum("btw,whd->bthd", h, w("attn/query/kernel")) + w("attn/query/bias")
+    k = tf.einsum("btw,whd->bthd", h, w("attn/key/kernel")) + w("attn/key/bias")
+    v = tf.einsum("btw,whd->bthd", h, w("attn/value/kernel")) + w("attn/value/bias")
+    q = q * tf.cast(1.0 / math.sqrt(float(q.shape[-1])), q.dtype)
+    scores = tf.einsum("bthd,bshd->bhts", q, k)  # (batch, heads, query t, key s)
+    steps = tf.shape(x)[1]
+    causal = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)
+    scores = tf.where(causal, tf.cast(scores, tf.float32), -1e9)
+    probs = ctx.dropout(tf.cast(tf.nn.softmax(scores, axis=-1), ctx.dtype), dropout, site, sharded=True)
+    context = tf.einsum("bhts,bshd->bthd", probs, v)
+    attn = ctx.exit(tf.einsum("bthd,hdw->btw", context, w("attn/output/kernel"))) + w("attn/output/bias")
+    x = x + ctx.dropout(attn, dropout, site + 1)
+    # MLP: f -> column-parallel fc -> row-parallel proj -> g
+    h = ctx.enter(layer_norm(x, p[f"{prefix}/ln2/gamma"], p[f"{prefix}/ln2/beta"]))
+    hidden = tf.nn.gelu(tf.matmul(h, w("mlp/fc/kernel")) + w("mlp/fc/bias"), approximate=False)
+    out = ctx.exit(tf.einsum("btf,fw->btw", hidden, w("mlp/proj/kernel"))) + w("mlp/proj/bias")
+    return x + ctx.dropout(out, dropout, site + 2)
+
+
+def head(p, x, ctx, tied: bool = False):
+    """The final layer norm and the float32 logits: with tensor parallelism, this member's slice of the
+    vocabulary (the loss is then vocabulary-parallel: no member forms the whole logits)."""
+    h = tf.cast(ctx.enter(layer_norm(x, p["ln_final/gamma"], p["ln_final/beta"])), tf.float32)
+    if tied:
+        return tf.einsum("btw,vw->btv", h, tf.cast(p["embed/tokens/embeddings"], tf.float32))
+    return tf.einsum("btw,wv->btv", h, tf.cast(p["logits/kernel"], tf.float32)) + tf.cast(p["logits/bias"],
+                                                                                           tf.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Keras layers of the one-process model (they own their weights and call the math above)
+
+
+def _weight(layer, name, shape, initializer):
+    # float32 variables that are never autocast: the math casts them where it uses them, in every layout alike
+    return layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True,
+                            experimental_autocast=False)
 
 
 @tf.keras.utils.register_keras_serializable(package="hvdtrain")
 class TokenAndPositionEmbedding(layers.Layer):
-    """Token embedding plus a learned embedding of each position."""
+    """Token embedding plus a learned embedding of each position, then dropout. Called with ``reverse=True`` it
+    maps hidden states to logits with the token embedding (tied embeddings)."""
 
-    def __init__(self, vocab_size: int, context_length: int, width: int, **kwargs):
+    def __init__(self, vocab_size: int, context_length: int, width: int, dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        self.vocab_size, self.context_length, self.width = vocab_size, context_length, width
-        self.tokens = layers.Embedding(vocab_size, width, name="tokens")
-        self.positions = layers.Embedding(context_length, width, name="positions")
+        self.vocab_size, self.context_length, self.width, self.dropout = vocab_size, context_length, width, dropout
 
-    def call(self, inputs):
-        positions = tf.range(tf.shape(inputs)[-1])
-        return self.tokens(inputs) + self.positions(positions)
+    def build(self, input_shape):
+        self.tokens = _weight(self, "tokens/embeddings", (self.vocab_size, self.width), EMBEDDING_INIT)
+        self.positions = _weight(self, "positions/embeddings", (self.context_length, self.width), EMBEDDING_INIT)
+        super().build(input_shape)
+
+    def _params(self):
+        return {"embed/tokens/embeddings": self.tokens, "embed/positions/embeddings": self.positions}
+
+    def call(self, inputs, reverse: bool = False, training=None):
+        if reverse:
+            return tf.einsum("btw,vw->btv", tf.cast(inputs, tf.float32), self.tokens)
+        return embed(self._params(), inputs, LocalContext(self.compute_dtype, training), self.dropout)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "context_length": self.context_length,
-                "width": self.width}
+                "width": self.width, "dropout": self.dropout}
 
 
 @tf.keras.utils.register_keras_serializable(package="hvdtrain")
 class TransformerBlock(layers.Layer):
-    """Pre-norm block: ``x + attn(ln(x))`` with a causal mask, then ``x + mlp(ln(x))``."""
+    """Pre-norm block: ``x + attn(ln(x))`` with a causal mask, then ``x + mlp(ln(x))`` (:func:`block`)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.num_heads, self.mlp_ratio, self.dropout = width, num_heads, mlp_ratio, dropout
-        self.ln1 = layers.LayerNormalization(epsilon=1e-5, name="ln1")
-        self.attn = layers.MultiHeadAttention(num_heads, width // num_heads, dropout=dropout, name="attn")
-        self.ln2 = layers.LayerNormalization(epsilon=1e-5, name="ln2")
-        self.fc = layers.Dense(mlp_ratio * width, activation="gelu", name="fc")
-        self.proj = layers.Dense(width, name="proj")
-        self.drop = layers.Dropout(dropout)
+
+    def build(self, input_shape):
+        self.keys = []
+        for weight in block_weights("", self.width, self.num_heads, self.mlp_ratio):
+            _weight(self, weight.name[1:], weight.shape, weight.initializer)
+            self.keys.append(self.name + weight.name)
+        super().build(input_shape)
 
     def call(self, x, training=None):
-        h = self.ln1(x)
-        x = x + self.drop(self.attn(h, h, use_causal_mask=True, training=training), training=training)
-        return x + self.drop(self.proj(self.fc(self.ln2(x))), training=training)
+        params = dict(zip(self.keys, self.weights))
+        return block(params, self.name, x, LocalContext(self.compute_dtype, training), self.dropout)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder and the plan
 
 
 @register("gpt")
@@ -66,6 +171,7 @@ def gpt(
     width: int = 128,
     mlp_ratio: int = 4,
     dropout: float = 0.1,
+    tie_embeddings: bool = False,
 ) -> tf.keras.Model:
     """A decoder-only Transformer over ``num_classes`` tokens (256 for bytes).
 
@@ -76,7 +182,8 @@ def gpt(
         num_heads: attention heads per block; must divide ``width``.
         width: model width (embedding size).
         mlp_ratio: MLP hidden width as a multiple of ``width``.
-        dropout: dropout on attention weights and residual branches.
+        dropout: dropout on the embeddings, attention weights and residual branches.
+        tie_embeddings: compute the logits with the token embedding (no separate output layer).
 
     Returns:
         An uncompiled ``keras.Model`` mapping int tokens ``(batch, context_length)`` to float32 logits
@@ -86,10 +193,66 @@ def gpt(
         raise ValueError(f"num_heads={num_heads} must divide width={width}")
     (context_length,) = input_shape
     tokens = tf.keras.Input(shape=(context_length,), dtype="int32", name="tokens")
-    x = TokenAndPositionEmbedding(num_classes, context_length, width, name="embed")(tokens)
-    x = layers.Dropout(dropout, name="embed_dropout")(x)
+    embedding = TokenAndPositionEmbedding(num_classes, context_length, width, dropout, name="embed")
+    x = embedding(tokens)
     for i in range(num_layers):
         x = TransformerBlock(width, num_heads, mlp_ratio, dropout, name=f"block_{i}")(x)
     x = layers.LayerNormalization(epsilon=1e-5, name="ln_final")(x)
-    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    if tie_embeddings:
+        logits = embedding(x, reverse=True)
+    else:
+        logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return tf.keras.Model(tokens, logits, name="gpt")
+
+
+def block_weights(prefix: str, width: int, num_heads: int, mlp_ratio: int) -> list[Weight]:
+    """A block's weights in the order of its Keras layer; heads and the MLP's hidden units split across a
+    tensor-parallel group (column-parallel: the output axis; row-parallel: the input axis)."""
+    d, f = width // num_heads, mlp_ratio * width
+    g, z = "glorot_uniform", "zeros"
+    out = [Weight(f"{prefix}/ln1/gamma", (width,), "ones"), Weight(f"{prefix}/ln1/beta", (width,), z)]
+    for name in ("query", "key", "value"):
+        out += [Weight(f"{prefix}/attn/{name}/kernel", (width, num_heads, d), g, split=1),
+                Weight(f"{prefix}/attn/{name}/bias", (num_heads, d), z, split=0)]
+    out += [Weight(f"{prefix}/attn/output/kernel", (num_heads, d, width), g, split=0),
+            Weight(f"{prefix}/attn/output/bias", (width,), z),
+            Weight(f"{prefix}/ln2/gamma", (width,), "ones"), Weight(f"{prefix}/ln2/beta", (width,), z),
+            Weight(f"{prefix}/mlp/fc/kernel", (width, f), g, split=1), Weight(f"{prefix}/mlp/fc/bias", (f,), z, split=0),
+            Weight(f"{prefix}/mlp/proj/kernel", (f, width), g, split=0), Weight(f"{prefix}/mlp/proj/bias", (width,), z)]
+    return out
+
+
+@register_plan("gpt")
+def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, width=128, mlp_ratio=4, dropout=0.1,
+         tie_embeddings=False) -> Plan:
+    """The gpt's parallel plan: heads and MLP columns split across tensor-parallel ranks (Megatron-LM), the
+    vocabulary of the embedding and logits too; a pipeline cuts between blocks."""
+    (context,) = input_shape
+    units = [Unit("embed", "embed", (
+        Weight("embed/tokens/embeddings", (num_classes, width), EMBEDDING_INIT, split=0),
+        Weight("embed/positions/embeddings", (context, width), EMBEDDING_INIT)), ("embed",), pin="first")]
+    for i in range(num_layers):
+        units.append(Unit(f"block_{i}", "block", tuple(block_weights(f"block_{i}", width, num_heads, mlp_ratio)),
+                          (f"block_{i}",), recompute=True, index=i + 1))
+    last = num_layers + 1
+    norm = (Weight("ln_final/gamma", (width,), "ones"), Weight("ln_final/beta", (width,), "zeros"))
+    if tie_embeddings:
+        units.append(Unit("head", "head", norm, ("ln_final",), shared=("embed/tokens/embeddings",), pin="last",
+                          index=last))
+    else:
+        units.append(Unit("head", "head", norm + (Weight("logits/kernel", (width, num_classes), "glorot_uniform", 1),
+                                                  Weight("logits/bias", (num_classes,), "zeros", 0)),
+                          ("ln_final", "logits"), pin="last", index=last))
+
+    def apply(unit: Unit, params, x, ctx):
+        site = 8 * unit.index  # dropout sites never repeat across units (nor, so, across pipeline stages)
+        if unit.kind == "embed":
+            return embed(params, x, ctx, dropout, site)
+        if unit.kind == "block":
+            return block(params, unit.name, x, ctx, dropout, site)
+        return head(params, x, ctx, tied=tie_embeddings)
+
+    return Plan("gpt", tuple(units), apply, (context, width), num_classes,
+                divisors={"model.params.num_heads": num_heads, "model.params.mlp_ratio x width": mlp_ratio * width,
+                          "the vocabulary (data's num_classes)": num_classes},
+                twin={"params": {"width": num_heads, "mlp_ratio": 1}, "restore": ("width", "mlp_ratio")})

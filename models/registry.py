@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 _BUILDERS: dict[str, Callable[..., Any]] = {}
+_PLANS: dict[str, Callable[..., Any]] = {}
 
 
 class ModelParamError(ValueError):
@@ -28,6 +29,31 @@ def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return fn
 
     return deco
+
+
+def register_plan(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as the parallel plan of the family ``name`` (:class:`models.plan.Plan`); it takes the
+    builder's keyword arguments."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _PLANS[name] = fn
+        return fn
+
+    return deco
+
+
+def has_plan(name: str) -> bool:
+    """Whether the family ``name`` has a parallel plan (tensor and pipeline parallelism need one)."""
+    _load_all()
+    return name in _PLANS
+
+
+def parallel_plan(name: str, *, input_shape: tuple[int, ...], num_classes: int, **params: Any):
+    """The parallel plan of the model ``build(name, ...)`` would build (no weights are made)."""
+    check_params(name, params)
+    if not has_plan(name):
+        raise ModelParamError(f"model '{name}' has no parallel plan; families with one: {', '.join(sorted(_PLANS))}")
+    return _PLANS[name](input_shape=tuple(input_shape), num_classes=int(num_classes), **params)
 
 
 def names() -> list[str]:

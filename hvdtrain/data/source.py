@@ -106,14 +106,29 @@ class ArraySource(Source):
         return self.x_train[np.random.default_rng(seed).permutation(len(self.x_train))[:count]]
 
     def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
-        """An endless, shuffled, batched pipeline of this rank's equal shard of the training split.
+        """An endless, batched pipeline of this replica's part of every global batch.
 
-        The shuffle is seeded per rank, so a run is reproducible, and reshuffled every pass.
+        Each epoch is one permutation of the training split, drawn from ``(seed, epoch)`` the same way whatever
+        the layout, cut into global batches of ``size x batch_size`` examples (the last, partial one is left
+        out); replica ``rank`` takes examples ``rank x batch_size .. (rank + 1) x batch_size`` of each. So the
+        global batches, and the training, are those of one process with the global batch, at any number of
+        data-parallel replicas (tested). ``shuffle_buffer`` is not needed: the whole split is permuted.
         """
-        idx = shard_indices(self.num_train, rank, size, equal=True)
-        ds = tf.data.Dataset.from_tensor_slices((self.x_train[idx], self.y_train[idx]))
-        ds = ds.shuffle(min(len(idx), shuffle_buffer), seed=seed + rank, reshuffle_each_iteration=True)
-        return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+        n, glob = self.num_train, size * batch_size
+        steps = n // glob
+        if steps < 1:
+            raise DataError(f"{n} training examples are fewer than one global batch of {glob}; lower "
+                            "data.batch_size_per_rank or use fewer ranks")
+        x, y = tf.constant(self.x_train), tf.constant(self.y_train)
+
+        def epoch(e):
+            order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), e]))
+            return tf.data.Dataset.from_tensor_slices(
+                tf.reshape(order[: steps * glob], [steps, size, batch_size])[:, rank])
+
+        ds = tf.data.Dataset.range(2**62).flat_map(epoch)
+        return ds.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=AUTOTUNE).prefetch(
+            AUTOTUNE)
 
     def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
         """This rank's shard of ``val`` or ``test``, batched; None when the split is empty.

@@ -278,6 +278,16 @@ def allreduce(value, op: str = "average", name: str | None = None) -> np.ndarray
     return hvd_tf.allreduce(tensor, op=_reduce_op(op), name=name).numpy()
 
 
+def allreduce_tensor(tensor, op: str = "sum", name: str | None = None):
+    """Reduce a tensor over all ranks inside or outside a graph (``sum``, ``average``, ``max``, ``min``)."""
+    import horovod.tensorflow as hvd_tf
+
+    _hvd()
+    if size() == 1:
+        return tensor
+    return hvd_tf.allreduce(tensor, op=_reduce_op(op), name=name)
+
+
 def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     """Send a picklable Python object from ``root_rank`` to every rank."""
     import horovod.tensorflow as hvd_tf
@@ -373,7 +383,7 @@ def barrier() -> None:
 
 
 __all__ = [
-    "REDUCE_OPS", "agree", "allgather_object", "allreduce", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
+    "REDUCE_OPS", "agree", "allgather_object", "allreduce", "allreduce_tensor", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
     "local_rank",
     "local_size", "metric_average_callback", "rank", "run_elastic", "shutdown", "size", "extremes", "start_timeline", "stop_timeline",

@@ -8,7 +8,8 @@ For 8 ranks at tensor=2, pipeline=2 (data=2)::
     stage 0:  replica 0 -> ranks 0 1    replica 1 -> ranks 2 3
     stage 1:  replica 0 -> ranks 4 5    replica 1 -> ranks 6 7
 
-    tensor groups {0,1} {2,3} {4,5} {6,7}; data groups {0,2} {1,3} {4,6} {5,7}; pipelines {0,4} {1,5} {2,6} {3,7}
+    tensor groups {0,1} {2,3} {4,5} {6,7}; data groups {0,2} {1,3} {4,6} {5,7}; pipelines {0,4} {1,5} {2,6} {3,7};
+    replicas (every rank of one copy of the model) {0,1,4,5} {2,3,6,7}
 
 Every rank registers every group's process set, in the same order (Horovod requires it); a group of one rank has
 no process set and its collectives are the identity; the group of all ranks is Horovod's global set.
@@ -32,6 +33,18 @@ def _hvd():
 
 
 _OPS = {"sum": "Sum", "average": "Average", "max": "Max", "min": "Min"}
+
+
+def _carried(tensor, reduce: bool):
+    """Horovod 0.28 has no bfloat16 in any collective: data movement carries its bits as uint16 (exact, half the
+    bytes of float32), reductions run in float32. Returns ``(tensor to send, function to undo it)``."""
+    import tensorflow as tf
+
+    if tensor.dtype != tf.bfloat16:
+        return tensor, lambda t: t
+    if reduce:
+        return tf.cast(tensor, tf.float32), lambda t: tf.cast(t, tf.bfloat16)
+    return tf.bitcast(tensor, tf.uint16), lambda t: tf.bitcast(t, tf.bfloat16)
 
 
 class Traffic:
@@ -89,7 +102,8 @@ class Group:
             return tensor
         hvd = _hvd()
         Traffic.count(f"{self.name}_allreduce", [tensor])
-        return hvd.allreduce(tensor, op=getattr(hvd, _OPS[op]), **self._kw(name))
+        sent, back = _carried(tensor, reduce=True)
+        return back(hvd.allreduce(sent, op=getattr(hvd, _OPS[op]), **self._kw(name)))
 
     def grouped_allreduce(self, tensors, op: str = "average"):
         """Reduce a list of tensors over the group in one fused call."""
@@ -97,14 +111,17 @@ class Group:
             return list(tensors)
         hvd = _hvd()
         Traffic.count(f"{self.name}_allreduce", tensors)
-        return hvd.grouped_allreduce(list(tensors), op=getattr(hvd, _OPS[op]), process_set=self.process_set)
+        sent, backs = zip(*[_carried(t, reduce=True) for t in tensors])
+        out = hvd.grouped_allreduce(list(sent), op=getattr(hvd, _OPS[op]), process_set=self.process_set)
+        return [back(t) for back, t in zip(backs, out)]
 
     def allgather(self, tensor, name: str | None = None):
         """Concatenate every member's ``tensor`` along the first axis, in group order."""
         if self.size == 1:
             return tensor
         Traffic.count(f"{self.name}_allgather", [tensor])
-        return _hvd().allgather(tensor, **self._kw(name))
+        sent, back = _carried(tensor, reduce=False)
+        return back(_hvd().allgather(sent, **self._kw(name)))
 
     def reducescatter(self, tensor, op: str = "average", name: str | None = None):
         """Reduce ``tensor`` over the group and keep this member's 1/size of the first axis."""
@@ -112,12 +129,15 @@ class Group:
             return tensor
         hvd = _hvd()
         Traffic.count(f"{self.name}_reducescatter", [tensor])
-        return hvd.reducescatter(tensor, op=getattr(hvd, _OPS[op]), **self._kw(name))
+        sent, back = _carried(tensor, reduce=True)
+        return back(hvd.reducescatter(sent, op=getattr(hvd, _OPS[op]), **self._kw(name)))
 
     def alltoall(self, tensor, splits, name: str | None = None):
         """Send ``splits[i]`` rows of ``tensor`` to member i; returns what the members sent here."""
         Traffic.count(f"{self.name}_alltoall", [tensor])
-        return _hvd().alltoall(tensor, splits=splits, **self._kw(name))
+        sent, back = _carried(tensor, reduce=False)
+        got, received = _hvd().alltoall(sent, splits=splits, **self._kw(name))
+        return back(got), received
 
     def broadcast_object(self, obj: Any, root: int | None = None) -> Any:
         """A picklable object from the global rank ``root`` (default: the group's first) to every member."""
@@ -164,10 +184,10 @@ class Mesh:
     data_group: Group  # the replicas of this rank's shard (gradients are averaged over it)
     stage_group: Group  # every rank of this rank's pipeline stage (its replicated weights are identical)
     pipeline_group: Group  # the stages of this rank's pipeline (same replica and shard)
+    replica_group: Group  # every rank of this rank's copy of the model (tensor x pipeline)
     prev_edge: Group | None  # [previous stage, this stage] for transfers
     next_edge: Group | None  # [this stage, next stage]
-    chief_link: Group | None  # on a later stage's root: [rank 0, this rank], to gather full models on the chief
-    chief_links: tuple[Group, ...] = ()  # on rank 0: the link to each later stage's root, in stage order
+    tie_group: Group | None  # [first stage, last stage] of this pipeline, on those two stages (tied weights)
 
     @property
     def tensor_rank(self) -> int:
@@ -219,9 +239,11 @@ def all_groups(world: int, tensor: int, pipeline: int) -> dict[str, list[tuple[i
         "data": [tuple(at(s, d, t) for d in range(data)) for s in range(pipeline) for t in range(tensor)],
         "stage": [tuple(at(s, d, t) for d in range(data) for t in range(tensor)) for s in range(pipeline)],
         "pipeline": [tuple(at(s, d, t) for s in range(pipeline)) for d in range(data) for t in range(tensor)],
+        "replica": [tuple(at(s, d, t) for s in range(pipeline) for t in range(tensor)) for d in range(data)],
         "edge": [(at(s, d, t), at(s + 1, d, t)) for s in range(pipeline - 1) for d in range(data)
                  for t in range(tensor)],
-        "chief": [(0, at(s, 0, 0)) for s in range(1, pipeline)],
+        "tie": [(at(0, d, t), at(pipeline - 1, d, t)) for d in range(data) for t in range(tensor)] if pipeline > 1
+        else [],
     }
     return groups
 
@@ -257,13 +279,13 @@ def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
     stage = me // (tensor * data)
     edges = {g[0]: g for g in groups["edge"]}
     prev = next((g for g in groups["edge"] if g[1] == me), None)
-    chief = next((g for g in groups["chief"] if g[1] == me), None) if stage > 0 else None
+    tie = next((g for g in groups["tie"] if me in g), None)
     return Mesh(
         world=world, data=data, tensor=tensor, pipeline=pipeline, rank=me,
         tensor_group=group("tensor", mine("tensor")), data_group=group("data", mine("data")),
         stage_group=group("stage", mine("stage")), pipeline_group=group("pipeline", mine("pipeline")),
+        replica_group=group("replica", mine("replica")),
         prev_edge=group("edge", prev) if prev else None,
         next_edge=group("edge", edges[me]) if me in edges else None,
-        chief_link=group("chief", chief) if chief and me != 0 else None,
-        chief_links=tuple(group("chief", g) for g in groups["chief"]) if me == 0 else (),
+        tie_group=group("tie", tie) if tie else None,
     )

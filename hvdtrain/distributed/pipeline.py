@@ -33,20 +33,21 @@ from hvdtrain.distributed.mesh import Mesh
 SCHEDULES = ("gpipe", "1f1b")
 
 
-def split_stages(full: tf.keras.Model, stages: int) -> list[list[str]]:
-    """Layer names of each stage: blocks split into ``stages`` contiguous runs minimising the largest stage's
-    parameters, the embedding (and its dropout) on the first stage and the final norm and logits on the last."""
-    names = [lyr.name for lyr in full.layers if not isinstance(lyr, tf.keras.layers.InputLayer)]
-    blocks = [n for n in names if type(full.get_layer(n)).__name__ == "TransformerBlock"]
-    first, last = names[: names.index(blocks[0])], names[names.index(blocks[-1]) + 1:]
-    if stages > len(blocks):
-        raise ValueError(f"{stages} stages need at least {stages} Transformer blocks, the model has {len(blocks)}")
-    count = lambda ns: sum(full.get_layer(n).count_params() for n in ns)  # noqa: E731
-    sizes = [count([b]) for b in blocks]
-    head, tail = count(first), count(last)
+def split_stages(plan, stages: int) -> list[list]:
+    """The units of each stage: the units no stage is pinned to split into ``stages`` contiguous runs minimising
+    the largest stage's parameters; a unit pinned ``first`` (the embedding) goes on the first stage and one pinned
+    ``last`` (the head) on the last."""
+    units = list(plan.units)
+    first = [u for u in units if u.pin == "first"]
+    last = [u for u in units if u.pin == "last"]
+    middle = [u for u in units if u.pin is None]
+    if stages > len(middle):
+        raise ValueError(f"{stages} stages need at least {stages} blocks, the model has {len(middle)}")
+    sizes = [u.parameters for u in middle]
+    head, tail = sum(u.parameters for u in first), sum(u.parameters for u in last)
     best = None
-    for cuts in itertools.combinations(range(1, len(blocks)), stages - 1):
-        bounds = [0, *cuts, len(blocks)]
+    for cuts in itertools.combinations(range(1, len(middle)), stages - 1):
+        bounds = [0, *cuts, len(middle)]
         loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
         loads[0] += head
         loads[-1] += tail
@@ -54,7 +55,7 @@ def split_stages(full: tf.keras.Model, stages: int) -> list[list[str]]:
         if best is None or key < best[0]:
             best = (key, bounds)
     bounds = best[1]
-    parts = [blocks[a:b] for a, b in zip(bounds, bounds[1:])]
+    parts = [middle[a:b] for a, b in zip(bounds, bounds[1:])]
     parts[0] = first + parts[0]
     parts[-1] = parts[-1] + last
     return parts
@@ -117,11 +118,10 @@ def timetable(schedule: str, stages: int, micro: int) -> list[list[Op | None]]:
     return table
 
 
-def describe_split(full: tf.keras.Model, parts: list[list[str]]) -> str:
-    """One line: each stage's layers and parameters."""
-    return "; ".join(
-        f"stage {s}: {', '.join(n for n in names if 'dropout' not in n)} "
-        f"({sum(full.get_layer(n).count_params() for n in names):,} parameters)" for s, names in enumerate(parts))
+def describe_split(parts) -> str:
+    """One line: each stage's units and parameters."""
+    return "; ".join(f"stage {s}: {', '.join(u.name for u in units)} ({sum(u.parameters for u in units):,} parameters)"
+                     for s, units in enumerate(parts))
 
 
 def bubble_fraction(table) -> float:
@@ -146,18 +146,22 @@ class Pipeline:
     """Runs this rank's stage of a schedule inside a training step (all of it in one graph).
 
     Args:
-        module: this stage's Keras model (tokens or activations in; activations or logits out).
+        module: this stage's part of the model (tokens or activations in; activations or logits out).
         mesh: the rank grid (stage, edges to the neighbouring stages).
         schedule: ``gpipe`` or ``1f1b``.
         micro: micro-batches per step.
         activation_shape: ``(context_length, width)``: what travels between stages per example.
+        dtype: the activations' dtype (the compute dtype: bfloat16 activations travel as 2 bytes).
     """
 
-    def __init__(self, module, mesh: Mesh, schedule: str, micro: int, activation_shape: tuple[int, int]):
+    def __init__(self, module, mesh: Mesh, schedule: str, micro: int, activation_shape: tuple[int, int],
+                 dtype=tf.float32):
         self.module, self.mesh, self.schedule, self.micro = module, mesh, schedule, micro
         self.activation_shape = tuple(activation_shape)
+        self.dtype = tf.as_dtype(dtype)
         self.table = timetable(schedule, mesh.pipeline, micro)
         self.stage = mesh.stage
+        self._link = None
         with tf.init_scope():
             # every transfer's output is counted here, so that none is pruned (and the bytes can be reported)
             self.sent = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_sent_elements")
@@ -168,13 +172,18 @@ class Pipeline:
 
     # ---- transfers
 
+    def _template(self, stamp):
+        """A computed (never constant: see the module doc) one-row tensor of the activations' dtype."""
+        return tf.cast(tf.ones([1, *self.activation_shape]) * tf.cast(stamp, tf.float32), self.dtype)
+
     def _exchange(self, edge, forward, backward, name: str, like):
         """One alltoall on ``edge``: this stage's ``forward`` (to the next stage, or None) and ``backward`` (to the
         previous one, or None). Returns what arrived. Its input depends on the previous transfer's result."""
         lower = edge.ranks[0] == self.mesh.rank  # this rank is the edge's earlier stage
         mine = forward if lower else backward
         # a distinct, computed empty tensor when this side sends nothing (never a constant: see the module doc)
-        send = (mine if mine is not None else like[:0] * tf.cast(len(name), like.dtype)) + self.fence()
+        send = mine if mine is not None else like[:0] * tf.cast(len(name), like.dtype)
+        send = tf.cast(send, self.dtype) + tf.cast(self.fence(), self.dtype)
         rows = tf.shape(send)[0]
         splits = tf.stack([0, rows]) if lower else tf.stack([rows, 0])
         got, received = edge.alltoall(send, splits, name=name)
@@ -201,19 +210,19 @@ class Pipeline:
 
     # ---- one training step
 
-    def train(self, x, y, loss_and_accuracy, variables):
+    def train(self, x, y, terms, variables, loss_scale=None):
         """Forward and backward of every micro-batch of ``x``/``y`` as the timetable says.
 
-        Returns ``(loss, accuracy, grads)``: the batch's mean loss and accuracy (on the last stage, zeros
-        elsewhere; the caller sums them over the pipeline, after :meth:`fence`) and this stage's gradients of the
-        batch's mean loss.
+        ``terms(labels, logits)`` gives each position's cross-entropy and hit. Returns ``(sums, grads)``: on the
+        last stage ``[sum of cross-entropy, hits, positions]`` over the batch (zeros elsewhere; the caller sums
+        them over the pipeline, after :meth:`fence`), and this stage's gradients of the batch's mean loss (times
+        ``loss_scale`` when given).
         """
         m, s, last = self.micro, self.stage, self.mesh.pipeline - 1
         xs, ys = tf.split(x, m), tf.split(y, m)
         inputs, outputs, tapes, incoming = {}, {}, {}, {}
         grads = [tf.zeros_like(v) for v in variables]
-        loss = tf.constant(0.0)
-        accuracy = tf.constant(0.0)
+        sums = tf.zeros([3])
         self._link = None
         times = []
         stamp = tf.timestamp()
@@ -235,9 +244,11 @@ class Pipeline:
                             tape.watch(x_in)
                         out = self.module(x_in, training=True)
                         if s == last:
-                            mb_loss, mb_acc = loss_and_accuracy(ys[op.micro], out)
-                            out = mb_loss / m
-                            loss, accuracy = loss + out, accuracy + mb_acc / m
+                            ce, hit = terms(ys[op.micro], out)
+                            sums += tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
+                            out = tf.reduce_mean(ce) / m
+                            if loss_scale is not None:
+                                out = out * loss_scale
                     inputs[op.micro], outputs[op.micro], tapes[op.micro] = x_in, out, tape
                     done = [out]
                     if s < last:
@@ -253,7 +264,7 @@ class Pipeline:
                     sources = list(variables) + ([inputs[op.micro]] if s > 0 else [])
                     with tf.control_dependencies([start]):
                         got = tape.gradient(outputs.pop(op.micro), sources, output_gradients=upstream)
-                    grads = [g if d is None else g + d for g, d in zip(grads, got[: len(variables)])]
+                    grads = [g if d is None else g + tf.cast(d, g.dtype) for g, d in zip(grads, got[: len(variables)])]
                     inputs.pop(op.micro)
                     done = [d for d in got if d is not None] or [start]
                     if s > 0:
@@ -261,8 +272,7 @@ class Pipeline:
                 with tf.control_dependencies(done):
                     stamp = tf.timestamp()
                 times.append(tf.stack([start, stamp]))
-            # a computed template for empty sends (see _exchange)
-            like = tf.ones([1, *self.activation_shape]) * tf.cast(stamp, tf.float32)
+            like = self._template(stamp)
             # the exchanges due after this tick: with the previous stage, then with the next (every rank alike)
             if s > 0:
                 prev_op = self.table[tick][s - 1]
@@ -279,26 +289,22 @@ class Pipeline:
                     if next_op is not None and next_op.kind == "B":
                         incoming[("B", next_op.micro)] = got
         self.timings.assign(tf.stack(times))
-        return loss, accuracy, grads
+        return sums, grads
 
     # ---- forward only (validation, evaluation)
 
-    def forward(self, x):
-        """The whole batch through every stage, forward only; the logits on the last stage, zeros elsewhere."""
+    def forward_sums(self, x, y, terms):
+        """The whole batch through every stage, forward only: ``[sum of cross-entropy, hits, positions]`` on the
+        last stage, zeros elsewhere (after this call's transfers: see :meth:`fence`)."""
         s, last = self.stage, self.mesh.pipeline - 1
         self._link = None
         h = x
         if s > 0:
-            # from a time stamp, not the batch's (static) shape: a constant input would be folded, which runs the
-            # collective once at graph optimization instead of once per call (seen here)
-            like = tf.ones([1, *self.activation_shape]) * tf.cast(tf.timestamp(), tf.float32)
-            h = tf.ensure_shape(self._exchange(self.mesh.prev_edge, None, None, f"pp_fwd_e{s - 1}", like=like),
-                                [None, *self.activation_shape])
+            h = tf.ensure_shape(self._exchange(self.mesh.prev_edge, None, None, f"pp_fwd_e{s - 1}",
+                                               like=self._template(tf.timestamp())), [None, *self.activation_shape])
         out = self.module(h, training=False)
         if s < last:
             self._exchange(self.mesh.next_edge, out, None, f"pp_fwd_e{s}", like=out)
-            # the (zero) result waits for the transfer's end: see fence()
-            return tf.zeros([tf.shape(x)[0], self.activation_shape[0], self.last_width]) + self.fence()
-        return out
-
-    last_width = 0  # the logits' width (vocabulary), set by the layout
+            return tf.zeros([3]) + self.fence()
+        ce, hit = terms(y, out)
+        return tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])

@@ -1,11 +1,17 @@
 """Sharded optimizer states: ZeRO stage 1 (Rajbhandari et al., 2020) over the data-parallel group.
 
-The model's variables (this rank's tensor-parallel shards of them) are seen as one flat vector, padded to a
-multiple of the group size and cut into equal slices, one per data-parallel rank. Each rank keeps the optimizer's
-state (Adam's two moments, momentum) for its slice only, so optimizer memory per rank falls by the group size.
-A step: the gradients, flattened, are reduce-scattered (averaged; each rank receives its slice), each rank updates
-its slice with the ordinary Keras optimizer, and the updated slices are all-gathered back into the variables. The
-update is elementwise, so the result equals the unsharded optimizer's.
+The model's variables (this rank's tensor-parallel slices of them) are seen as one flat vector, padded to a
+multiple of the group size and cut into equal slices, one per data-parallel rank. Each rank keeps, for its slice
+only, the float32 master weights and the optimizer's state (Adam's two moments, momentum), so that memory falls by
+the group size; the model's own variables may then be kept in the compute dtype (bfloat16 under mixed precision).
+
+A step: the gradients, flattened, are reduce-scattered (averaged; each rank receives its slice), the caller may
+scale them (clipping needs the norm of every slice: :meth:`sum_of_squares`), each rank updates its master slice
+with the ordinary Keras optimizer, and the updated slices are all-gathered back into the variables. The update is
+elementwise, so the result equals the unsharded optimizer's.
+
+This is also what ZeRO stage 2 saves elsewhere: no rank keeps a gradient buffer between steps here (the gradients
+live inside the step, and only the reduce-scattered slice reaches the optimizer).
 """
 from __future__ import annotations
 
@@ -16,62 +22,97 @@ from hvdtrain.distributed.mesh import Group
 
 
 class ShardedOptimizer:
-    """A Keras optimizer whose state lives in slices over ``group``.
+    """A Keras optimizer whose state and master weights live in slices over ``group``.
 
     Args:
-        optimizer: a plain Keras optimizer (not wrapped by Horovod); it updates this rank's slice.
-        variables: the variables it trains (the same list, in the same order, on every member of ``group``).
+        optimizer: a plain Keras optimizer; it updates this rank's slice.
+        variables: the variables it trains (the same list, shapes and order on every member of ``group``).
         group: the data-parallel group.
+        counted: per variable, whether it counts in a whole-model sum (see
+            :attr:`hvdtrain.distributed.sharded.Entry.counted`).
     """
 
-    def __init__(self, optimizer, variables, group: Group):
+    def __init__(self, optimizer, variables, group: Group, counted=None):
         self.optimizer, self.variables, self.group = optimizer, list(variables), group
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.total = sum(self.sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+        self.total = int(self.offsets[-1])
         self.slice_size = -(-self.total // group.size)
         self.start = (group.rank if group.size > 1 else 0) * self.slice_size
+        self.counted = list(counted) if counted is not None else [True] * len(self.variables)
         with tf.init_scope():
-            self.master = tf.Variable(self._my_slice(self._flat_values()), name="zero_slice", trainable=False)
+            self.master = tf.Variable(self._initial_slice(), name="zero_master", trainable=False)
         optimizer.build([self.master])
 
-    def _flat_values(self) -> np.ndarray:
-        flat = np.concatenate([np.asarray(v.numpy(), np.float32).ravel() for v in self.variables])
-        return np.pad(flat, (0, self.slice_size * self.group.size - self.total))
+    # ---- the slice's geometry
 
-    def _my_slice(self, flat: np.ndarray) -> np.ndarray:
-        return flat[self.start: self.start + self.slice_size]
+    def overlaps(self):
+        """``(variable index, start, stop within the variable's flat values, start within the slice)`` of every
+        variable this rank's slice covers."""
+        end = self.start + self.slice_size
+        out = []
+        for i, (lo, hi) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
+            a, b = max(lo, self.start), min(hi, end)
+            if a < b:
+                out.append((i, int(a - lo), int(b - lo), int(a - self.start)))
+        return out
 
-    def apply_gradients(self, grads) -> None:
-        """One optimizer step from this rank's (unaveraged) gradients; call inside the train step."""
-        flat = tf.concat([tf.reshape(tf.zeros_like(v) if g is None else tf.cast(g, tf.float32), [-1])
+    def _initial_slice(self) -> np.ndarray:
+        out = np.zeros(self.slice_size, np.float32)
+        for i, a, b, at in self.overlaps():
+            out[at: at + b - a] = np.asarray(self.variables[i].numpy(), np.float32).ravel()[a:b]
+        return out
+
+    # ---- one step
+
+    def reduce(self, grads):
+        """This rank's slice of the gradients averaged over the group (a collective; call inside the step)."""
+        flat = tf.concat([tf.reshape(tf.zeros_like(v, tf.float32) if g is None else tf.cast(g, tf.float32), [-1])
                           for g, v in zip(grads, self.variables)], 0)
         flat = tf.pad(flat, [[0, self.slice_size * self.group.size - self.total]])
-        mine = self.group.reducescatter(flat, "average")
+        return self.group.reducescatter(flat, "average")
+
+    def sum_of_squares(self, mine):
+        """The sum of squares of the counted variables' elements in the slice ``mine`` (padding excluded)."""
+        parts = [tf.reduce_sum(tf.square(mine[at: at + b - a])) for i, a, b, at in self.overlaps() if self.counted[i]]
+        return tf.add_n(parts) if parts else tf.constant(0.0)
+
+    def step(self, mine) -> None:
+        """Update this rank's master slice from its gradient slice and gather every slice into the variables."""
         self.optimizer.apply_gradients([(mine, self.master)])
-        full = self.group.allgather(self.master.read_value())[: self.total]
+        dtype = self.variables[0].dtype if self.variables else tf.float32
+        full = self.group.allgather(tf.cast(self.master.read_value(), dtype))[: self.total]
         for var, part in zip(self.variables, tf.split(full, self.sizes)):
             var.assign(tf.reshape(part, var.shape))
 
-    def resync(self) -> None:
-        """Take this rank's slice of the variables again (after the variables were loaded or broadcast)."""
-        self.master.assign(self._my_slice(self._flat_values()))
+    # ---- state
 
     def slot_variables(self) -> list[tf.Variable]:
         """The optimizer's state for this rank's slice (without the step count)."""
         return [v for v in self.optimizer.variables if v is not self.optimizer.iterations]
 
-    def gather_slots(self) -> list[list[np.ndarray]]:
-        """Every slot kind's full state, per variable (a collective on the group): ``[kind][variable] -> array``."""
-        out = []
-        for slot in self.slot_variables():
-            flat = np.concatenate(self.group.allgather_object(slot.numpy()))[: self.total]
-            out.append([part.reshape(v.shape) for part, v in zip(np.split(flat, np.cumsum(self.sizes)[:-1]),
-                                                                  self.variables)])
-        return out
+    def slot_kinds(self) -> list[str]:
+        """The slots' names (``m``, ``v`` for Adam), in the order of :meth:`slot_variables`."""
+        return [v.name.split("/")[0] for v in self.slot_variables()]
 
-    def load_slots(self, slots: list[list[np.ndarray]]) -> None:
-        """Set this rank's slices of the state from full per-variable arrays (``[kind][variable]``)."""
-        for slot, per_var in zip(self.slot_variables(), slots):
-            flat = np.concatenate([np.asarray(a, np.float32).ravel() for a in per_var])
-            flat = np.pad(flat, (0, self.slice_size * self.group.size - self.total))
-            slot.assign(self._my_slice(flat))
+    def pieces(self):
+        """What this rank saves: ``(variable index, kind, flat start, flat stop, values)`` for the master weights
+        (kind ``param``) and every slot."""
+        arrays = [("param", self.master.numpy())] + list(zip(self.slot_kinds(),
+                                                             (s.numpy() for s in self.slot_variables())))
+        return [(i, kind, a, b, values[at: at + b - a]) for i, a, b, at in self.overlaps() for kind, values in arrays]
+
+    def load(self, read) -> None:
+        """Fill the master slice and the slots from ``read(variable index, kind) -> flat values`` (float32), then
+        the variables' own values come from the master weights at the next gather; here they are set too."""
+        kinds = ["param"] + self.slot_kinds()
+        targets = [self.master] + self.slot_variables()
+        for kind, target in zip(kinds, targets):
+            out = np.zeros(self.slice_size, np.float32)
+            for i, a, b, at in self.overlaps():
+                out[at: at + b - a] = read(i, kind)[a:b]
+            target.assign(out)
+        dtype = self.variables[0].dtype if self.variables else tf.float32
+        full = self.group.allgather(tf.cast(self.master.read_value(), dtype))[: self.total]
+        for var, part in zip(self.variables, tf.split(full, self.sizes)):
+            var.assign(tf.reshape(part, var.shape))

@@ -1,0 +1,150 @@
+"""A rank's part of a model, made one variable at a time: what tensor and pipeline layouts train.
+
+:class:`ShardedModule` reads a family's plan (:mod:`models.plan`): for each weight of this rank's pipeline stage it
+draws the weight's initial value from its own seed (the one-process model's value), keeps this rank's slice of the
+tensor-parallel split and drops the rest, so the transient is one variable, never the model. Its forward pass runs
+the plan's unit functions on those slices with a :class:`~hvdtrain.distributed.tensor.TensorContext`.
+
+:class:`KerasModule` wraps a whole Keras model (any family) for layouts that split only the optimizer state.
+
+Both describe each variable with an :class:`Entry`: its one-process name, global shape, and which slice this rank
+holds, which is what checkpoints record (:mod:`hvdtrain.checkpoint`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from hvdtrain.distributed.mesh import Group
+from hvdtrain.distributed.tensor import TensorContext, split
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A variable this rank holds and what it is of the one-process model's variable ``name``."""
+
+    name: str
+    shape: tuple[int, ...]  # the global shape
+    axis: int | None  # the axis split across the tensor group (None: held whole)
+    part: int  # this rank's slice along ``axis``
+    parts: int  # slices along ``axis``
+    trainable: bool = True
+    # whether this rank's copy counts once among the copies of the model (in a norm, in a checkpoint): the
+    # tensor group's first member for a replicated variable, every member for its own slice, and never a tied copy
+    # of a weight that another pipeline stage owns
+    counted: bool = True
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        if self.axis is None:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.axis] //= self.parts
+        return tuple(shape)
+
+    def box(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(start, size)`` of this rank's slice in the global variable."""
+        start = [0] * len(self.shape)
+        if self.axis is not None:
+            start[self.axis] = self.part * self.local_shape[self.axis]
+        return tuple(start), self.local_shape
+
+
+class ShardedModule(tf.Module):
+    """This rank's units of a plan, its slices of their weights, and their forward pass.
+
+    Args:
+        plan: the family's :class:`models.plan.Plan`.
+        units: the units this rank's pipeline stage holds, in order.
+        group: the tensor-parallel group.
+        seed: the run's seed (each weight starts from its own seed derived from it).
+        recompute: recompute each recomputable unit's activations in the backward pass.
+        dtype: the compute dtype (``float32``, ``bfloat16``, ``float16``).
+        param_dtype: the dtype the variables are kept in (``float32``; the compute dtype when a sharded
+            optimizer keeps the float32 master weights).
+    """
+
+    def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
+                 param_dtype=tf.float32):
+        super().__init__(name="stage")
+        from models.plan import initial_value
+
+        self.plan, self.units, self.group = plan, list(units), group
+        self.recompute, self.dtype = recompute, tf.as_dtype(dtype)
+        parts, part = group.size, (group.rank if group.size > 1 else 0)
+        own = {w.name for u in self.units for w in u.weights}
+        self.entries: list[Entry] = []
+        self.by_name: dict[str, tf.Variable] = {}
+        wanted = [(w, True) for u in self.units for w in u.weights]
+        wanted += [(plan.weight(n), False) for u in self.units for n in u.shared if n not in own]
+        for weight, owner in wanted:
+            value = split(initial_value(weight, seed), parts, part, weight.split)  # one variable's transient
+            self.by_name[weight.name] = tf.Variable(tf.cast(value, param_dtype), name=weight.name)
+            del value
+            sliced = weight.split is not None and parts > 1
+            self.entries.append(Entry(weight.name, weight.shape, weight.split if sliced else None,
+                                      part if sliced else 0, parts if sliced else 1,
+                                      counted=owner and (sliced or part == 0)))
+        self.trainable = [self.by_name[e.name] for e in self.entries]
+        with tf.init_scope():
+            self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropout_draws")
+        self.seed = seed
+
+    @property
+    def input_is_tokens(self) -> bool:
+        return self.units[0].pin == "first"
+
+    def __call__(self, x, training: bool = False):
+        seed = None
+        if training:  # one draw per call, outside any recomputed region
+            seed = tf.stack([tf.constant(self.seed, tf.int64), self.draws.assign_add(1)])
+        ctx = TensorContext(self.group, self.dtype, training, seed)
+        if not self.input_is_tokens:
+            x = tf.cast(x, self.dtype)
+        for unit in self.units:
+            params = {n: self.by_name[n] for n in [w.name for w in unit.weights] + list(unit.shared)}
+
+            def forward(h, unit=unit, params=params):
+                return self.plan.apply(unit, params, h, ctx)
+
+            if self.recompute and unit.recompute and training:
+                x = tf.recompute_grad(forward)(x)
+            else:
+                x = forward(x)
+        return x
+
+    def all_variables(self) -> list[tf.Variable]:
+        """Every variable a checkpoint holds, aligned with :attr:`entries`."""
+        return list(self.trainable)
+
+
+class KerasModule:
+    """A whole Keras model as a rank's part (layouts that split only the optimizer state); variables are named
+    by their place in the model, ``NNNN/name``, which is stable for a given builder and its parameters."""
+
+    def __init__(self, model):
+        self.model = model
+        self.trainable = list(model.trainable_variables)
+        index = {id(v): i for i, v in enumerate(model.variables)}
+        self._all = list(model.trainable_variables) + list(model.non_trainable_variables)
+        self.entries = [Entry(keras_name(index[id(v)], v), tuple(v.shape), None, 0, 1, trainable=v.trainable)
+                        for v in self._all]
+        self.dtype = tf.as_dtype(model.compute_dtype)
+
+    def __call__(self, x, training: bool = False):
+        return self.model(x, training=training)
+
+    def all_variables(self) -> list[tf.Variable]:
+        return list(self._all)
+
+
+def keras_name(position: int, variable) -> str:
+    """The checkpoint name of a Keras model's variable that no plan names: its position and its name."""
+    return f"{position:04d}/{variable.name.split(':')[0]}"
+
+
+def bytes_of(variables) -> int:
+    """Bytes held by ``variables``."""
+    return int(sum(int(np.prod(v.shape)) * v.dtype.size for v in variables))

@@ -1,0 +1,45 @@
+"""Measured memory: the peak a process has used so far (a leaf module).
+
+On a GPU, TensorFlow's peak device memory of this rank's GPU (``tf.config.experimental.get_memory_info``); on
+the CPU, the process's peak resident set (``getrusage``'s ``ru_maxrss``, what the kernel records as the most
+physical memory the process ever held). Counted bytes (variables and optimizer slots) say what a layout should
+hold; these say what it did hold, with TensorFlow's own buffers, activations and gradients.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def _gpu() -> str | None:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else None
+
+
+def peak_bytes() -> int:
+    """The peak memory this rank has used so far (see the module doc)."""
+    gpu = _gpu()
+    if gpu is not None:
+        import tensorflow as tf
+
+        return int(tf.config.experimental.get_memory_info(gpu)["peak"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # kilobytes on Linux, bytes on macOS
+
+
+def resident_bytes() -> int:
+    """The resident set of this process now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def what_is_measured() -> str:
+    """``gpu_peak`` or ``cpu_peak_rss``: which figure :func:`peak_bytes` gives here."""
+    return "gpu_peak" if _gpu() is not None else "cpu_peak_rss"

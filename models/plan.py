@@ -1,0 +1,210 @@
+"""A model family's parallel plan: every weight of the one-process model, how it may be split, and the math of each
+unit written once for any layout.
+
+A family registers its plan beside its builder (``@register_plan("gpt")``). The plan is data plus pure functions;
+it imports no Horovod and nothing of hvdtrain. The parallel engines (``hvdtrain/distributed``) read it and never
+name a layer of any model:
+
+- :class:`Weight`: a variable of the one-process model by its full name (``block_0/attn/query/kernel``), its global
+  shape, its Keras initializer, and the axis that tensor parallelism splits (column-parallel layers split their
+  output axis, row-parallel layers their input axis, the vocabulary-parallel embedding and logits the vocabulary
+  axis; None: replicated).
+- :class:`Unit`: a run of the model that a pipeline stage holds whole (the embedding, one block, the head); its
+  ``apply`` is the unit's forward pass for any tensor-parallel size.
+- :class:`Context`: what a unit's math asks of the layout. :class:`LocalContext` is one process (the Keras
+  layers use it); the engine's tensor-parallel context enters and leaves a split region with Megatron's *f* and
+  *g* operators and draws dropout masks from seeds.
+
+Every weight starts from its own seed (:func:`seed_of`), so a layout that makes one variable at a time and keeps
+its slice starts from exactly the one-process model's weights.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One variable of the one-process model."""
+
+    name: str  # the full name, e.g. "block_0/attn/query/kernel" (the Keras variable is this + ":0")
+    shape: tuple[int, ...]
+    initializer: Any  # a Keras initializer identifier: "glorot_uniform", "zeros", or a config dict
+    split: int | None = None  # the axis split across a tensor-parallel group; None: every member holds it whole
+
+    def local_shape(self, parts: int) -> tuple[int, ...]:
+        """The shape each of ``parts`` tensor-parallel members holds."""
+        if self.split is None or parts == 1:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.split] //= parts
+        return tuple(shape)
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A part of the model a pipeline stage holds whole.
+
+    Attributes:
+        name: the unit's name (``embed``, ``block_3``, ``head``).
+        kind: what it does (``embed``, ``block``, ``head``): the argument ``apply`` dispatches on.
+        weights: its own weights, in the order of its Keras layers' weights.
+        layers: the Keras layers of the one-process model that hold those weights, in order.
+        shared: names of weights it uses but another unit owns (tied embeddings).
+        pin: ``"first"`` or ``"last"``: the pipeline stage it must sit on; None: any.
+        recompute: whether recomputation in the backward pass applies to it.
+        index: its position in the model (dropout sites are numbered by it, so they never repeat).
+    """
+
+    name: str
+    kind: str
+    weights: tuple[Weight, ...]
+    layers: tuple[str, ...]
+    shared: tuple[str, ...] = ()
+    pin: str | None = None
+    recompute: bool = False
+    index: int = 0
+
+    @property
+    def parameters(self) -> int:
+        """Number of parameters it owns."""
+        return sum(w.size for w in self.weights)
+
+
+class Context(Protocol):
+    """What a unit's math asks of the layout it runs in (one process, or a member of a tensor-parallel group)."""
+
+    size: int  # members of the tensor-parallel group
+    rank: int  # this member's index
+    dtype: Any  # the compute dtype (activations); weights are cast to it where they are used
+    training: bool
+
+    def enter(self, x): ...  # Megatron's f: identity forward, the group's sum of gradients backward
+
+    def exit(self, x): ...  # Megatron's g: the group's sum forward, identity backward
+
+    def max(self, x): ...  # the group's elementwise maximum (no gradient)
+
+    def min(self, x): ...  # the group's elementwise minimum (no gradient)
+
+    def dropout(self, x, rate: float, site: int, sharded: bool = False): ...
+    # a mask for `site`: the same on every member where x is replicated, each member's own where ``sharded``
+
+
+class LocalContext:
+    """One process: no group; dropout draws from TensorFlow's global generator as Keras' own layers do."""
+
+    size, rank = 1, 0
+
+    def __init__(self, dtype: Any = "float32", training: bool = False):
+        self.dtype, self.training = dtype, bool(training)
+
+    def enter(self, x):
+        return x
+
+    def exit(self, x):
+        return x
+
+    def max(self, x):
+        return x
+
+    def min(self, x):
+        return x
+
+    def dropout(self, x, rate: float, site: int, sharded: bool = False):
+        import tensorflow as tf
+
+        if not self.training or rate <= 0:
+            return x
+        return tf.nn.dropout(x, rate=rate)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A model's parallel plan (see the module doc).
+
+    Attributes:
+        family: the registered model name.
+        units: in model order; the first is pinned to the first pipeline stage, the last to the last.
+        apply: ``apply(unit, params, x, ctx) -> y``: a unit's forward pass; ``params`` maps the full names of its
+            weights (and of its ``shared`` ones) to this member's slices of them.
+        activation: ``(positions, width)``: what flows between units per example.
+        vocabulary: the output classes; with tensor parallelism the last unit returns this member's slice of the
+            vocabulary (``vocabulary // size`` logits, in member order).
+        divisors: ``{what: number}`` that a tensor-parallel size must divide (named for the error message).
+        twin: builder parameters of a model of the same structure but tiny weights, and the config keys to set
+            back: :mod:`hvdtrain.modelfile` writes a ``.keras`` file from the twin's and streams the real weights.
+    """
+
+    family: str
+    units: tuple[Unit, ...]
+    apply: Callable[..., Any]
+    activation: tuple[int, int]
+    vocabulary: int
+    divisors: dict[str, int]
+    twin: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> list[Weight]:
+        """Every weight, in model order."""
+        return [w for u in self.units for w in u.weights]
+
+    def weight(self, name: str) -> Weight:
+        """The weight called ``name``."""
+        for w in self.weights:
+            if w.name == name:
+                return w
+        raise KeyError(f"the {self.family} plan has no weight '{name}'")
+
+    @property
+    def parameters(self) -> int:
+        """Number of parameters of the whole model."""
+        return sum(u.parameters for u in self.units)
+
+
+def seed_of(seed: int, name: str) -> int:
+    """The initializer seed of the weight ``name`` in a run seeded ``seed`` (the same in every layout)."""
+    return zlib.crc32(f"{seed}/{name}".encode()) & 0x7FFFFFFF
+
+
+def initial_value(weight: Weight, seed: int):
+    """The weight's initial value (float32, its global shape), drawn from its own seed."""
+    import tensorflow as tf
+
+    init = tf.keras.initializers.get(weight.initializer)
+    config = init.get_config()
+    if "seed" in config:
+        init = init.__class__.from_config({**config, "seed": seed_of(seed, weight.name)})
+    return init(weight.shape, dtype=tf.float32)
+
+
+def keras_variables(model, plan: Plan) -> dict[str, Any]:
+    """``{weight name: variable}`` of a one-process Keras model built by the plan's family."""
+    out = {}
+    for unit in plan.units:
+        variables = [v for layer in unit.layers for v in model.get_layer(layer).weights]
+        if len(variables) != len(unit.weights):
+            raise ValueError(f"layers {unit.layers} hold {len(variables)} weights, the plan says {len(unit.weights)}")
+        for weight, var in zip(unit.weights, variables):
+            if tuple(var.shape) != weight.shape:
+                raise ValueError(f"{weight.name}: the model's variable has shape {tuple(var.shape)}, the plan "
+                                 f"{weight.shape}")
+            out[weight.name] = var
+    return out
+
+
+def initialize(model, plan: Plan, seed: int) -> None:
+    """Give a one-process Keras model of the family the plan's initial weights (each from its own seed)."""
+    for name, var in keras_variables(model, plan).items():
+        var.assign(initial_value(plan.weight(name), seed))
