@@ -258,10 +258,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
-    """Evaluate a ``.keras`` or ``.tflite`` model on the test split of ``cfg``'s data.
+    """Evaluate a ``.keras`` or ``.tflite`` model, or a run's checkpoint, on the test split of ``cfg``'s data.
 
-    Keras models are evaluated data-parallel when launched on several ranks; TFLite models on the chief.
-    Returns the metrics on the chief, None elsewhere.
+    Keras models are evaluated data-parallel when launched on several ranks; TFLite models on the chief. A
+    checkpoint with ``parallel.tensor``/``parallel.pipeline`` set is evaluated at that layout: each rank reads only
+    its part (for a model that one host cannot hold). Returns the metrics on the chief, None elsewhere.
     """
     import tempfile
 
@@ -287,6 +288,13 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
             if not distributed.is_chief():
                 return None
             result = evaluate_artifact(Artifact(storage.basename(resolved), "tflite", local, "none"), source)
+    elif modelio.is_checkpoint(resolved) and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
+        from hvdtrain import parallel
+
+        layout = parallel.make_layout(cfg, source, runtime.make_mesh(cfg))
+        layout.load_checkpoint(resolved, optimizer=False)
+        result = evaluate(layout.training_model, source, "test", cfg.data.batch_size_per_rank,
+                          shard=(layout.data_rank, layout.data_size), counted=layout.counted)
     else:
         model = modelio.load_keras(resolved, allow_unsafe=allow_unsafe)
         modelio.check_fit(model, source, f"'{resolved}'")

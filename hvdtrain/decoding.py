@@ -83,6 +83,9 @@ class Stats:
 class CachedDecoder:
     """A ``gpt``'s forward pass over new positions, with a key-value cache.
 
+    The blocks run the family's own block function (:func:`models.gpt.block`) with an attention that writes the
+    new keys and values into the cache and attends over it; the embedding takes the new tokens' positions.
+
     Args:
         model: a ``gpt`` built by :func:`models.build` (or loaded from its ``.keras`` file).
     """
@@ -90,16 +93,25 @@ class CachedDecoder:
     def __init__(self, model):
         import tensorflow as tf
 
+        import models
+        from models import gpt
+        from models.plan import keras_variables
+
         self.context, self.vocab = check_model(model)
-        blocks = [layer for layer in model.layers if type(layer).__name__ == "TransformerBlock"]
         embed = model.get_layer("embed")
-        self.token_embedding = embed.tokens.embeddings
-        self.position_embedding = embed.positions.embeddings
+        config = {k: v for k, v in embed.get_config().items() if k in ("vocab_size", "context_length", "width")}
+        blocks = [layer for layer in model.layers if isinstance(layer, gpt.TransformerBlock)]
+        if not blocks:
+            raise UsageError("the model has no Transformer blocks: generate and export need a gpt model")
+        self.tied = "logits" not in [layer.name for layer in model.layers]
+        plan = models.parallel_plan("gpt", input_shape=(config["context_length"],), num_classes=config["vocab_size"],
+                                    num_layers=len(blocks), num_heads=blocks[0].num_heads, width=config["width"],
+                                    mlp_ratio=blocks[0].mlp_ratio, tie_embeddings=self.tied)
+        self.params = keras_variables(model, plan)
         self.heads, self.head_dim = blocks[0].num_heads, blocks[0].width // blocks[0].num_heads
         self.layers = len(blocks)
-        self.blocks = blocks
-        self.final_norm = model.get_layer("ln_final")
-        self.logits_layer = model.get_layer("logits")
+        self.block_names = [b.name for b in blocks]
+        self.gpt = gpt
         cache_spec = tf.TensorSpec([self.layers, 2, None, self.heads, self.context, self.head_dim], tf.float32)
         self.extend = tf.function(self._extend, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), cache_spec])
@@ -120,30 +132,29 @@ class CachedDecoder:
         is all zeros) and their outputs are never read."""
         import tensorflow as tf
 
+        from models.plan import LocalContext
+
+        p = self.params
         n = tf.shape(tokens)[1]
         positions = start[:, None] + tf.range(n)[None, :]  # (batch, n)
-        x = tf.gather(self.token_embedding, tokens) + tf.gather(self.position_embedding,
-                                                                tf.minimum(positions, self.context - 1))
+        x = tf.gather(p["embed/tokens/embeddings"], tokens) + tf.gather(p["embed/positions/embeddings"],
+                                                                        tf.minimum(positions, self.context - 1))
         slots = tf.one_hot(positions, self.context)  # (batch, n, context): where each new key goes
         written = tf.reduce_max(slots, axis=1)[:, None, :, None]  # (batch, 1, context, 1)
         visible = tf.range(self.context)[None, None, :] <= positions[:, :, None]  # (batch, n, context)
         scale = 1.0 / math.sqrt(float(self.head_dim))
+        ctx = LocalContext()
         caches = []
-        for i, blk in enumerate(self.blocks):
-            attn = blk.attn
-            h = blk.ln1(x)
-            q = tf.einsum("btw,whd->bthd", h, attn._query_dense.kernel) + attn._query_dense.bias
-            k = tf.einsum("btw,whd->bthd", h, attn._key_dense.kernel) + attn._key_dense.bias
-            v = tf.einsum("btw,whd->bthd", h, attn._value_dense.kernel) + attn._value_dense.bias
-            keys = cache[i, 0] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, k)
-            values = cache[i, 1] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, v)
-            caches.append(tf.stack([keys, values]))
-            scores = tf.einsum("bthd,bhcd->bhtc", q * scale, keys)
-            scores = tf.where(visible[:, None], scores, -1e9)
-            context = tf.einsum("bhtc,bhcd->bthd", tf.nn.softmax(scores, axis=-1), values)
-            x = x + tf.einsum("bthd,hdw->btw", context, attn._output_dense.kernel) + attn._output_dense.bias
-            x = x + blk.proj(blk.fc(blk.ln2(x)))
-        logits = self.logits_layer(self.final_norm(x))
+        for i, name in enumerate(self.block_names):
+            def cached(q, k, v, i=i):
+                keys = cache[i, 0] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, k)
+                values = cache[i, 1] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, v)
+                caches.append(tf.stack([keys, values]))
+                scores = tf.where(visible[:, None], tf.einsum("bthd,bhcd->bhtc", q * scale, keys), -1e9)
+                return tf.einsum("bhtc,bhcd->bthd", tf.nn.softmax(scores, axis=-1), values)
+
+            x = self.gpt.block(p, name, x, ctx, attention=cached)
+        logits = self.gpt.head(p, x, ctx, tied=self.tied)
         return tf.cast(logits, tf.float32), tf.stack(caches)
 
     def _propose(self, tokens, start, cache, lengths, k, temperature, top_k, seed):

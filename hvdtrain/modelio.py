@@ -1,5 +1,10 @@
 """Models in and out of files: loading with clear errors and Keras' safe mode, saving a plain ``.keras``, and
-checking that a model fits the data it is given. Paths may be local or on object storage."""
+checking that a model fits the data it is given. Paths may be local or on object storage.
+
+A model is a ``.keras`` file, a run directory holding one, or, when the run kept none (``train.save_model:
+false``), the run's newest checkpoint (or a checkpoint folder given directly), assembled in this process
+(:mod:`hvdtrain.modelfile`).
+"""
 from __future__ import annotations
 
 import tempfile
@@ -11,22 +16,41 @@ from hvdtrain.errors import DataError, ModelFileError
 
 
 def resolve(path: str | Path) -> str:
-    """A model's URI: a ``.keras``/``.tflite`` file, or a run directory holding ``model.keras``."""
-    uri = str(path)
+    """A model's URI: a ``.keras``/``.tflite`` file, a run directory's ``model.keras`` (or, without one, its newest
+    checkpoint), or a checkpoint folder."""
+    from hvdtrain import checkpoint
+
+    uri = str(path).rstrip("/")
     storage.check(uri)
     if storage.is_dir(uri):
+        if checkpoint.is_sharded(uri):
+            return uri
         inner = storage.join(uri, "model.keras")
         if storage.exists(inner):
             return inner
-        raise ModelFileError(f"'{uri}' is a directory without model.keras; give a run directory or a model file")
+        newest = checkpoint.latest(uri)
+        if newest is not None and checkpoint.is_sharded(newest):
+            return newest
+        raise ModelFileError(f"'{uri}' is a directory without model.keras or a complete checkpoint; give a run "
+                             "directory or a model file")
     if not storage.exists(uri):
         raise ModelFileError(f"model file '{uri}' does not exist")
     return uri
 
 
+def is_checkpoint(uri: str) -> bool:
+    """Whether a resolved model is a checkpoint folder (not a file)."""
+    from hvdtrain import checkpoint
+
+    return storage.is_dir(uri) and checkpoint.is_sharded(uri)
+
+
 def run_dir_of(path: str | Path) -> str:
     """The directory that holds a model (its run directory)."""
-    return storage.parent(resolve(path))
+    resolved = resolve(path)
+    if is_checkpoint(resolved):  # RUN/checkpoints/epoch-NNNN
+        return storage.parent(storage.parent(resolved))
+    return storage.parent(resolved)
 
 
 def load_keras(path: str | Path, allow_unsafe: bool = False):
@@ -36,6 +60,10 @@ def load_keras(path: str | Path, allow_unsafe: bool = False):
         ModelFileError: the file is missing, is a TFLite model, or is not a readable Keras archive.
     """
     uri = resolve(path)
+    if is_checkpoint(uri):
+        from hvdtrain import modelfile
+
+        return modelfile.build_from_checkpoint(uri)
     if uri.endswith(".tflite"):
         raise ModelFileError(f"'{uri}' is a TFLite model; this step needs a Keras model (.keras), e.g. runs/x/model.keras")
     if storage.is_local(uri):

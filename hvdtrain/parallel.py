@@ -313,8 +313,9 @@ class Parallel:
         return {"world": self.mesh.world, "data": self.mesh.data, "tensor": self.mesh.tensor,
                 "pipeline": self.mesh.pipeline, "shard_optimizer": self.cfg.parallel.shard_optimizer}
 
-    def load_checkpoint(self, uri: str) -> None:
-        """Read this rank's slices of a checkpoint written at any layout (every rank reads its own)."""
+    def load_checkpoint(self, uri: str, optimizer: bool = True) -> None:
+        """Read this rank's slices of a checkpoint written at any layout (every rank reads its own); without
+        ``optimizer``, the weights alone (evaluation)."""
         if not is_sharded(uri):
             raise CheckpointError(f"{uri} is a one-process checkpoint of the earlier format; resume it with "
                                   "parallel.tensor=1, pipeline=1 and shard_optimizer=false")
@@ -322,17 +323,13 @@ class Parallel:
         _check_fits(reader, self.entries)
         variables = self.module.all_variables()
         boxes = [e.box() for e in self.entries]
+        for e, var, box in zip(self.entries, variables, boxes):
+            var.assign(tf.cast(reader.read(e.name, "param", box), var.dtype))
+        if not optimizer:
+            return
         if self.zero is not None:
-            def read(i, kind):
-                return reader.read(self.entries[i].name, kind, boxes[i]).ravel()
-
-            self.zero.load(read)
-            for e, var, box in zip(self.entries, variables, boxes):
-                if not e.trainable:
-                    var.assign(reader.read(e.name, "param", box).astype(var.dtype.as_numpy_dtype))
+            self.zero.load(lambda i, kind: reader.read(self.entries[i].name, kind, boxes[i]).ravel())
         else:
-            for e, var, box in zip(self.entries, variables, boxes):
-                var.assign(reader.read(e.name, "param", box).astype(var.dtype.as_numpy_dtype))
             _assign_slots(reader, self.training_model.optimizer, self.variables,
                           {id(v): e.name for v, e in zip(variables, self.entries)}, boxes)
         _assign_scalars(reader, self._state_variables())
@@ -464,10 +461,12 @@ class ParallelTrainer(tf.keras.Model):
     def _apply(self, grads) -> None:
         layout = self.layout
         mesh = layout.mesh
-        grads = [tf.zeros_like(v, tf.float32) if g is None else tf.cast(g, tf.float32)
+        # dense: an embedding's gradient comes as IndexedSlices, whose rows repeat for repeated tokens (squaring
+        # them row by row would count a token's rows apart in the norm)
+        grads = [tf.zeros_like(v, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                  for g, v in zip(grads, layout.variables)]
         if layout.tied:  # the two copies of a tied weight take the sum of both stages' gradients
-            summed = mesh.tie_group.grouped_allreduce([grads[i] for i in layout.tied], "sum")
+            summed = mesh.tie_group.grouped_allreduce([grads[i] for i in layout.tied], "sum", name="tied_gradients")
             for i, g in zip(layout.tied, summed):
                 grads[i] = g
         if self.loss_scale is None:

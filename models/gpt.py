@@ -54,8 +54,22 @@ def embed(p, tokens, ctx, dropout: float = 0.0, site: int = 0):
     return ctx.dropout(tf.cast(x, ctx.dtype), dropout, site)
 
 
-def block(p, prefix: str, x, ctx, dropout: float = 0.0, site: int = 0):
+def causal_attention(q, k, v, ctx, dropout: float = 0.0, site: int = 0):
+    """Each position attends to itself and the positions before it; ``(batch, t, heads, head_dim)`` in and out."""
+    q = q * tf.cast(1.0 / math.sqrt(float(q.shape[-1])), q.dtype)
+    scores = tf.einsum("bthd,bshd->bhts", q, k)  # (batch, heads, query t, key s)
+    steps = tf.shape(q)[1]
+    causal = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)
+    scores = tf.where(causal, tf.cast(scores, tf.float32), -1e9)
+    probs = ctx.dropout(tf.cast(tf.nn.softmax(scores, axis=-1), q.dtype), dropout, site, sharded=True)
+    return tf.einsum("bhts,bshd->bthd", probs, v)
+
+
+def block(p, prefix: str, x, ctx, dropout: float = 0.0, site: int = 0, attention=None):
     """One pre-norm block: ``x + attention(ln1(x))``, then ``x + mlp(ln2(x))``.
+
+    ``attention(q, k, v)`` replaces the causal self-attention over ``x``'s own positions (the cached decoder
+    attends over its key-value cache this way).
 
     With tensor parallelism (Megatron-LM): the query, key and value projections hold this member's heads, the
     output projection the same heads' rows, the MLP's first layer a slice of its columns and the second the same
@@ -70,13 +84,7 @@ def block(p, prefix: str, x, ctx, dropout: float = 0.0, site: int = 0):
     q = tf.einsum("btw,whd->bthd", h, w("attn/query/kernel")) + w("attn/query/bias")
     k = tf.einsum("btw,whd->bthd", h, w("attn/key/kernel")) + w("attn/key/bias")
     v = tf.einsum("btw,whd->bthd", h, w("attn/value/kernel")) + w("attn/value/bias")
-    q = q * tf.cast(1.0 / math.sqrt(float(q.shape[-1])), q.dtype)
-    scores = tf.einsum("bthd,bshd->bhts", q, k)  # (batch, heads, query t, key s)
-    steps = tf.shape(x)[1]
-    causal = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)
-    scores = tf.where(causal, tf.cast(scores, tf.float32), -1e9)
-    probs = ctx.dropout(tf.cast(tf.nn.softmax(scores, axis=-1), ctx.dtype), dropout, site, sharded=True)
-    context = tf.einsum("bhts,bshd->bthd", probs, v)
+    context = causal_attention(q, k, v, ctx, dropout, site) if attention is None else attention(q, k, v)
     attn = ctx.exit(tf.einsum("bthd,hdw->btw", context, w("attn/output/kernel"))) + w("attn/output/bias")
     x = x + ctx.dropout(attn, dropout, site + 1)
     # MLP: f -> column-parallel fc -> row-parallel proj -> g

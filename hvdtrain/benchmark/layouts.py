@@ -4,7 +4,9 @@ optimizer states, under Horovod's Gloo and MPI controllers.
 ``hvdtrain benchmark --layouts "dp=1;dp=2;tp=2;dp=2,zero;pp=2,m=4"`` launches ``horovodrun`` once per layout and
 controller, interleaved (the order rotates each repeat), and every launch trains on synthetic tokens: warm-up
 steps, then timed windows. Reported per layout: tokens per second (median), milliseconds per step, bytes each rank
-holds (parameters, of which sharded, optimizer state), the collectives each rank ran per step (counted in the graph
+holds (parameters, of which sharded, optimizer state) and its measured peak memory (the growth of the resident set
+from before the model was made; beside the one-rank figure and the ideal 1 / (tensor x pipeline [x data with
+ZeRO])), the collectives each rank ran per step (counted in the graph
 by :class:`hvdtrain.distributed.mesh.Traffic`; for pure data parallelism the gradient tensors Horovod's optimizer
 reduces), and for pipelines the measured idle fraction of each stage in one step against GPipe's
 ``(p - 1) / (M + p - 1)``, with a timeline picture of that step.
@@ -72,22 +74,24 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from hvdtrain import data, distributed, parallel, runtime
+    from hvdtrain import data, distributed, memory, parallel, runtime
     from hvdtrain.distributed import pipeline
     from hvdtrain.distributed.mesh import Traffic
+    from hvdtrain.distributed.sharded import bytes_of
 
     cfg = config.from_dict(spec["config"])
     runtime.init(cfg)
     mesh = runtime.make_mesh(cfg)
+    start_bytes = memory.resident_bytes()  # TensorFlow and Horovod loaded, no model yet
     tf.keras.utils.set_random_seed(cfg.train.seed)
     per_replica = spec["global_batch_size"] // mesh.data
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_replica + 2)  # 10% held out
     source = data.load(synthetic, seed=mesh.data_rank, model_name=cfg.model.name)
     dataset = tf.data.Dataset.from_tensors((source.x_train[:per_replica], source.y_train[:per_replica])).repeat()
-    layout = parallel.make_layout(cfg, runtime.build_model(cfg.model, source), mesh)
+    layout = parallel.make_layout(cfg, source, mesh)
     model = runtime.prepare(layout.training_model, cfg, cfg.train.learning_rate, layout=layout, metrics=[])
     model.fit(dataset, steps_per_epoch=spec["warmup_steps"], epochs=1, verbose=0,
-              callbacks=[layout.broadcast_callback()])
+              callbacks=[c for c in [layout.broadcast_callback()] if c is not None])
     pipe = layout.pipeline if isinstance(layout, parallel.Parallel) else None
     before = Traffic.snapshot()
     moved = (int(pipe.sent.numpy()), int(pipe.received.numpy())) if pipe else (0, 0)
@@ -104,11 +108,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(layout, parallel.DataParallel) and mesh.data > 1:  # Horovod's optimizer: one tensor per weight
         variables = layout.model.trainable_variables
         traffic["data_allreduce (tensors, fused by Horovod)"] = {
-            "calls": len(variables), "bytes": parallel.variable_bytes(variables)}
+            "calls": len(variables), "bytes": bytes_of(variables)}
     if pipe:
         traffic["edge_received"] = {"calls": None, "bytes": (int(pipe.received.numpy()) - moved[1]) * 4 / steps}
     # every rank's view, to the chief: the slowest rank sets the pace of a synchronous job
-    report = {"rank": mesh.rank, "stage": mesh.stage, "times": times, "memory": layout.memory(), "traffic": traffic,
+    held = {**layout.memory(), "peak_memory_bytes": memory.peak_bytes(), "start_memory_bytes": start_bytes}
+    held["peak_growth_bytes"] = held["peak_memory_bytes"] - start_bytes
+    report = {"rank": mesh.rank, "stage": mesh.stage, "times": times, "memory": held, "traffic": traffic,
               "timings": pipe.timings.numpy().tolist() if pipe else None}
     ranks = distributed.allgather_object(report)
     if not distributed.is_chief():
@@ -121,6 +127,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "window_seconds": slowest, "step_ms": 1e3 * statistics.median(slowest) / spec["steps"],
         "tokens_per_sec": tokens * spec["steps"] / statistics.median(slowest),
         "memory": {k: max(r["memory"][k] for r in ranks) for k in ranks[0]["memory"]},
+        "peak_growth_bytes_per_rank": [r["memory"]["peak_growth_bytes"] for r in ranks],
         "traffic_per_rank_per_step": {k: {f: max((r["traffic"].get(k, {}).get(f) or 0) for r in ranks)
                                           for f in ("calls", "bytes")} for k in ranks[0]["traffic"]},
     }
@@ -154,8 +161,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats: int, steps: int, warmup_steps: int,
         windows: int, global_batch_size: int, timeout: float) -> dict[str, Any]:
     """Every layout under every controller, ``repeats`` launches each, interleaved; medians per setting."""
-    if cfg.model.name != "gpt":
-        raise UsageError("--layouts compares layouts of a gpt; give --recipe gpt-tiny (or a gpt config)")
+    import models
+
+    if not models.has_plan(cfg.model.name):
+        raise UsageError(f"--layouts compares layouts of a model family with a parallel plan, not "
+                         f"'{cfg.model.name}'; give --recipe gpt-tiny (or a config of such a family)")
     bad = [c for c in controllers if c not in CONTROLLER_ARGS]
     if bad:
         raise UsageError(f"--controllers takes gloo and/or mpi, not {', '.join(bad)}")
@@ -196,9 +206,19 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
                      "step_ms": statistics.median(r["step_ms"] for r in runs),
                      **({"pipeline": min((r["pipeline"] for r in runs), key=lambda p: p["step_seconds"])}
                         if "pipeline" in base else {})})
-    reference = next((r["tokens_per_sec"] for r in rows if r["ranks"] == 1), rows[0]["tokens_per_sec"])
+    one = next((r for r in rows if r["ranks"] == 1), rows[0])
     for r in rows:
-        r["speed_vs_one_rank"] = r["tokens_per_sec"] / reference
+        r["speed_vs_one_rank"] = r["tokens_per_sec"] / one["tokens_per_sec"]
+        # what splitting the model should leave per rank: 1 / (tensor x pipeline), and x data with ZeRO for the
+        # optimizer state; against it the largest rank's counted bytes and its measured peak growth
+        lay = r["layout"]
+        split = lay["tensor"] * lay["pipeline"]
+        held = one["memory"]["param_bytes_per_rank"] / split + one["memory"]["optimizer_bytes_per_rank"] / (
+            split * (lay["data"] if lay["shard_optimizer"] else 1))
+        r["ideal_state_bytes_per_rank"] = held
+        r["ideal_fraction"] = (split * (lay["data"] if lay["shard_optimizer"] else 1)) ** -1 if split > 1 or lay[
+            "shard_optimizer"] else 1.0
+        r["peak_growth_vs_one_rank"] = r["memory"]["peak_growth_bytes"] / max(1, one["memory"]["peak_growth_bytes"])
     return {"kind": "layouts", "model": cfg.model.name, "model_params": cfg.model.params,
             "context_length": cfg.data.context_length, "global_batch_size": global_batch_size, "machine": machine(),
             "results": rows,
@@ -217,6 +237,8 @@ def print_report(report: dict[str, Any]) -> None:
                      "tokens/s": r["tokens_per_sec"], "ms/step": r["step_ms"], "vs 1 rank": r["speed_vs_one_rank"],
                      "param KB/rank": m["param_bytes_per_rank"] / 1024,
                      "optimizer KB/rank": m["optimizer_bytes_per_rank"] / 1024,
+                     "peak growth MB/rank": m["peak_growth_bytes"] / 2**20,
+                     "growth vs 1 rank": r["peak_growth_vs_one_rank"], "ideal": r["ideal_fraction"],
                      "collectives/step": calls, "comm KB/step": comm / 1024})
     console.say(artifacts.format_table(rows))
     pipes = [r for r in report["results"] if "pipeline" in r]

@@ -105,14 +105,19 @@ class Group:
         sent, back = _carried(tensor, reduce=True)
         return back(hvd.allreduce(sent, op=getattr(hvd, _OPS[op]), **self._kw(name)))
 
-    def grouped_allreduce(self, tensors, op: str = "average"):
-        """Reduce a list of tensors over the group in one fused call."""
+    def grouped_allreduce(self, tensors, op: str = "average", name: str | None = None):
+        """Reduce a list of tensors over the group in one fused call.
+
+        ``name``: required when the members run different graphs (pipeline stages): in a graph Horovod matches a
+        collective by its name, which otherwise comes from the op's place in each member's own graph.
+        """
         if self.size == 1 or not tensors:
             return list(tensors)
         hvd = _hvd()
         Traffic.count(f"{self.name}_allreduce", tensors)
         sent, backs = zip(*[_carried(t, reduce=True) for t in tensors])
-        out = hvd.grouped_allreduce(list(sent), op=getattr(hvd, _OPS[op]), process_set=self.process_set)
+        out = hvd.grouped_allreduce(list(sent), op=getattr(hvd, _OPS[op]), process_set=self.process_set,
+                                    **({"name": name} if name else {}))
         return [back(t) for back, t in zip(backs, out)]
 
     def allgather(self, tensor, name: str | None = None):
@@ -248,15 +253,19 @@ def all_groups(world: int, tensor: int, pipeline: int) -> dict[str, list[tuple[i
     return groups
 
 
+_SETS: dict[tuple[int, ...], Any] = {}  # the process sets this process registered, by their ranks
+
+
 def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
     """The mesh of this job (call on every rank, after :func:`hvdtrain.distributed.init`).
 
     Registers a Horovod process set for every group of two or more ranks that is not the whole world (this needs
-    ``init(dynamic_process_sets=True)`` whenever such a group exists).
+    ``init(dynamic_process_sets=True)`` whenever such a group exists); a set registered by an earlier mesh of this
+    process is used again (Horovod refuses the same ranks twice).
     """
     world, me = core.size(), core.rank()
     groups = all_groups(world, tensor, pipeline)
-    sets: dict[tuple[int, ...], Any] = {}
+    sets = _SETS
     needed = [g for kind in groups.values() for g in kind if 1 < len(g) < world]
     if needed:
         hvd = _hvd()

@@ -103,8 +103,8 @@ class ShardedOptimizer:
         return [(i, kind, a, b, values[at: at + b - a]) for i, a, b, at in self.overlaps() for kind, values in arrays]
 
     def load(self, read) -> None:
-        """Fill the master slice and the slots from ``read(variable index, kind) -> flat values`` (float32), then
-        the variables' own values come from the master weights at the next gather; here they are set too."""
+        """Fill the master slice and the slots from ``read(variable index, kind) -> flat values`` (float32; the
+        caller sets the variables themselves). No collective: a rank that fails to read leaves no other waiting."""
         kinds = ["param"] + self.slot_kinds()
         targets = [self.master] + self.slot_variables()
         for kind, target in zip(kinds, targets):
@@ -112,7 +112,3 @@ class ShardedOptimizer:
             for i, a, b, at in self.overlaps():
                 out[at: at + b - a] = read(i, kind)[a:b]
             target.assign(out)
-        dtype = self.variables[0].dtype if self.variables else tf.float32
-        full = self.group.allgather(tf.cast(self.master.read_value(), dtype))[: self.total]
-        for var, part in zip(self.variables, tf.split(full, self.sizes)):
-            var.assign(tf.reshape(part, var.shape))

@@ -1,76 +1,125 @@
-"""Train a small gpt for a few steps at a parallel layout, and (rank 0) the same model in one process on the same
-global batches; report both full weights and what each rank held.
+"""Train a small gpt for a few steps at a parallel layout, several cases per launch (one mesh), and (rank 0) the
+same model in one process with plain Keras on the same global batches; report the weights of both and what each
+rank held.
 
-Usage: layouts.py OUTDIR KEY=VALUE... (parallel.* and train.* overrides). Negative controls: ``negative=g`` writes
-Megatron's g as a plain Horovod allreduce (whose registered gradient sums over the group); ``negative=drop_grad``
-loses the gradient a pipeline stage sends back to the previous one.
+Usage: layouts.py OUTDIR CASES
+  CASES   name:key=value&key=value;name2:...   parallel.* (the layout), train.* and model.* overrides per case,
+          and negative=...:
+          g (Megatron's g written as a plain Horovod allreduce, whose registered gradient sums over the group),
+          drop_grad (a pipeline stage loses the gradient it sends back), ce_g (the vocabulary-parallel loss sums
+          its normalizer with a plain allreduce), clip_twice (replicated weights counted on every tensor rank in the
+          gradient norm), reference_fp32 (the one-process reference trains in float32).
+
+The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
+the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share the launch (the meshes of one
+world size use the same process sets).
 """
+import dataclasses
 import sys
+from pathlib import Path
 
 import common
 import numpy as np
 import tensorflow as tf
 
-from hvdtrain import config, data, distributed, parallel, runtime
-from hvdtrain.distributed import tensor
+from hvdtrain import checkpoint, config, data, distributed, parallel, runtime
+from hvdtrain.distributed import pipeline, tensor
+from hvdtrain.rundir import RunDir
 
-outdir, args = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
-negative = args.pop("negative", "")
-steps = int(args.pop("steps", "3"))
-if negative == "g":
-    tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")  # Horovod's own gradient: a sum
-if negative == "drop_grad":
-    from hvdtrain.distributed import pipeline
+outdir = Path(sys.argv[1])
+cases = [c.split(":", 1) for c in sys.argv[2].split(";") if c]
+steps = 3
+SMALL = ["data.context_length=16", "data.batch_size_per_rank=8", "model.params={num_layers: 2, width: 32, num_heads: 4, "
+         "mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam", "train.learning_rate=0.001", "train.warmup_epochs=0",
+         "train.schedule=constant", "train.lr_scaling=none", "data.path=" + str(outdir / "corpus.txt")]
 
-    exchange = pipeline.Pipeline._exchange
-    pipeline.Pipeline._exchange = lambda self, edge, fwd, bwd, name, like: exchange(
-        self, edge, fwd, None if bwd is None else bwd * 0.0, name, like)
+original = {"g": tensor.reduce_from_group, "exchange": pipeline.Pipeline._exchange, "ctx": tensor.TensorContext}
 
-layers = args.pop("layers", "2")
-SMALL = ["data.context_length=16", "data.batch_size_per_rank=8", f"model.params={{num_layers: {layers}, width: 32, "
-         "num_heads: 4, mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam"]
-cfg = config.load("gpt-tiny", overrides=[*SMALL, *(f"{k}={v}" for k, v in args.items())])
-runtime.init(cfg)
-mesh = runtime.make_mesh(cfg)
-source = data.load(cfg.data, seed=0, model_name="gpt")
-per_replica = cfg.data.batch_size_per_rank
-global_batch = per_replica * mesh.data
-x_all, y_all = source.x_train[: steps * global_batch], source.y_train[: steps * global_batch]
-# step i: the global batch is rows [i*G, (i+1)*G); replica d takes its slice of it
-mine = np.concatenate([np.arange(i * global_batch + mesh.data_rank * per_replica,
-                                 i * global_batch + (mesh.data_rank + 1) * per_replica) for i in range(steps)])
-dataset = tf.data.Dataset.from_tensor_slices((x_all[mine], y_all[mine])).batch(per_replica)
 
-lr = 1e-3
-tf.keras.utils.set_random_seed(0)
-layout = parallel.make_layout(cfg, runtime.build_model(cfg.model, source), mesh)
-model = runtime.prepare(layout.training_model, cfg, lr, layout=layout)
-model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-layout.gather()
-memory = layout.memory()
+def negative(kind: str) -> None:
+    """Put one operator back, or break it."""
+    tensor.reduce_from_group = original["g"]
+    pipeline.Pipeline._exchange = original["exchange"]
+    if kind == "g":
+        tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")
+    if kind == "drop_grad":
+        pipeline.Pipeline._exchange = lambda self, edge, fwd, bwd, name, like: original["exchange"](
+            self, edge, fwd, None if bwd is None else bwd * 0.0, name, like)
+    if kind == "ce_g":  # the normalizer of the softmax through a plain allreduce: its gradient sums over the group
+        class Plain(tensor.TensorContext):
+            def exit(self, x):
+                return self.group.allreduce(x, "sum") if self.size > 1 else x
 
-result = {"global_rank": mesh.rank, "stage": mesh.stage, "tensor_rank": mesh.tensor_rank, "data_rank": mesh.data_rank,
-          "memory": memory, "loss": float(model.history.history["loss"][-1]),
-          "module_variables": [v.name for v in layout.variables]}
-if layout.pipeline is not None:
-    result["sent"] = int(layout.pipeline.sent.numpy())
-    result["received"] = int(layout.pipeline.received.numpy())
-    result["timings"] = layout.pipeline.timings.numpy().tolist()
-if mesh.rank == 0:
-    full = layout.full_model()
-    result["parallel"] = [w.ravel().tolist() for w in full.get_weights()]
-    result["names"] = [v.name for v in full.weights]
-    # the reference: the same model, one process, plain Keras, the whole global batch per step
-    tf.keras.utils.set_random_seed(0)
-    reference = runtime.build_model(cfg.model, source)
-    result["initial"] = [w.ravel().tolist() for w in reference.get_weights()]
-    reference.compile(runtime.make_optimizer(cfg.train, lr),
-                      tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    reference.fit(tf.data.Dataset.from_tensor_slices((x_all, y_all)).batch(global_batch), epochs=1,
-                  steps_per_epoch=steps, verbose=0)
-    result["reference"] = [w.ravel().tolist() for w in reference.get_weights()]
-    result["reference_optimizer_bytes"] = parallel.variable_bytes(
-        [v for v in reference.optimizer.variables if v is not reference.optimizer.iterations])
-    result["reference_param_bytes"] = parallel.variable_bytes(reference.trainable_variables)
-distributed.barrier()
-common.report(outdir, mesh.rank, **result)
+        tensor.TensorContext = Plain
+    else:
+        tensor.TensorContext = original["ctx"]
+
+
+results = {}
+references = {}  # one reference per distinct one-process run (negative controls share their case's)
+mesh = None
+for name, settings in cases:
+    overrides = dict(kv.split("=", 1) for kv in settings.split("&") if kv) if settings else {}
+    kind = overrides.pop("negative", "")
+    cfg = config.load("gpt-tiny", overrides=[*SMALL, *(f"{k}={v}" for k, v in overrides.items())])
+    if mesh is None:
+        runtime.init(cfg, dynamic_process_sets=True)
+    mesh = runtime.make_mesh(cfg)
+    negative(kind)
+    tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
+    source = data.load(cfg.data, seed=0, model_name="gpt")
+    per_replica, global_batch = cfg.data.batch_size_per_rank, cfg.data.batch_size_per_rank * mesh.data
+    lr = cfg.train.learning_rate
+    layout = parallel.make_layout(cfg, source, mesh)
+    if kind == "clip_twice":  # every tensor rank counts the replicated weights in the norm
+        layout.entries[:] = [dataclasses.replace(e, counted=True) for e in layout.entries]
+    model = runtime.prepare(layout.training_model, cfg, lr, layout=layout)
+    ds = source.train_dataset(mesh.data_rank, mesh.data, per_replica, cfg.train.seed, 0)
+    cbs = [c for c in [layout.broadcast_callback()] if c is not None]
+    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=cbs)
+    run = outdir / "runs" / name
+    if distributed.rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    chief = RunDir(run) if distributed.rank() == 0 else None
+    if layout.collective_checkpoint or chief is not None:
+        checkpoint.save(str(run), chief, 1, layout, {"metrics": []}, distributed.rank())
+    distributed.barrier()
+    result = {"global_rank": mesh.rank, "stage": mesh.stage, "tensor_rank": mesh.tensor_rank,
+              "data_rank": mesh.data_rank, "memory": layout.memory(),
+              "loss": float(model.history.history["loss"][-1]),
+              "module_variables": [e.name for e in getattr(layout, "entries", [])]}
+    if getattr(layout, "pipeline", None) is not None:
+        result["sent"] = int(layout.pipeline.sent.numpy())
+        result["received"] = int(layout.pipeline.received.numpy())
+        result["busy_seconds"] = float(np.sum(np.diff(layout.pipeline.timings.numpy(), axis=1)))
+    if mesh.rank == 0:
+        negative("")
+        reader = checkpoint.Reader(checkpoint.latest(str(run)))
+        plan = runtime.model_plan(cfg.model, source)
+        result["parallel"] = [reader.read(w.name).ravel().tolist() for w in plan.weights]
+        # the reference: the same model in one process, plain Keras, the whole global batch per step
+        reference_precision = "float32" if kind == "reference_fp32" else cfg.train.precision
+        key = (config.to_yaml(dataclasses.replace(cfg, parallel=config.ParallelConfig())), reference_precision,
+               global_batch)
+        if key not in references:
+            tf.keras.mixed_precision.set_global_policy(reference_precision)
+            reference = runtime.build_model(cfg.model, source)
+            from models.plan import initialize, keras_variables
+
+            initialize(reference, plan, cfg.train.seed)
+            variables = keras_variables(reference, plan)
+            initial = [variables[w.name].numpy().ravel().tolist() for w in plan.weights]
+            optimizer = runtime.make_optimizer(cfg.train, lr)
+            if reference_precision == "mixed_float16":
+                optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+            reference.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            reference.fit(source.train_dataset(0, 1, global_batch, cfg.train.seed, 0), epochs=1,
+                          steps_per_epoch=steps, verbose=0)
+            references[key] = (initial, [variables[w.name].numpy().ravel().tolist() for w in plan.weights])
+        result["initial"], result["reference"] = references[key]
+        result["reference_param_bytes"] = 4 * plan.parameters
+        result["names"] = [w.name for w in plan.weights]
+    distributed.barrier()
+    results[name] = result
+common.report(outdir, distributed.rank(), **results)
