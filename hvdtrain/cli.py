@@ -227,10 +227,12 @@ def run_config(model_path: str, args: argparse.Namespace):
 
         raise UsageError(f"no config.yaml next to '{model_path}' to say which data it was trained on; "
                          "give --recipe NAME or --config FILE")
-    # The run's model and data, but today's compression settings: a training run's config.yaml also records the
-    # compression defaults of its day, which are not a choice the user made for this command.
+    # The run's model and data, but today's compression settings (a training run's config.yaml also records the
+    # compression defaults of its day, which are not a choice the user made for this command) and this launch's
+    # layout (--set parallel.tensor=2 under horovodrun), not the training run's.
     raw = config.read_yaml(storage.read_text(found), f"config file '{found}'")
     raw.pop("compression", None)
+    raw.pop("parallel", None)
     return config.from_dict(config.apply_overrides(raw, args.overrides))
 
 
@@ -291,7 +293,7 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
     elif modelio.is_checkpoint(resolved) and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
         from hvdtrain import parallel
 
-        layout = parallel.make_layout(cfg, source, runtime.make_mesh(cfg))
+        layout = runtime.make_layout(cfg, source, runtime.make_mesh(cfg))
         layout.load_checkpoint(resolved, optimizer=False)
         result = evaluate(layout.training_model, source, "test", cfg.data.batch_size_per_rank,
                           shard=(layout.data_rank, layout.data_size), counted=layout.counted)

@@ -15,9 +15,9 @@ from hvdtrain import distributed
 def local_sums(model, dataset) -> np.ndarray:
     """``[sum of cross-entropy, number correct, count]`` over ``dataset`` (count is examples, or tokens).
 
-    One compiled function per batch shape: eager calls would cost more than these small models. A model that
-    computes them itself (a parallel layout's trainer, whose logits are split over ranks) gives its
-    ``metric_sums(x, y)``.
+    One compiled function per model, traced once for the dataset's batches whatever their size (a trace of a
+    Transformer costs seconds here): eager calls would cost more than these small models. A model that computes
+    them itself (a parallel layout's trainer, whose logits are split over ranks) gives its ``metric_sums(x, y)``.
     """
     import tensorflow as tf
 
@@ -27,14 +27,15 @@ def local_sums(model, dataset) -> np.ndarray:
         hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
         return tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
 
+    total = np.zeros(3, np.float64)
+    if dataset is None:
+        return total
     step = _steps.get(model)
     if step is None:
-        step = _steps[model] = tf.function(getattr(model, "metric_sums", sums), reduce_retracing=True)
-
-    total = np.zeros(3, np.float64)
-    if dataset is not None:
-        for x, y in dataset:
-            total += step(x, y).numpy()
+        step = _steps[model] = tf.function(getattr(model, "metric_sums", sums),
+                                           input_signature=list(dataset.element_spec))
+    for x, y in dataset:
+        total += step(x, y).numpy()
     return total
 
 

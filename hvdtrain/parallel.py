@@ -513,28 +513,3 @@ class ParallelTrainer(tf.keras.Model):
             factor = self._clip_factor(squares, layout.mesh.replica_group)
             grads = [g * factor for g in grads]
         self.optimizer.apply_gradients(zip(grads, layout.variables))
-
-
-def make_layout(cfg, source, mesh: Mesh):
-    """The layout ``cfg.parallel`` asks for, of the model ``cfg.model`` for ``source``'s shapes.
-
-    Tensor and pipeline layouts build only this rank's part, from the family's plan; data parallelism builds the
-    whole Keras model (starting, for a family with a plan, from the plan's per-variable initial weights, so every
-    layout starts from the same model).
-    """
-    from hvdtrain import runtime
-
-    p = cfg.parallel
-    plan = runtime.model_plan(cfg.model, source)
-    if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer:
-        layout = Parallel(cfg, mesh, plan, keras_model=lambda: runtime.build_model(cfg.model, source))
-    else:
-        model = runtime.build_model(cfg.model, source)
-        if plan is not None:
-            from models.plan import initialize
-
-            initialize(model, plan, cfg.train.seed)
-        layout = DataParallel(model, mesh, plan)
-    layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
-                   "num_classes": int(source.num_classes)}
-    return layout

@@ -173,3 +173,29 @@ def make_mesh(cfg: Config):
     from hvdtrain.distributed.mesh import make_mesh as mesh
 
     return mesh(cfg.parallel.tensor, cfg.parallel.pipeline)
+
+
+def make_layout(cfg: Config, source, mesh):
+    """The layout ``cfg.parallel`` asks for (:mod:`hvdtrain.parallel`), of the model ``cfg.model`` for
+    ``source``'s shapes.
+
+    Tensor and pipeline layouts build only this rank's part, from the family's plan; data parallelism builds the
+    whole Keras model (starting, for a family with a plan, from the plan's per-variable initial weights, so every
+    layout starts from the same model).
+    """
+    from hvdtrain import parallel
+
+    p = cfg.parallel
+    plan = model_plan(cfg.model, source)
+    if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer:
+        layout = parallel.Parallel(cfg, mesh, plan, keras_model=lambda: build_model(cfg.model, source))
+    else:
+        model = build_model(cfg.model, source)
+        if plan is not None:
+            from models.plan import initialize
+
+            initialize(model, plan, cfg.train.seed)
+        layout = parallel.DataParallel(model, mesh, plan)
+    layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
+                   "num_classes": int(source.num_classes)}
+    return layout

@@ -90,7 +90,7 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     if mesh.tensor > 1 or mesh.pipeline > 1:
         log(mesh.describe())
     log(plan.describe())
-    layout = parallel.make_layout(cfg, source, mesh)
+    layout = runtime.make_layout(cfg, source, mesh)
     if mesh.pipeline > 1:
         log(f"pipeline ({cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches): "
             f"{layout.split_description}")

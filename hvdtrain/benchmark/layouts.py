@@ -88,7 +88,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_replica + 2)  # 10% held out
     source = data.load(synthetic, seed=mesh.data_rank, model_name=cfg.model.name)
     dataset = tf.data.Dataset.from_tensors((source.x_train[:per_replica], source.y_train[:per_replica])).repeat()
-    layout = parallel.make_layout(cfg, source, mesh)
+    layout = runtime.make_layout(cfg, source, mesh)
     model = runtime.prepare(layout.training_model, cfg, cfg.train.learning_rate, layout=layout, metrics=[])
     model.fit(dataset, steps_per_epoch=spec["warmup_steps"], epochs=1, verbose=0,
               callbacks=[c for c in [layout.broadcast_callback()] if c is not None])

@@ -67,7 +67,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     out = tmp_path / "run"
     base = [str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--output", str(out)]
     run([*base, "--set", "train.epochs=3"])
-    data = next((out / "checkpoints" / "epoch-0003").glob("ckpt.data-*"))
+    data = next((out / "checkpoints" / "epoch-0003").glob("rank-00000.data-*"))
     data.write_bytes(data.read_bytes()[:100])  # truncated
     proc = run([*base, "--set", "train.epochs=4"])
     assert "checkpoint" in proc.stderr and "unreadable" in proc.stderr and "epoch-0003" in proc.stderr

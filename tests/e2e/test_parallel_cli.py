@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 # A small gpt, a global batch of 16 at every layout (8 per replica at data=2), the rate not scaled by the replicas:
 # every layout trains the one-process model on the same batches.
 SMALL_GPT = ["model.params={num_layers: 2, width: 32, num_heads: 4, dropout: 0.0}", "data.context_length=16",
+             "data.batch_size_per_rank=16",
              "train.lr_scaling=none", "train.epochs=2"]
 LAYOUTS = {
     "one": (1, []), "dp2": (2, ["data.batch_size_per_rank=8"]), "tp2": (2, ["parallel.tensor=2"]),

@@ -1,6 +1,6 @@
 """No rank builds or keeps the whole model: measured peak memory (resident set), not counted bytes.
 
-tests/parallel/workers/memory.py trains a small gpt and then a larger one (25M parameters) in one process,
+tests/parallel/workers/memory.py trains a small gpt and then a larger one (26M parameters) in one process,
 writes a sharded checkpoint, reads it back as a resume does and streams model.keras on the chief; the larger
 model's growth of the peak resident set over the small one's is what its size costs each rank. At tensor=2 x
 pipeline=2 each rank should hold about a quarter of the weights, gradients and optimizer state; the test allows
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.parallel
 def measure(tmp_path, np_, layout):
     from hvdtrain.data import text
 
+    tmp_path.mkdir(parents=True)
     (tmp_path / "corpus.txt").write_bytes(text.embedded_corpus()[:20_000])
     ranks = run_parallel("memory.py", tmp_path, layout, np=np_, timeout=900)
     return [r["large"] - r["small"] for r in ranks], ranks[0]["large_parameters"]

@@ -13,7 +13,8 @@ def test_rank_grid_puts_tensor_groups_on_consecutive_ranks():
     assert groups["pipeline"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
     assert groups["stage"] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert groups["edge"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
-    assert groups["chief"] == [(0, 4)]
+    assert groups["replica"] == [(0, 1, 4, 5), (2, 3, 6, 7)]  # every rank of one copy of the model
+    assert groups["tie"] == [(0, 4), (1, 5), (2, 6), (3, 7)]  # first and last stage (tied embeddings)
 
 
 def test_a_layout_that_does_not_divide_the_world_is_a_config_error():
@@ -48,27 +49,59 @@ def test_every_stage_runs_each_micro_batch_forward_then_backward():
             assert ops == pipeline.stage_ops(schedule, s, 3, 5)
 
 
-def test_stages_are_balanced_by_parameters_with_the_embedding_first_and_the_logits_last():
+def test_stages_are_balanced_by_parameters_with_the_embedding_first_and_the_head_last():
     import models
 
-    full = models.build("gpt", input_shape=(16,), num_classes=256, num_layers=4, width=32, num_heads=4)
-    parts = pipeline.split_stages(full, 2)
-    assert parts[0][0] == "embed" and parts[-1][-2:] == ["ln_final", "logits"]
+    plan = models.parallel_plan("gpt", input_shape=(16,), num_classes=256, num_layers=4, width=32, num_heads=4)
+    parts = [[u.name for u in units] for units in pipeline.split_stages(plan, 2)]
+    assert parts[0][0] == "embed" and parts[-1][-1] == "head"
     assert [p for part in parts for p in part if p.startswith("block_")] == [f"block_{i}" for i in range(4)]
     # the first stage carries the 256-token embedding, the last the 256-way logits: blocks split 2 + 2 here
     assert sum(p.startswith("block_") for p in parts[0]) == 2
-    with pytest.raises(ValueError, match="at least 5 Transformer blocks"):
-        pipeline.split_stages(full, 5)
+    with pytest.raises(ValueError, match="at least 5 blocks"):
+        pipeline.split_stages(plan, 5)
+
+
+def test_the_plan_names_every_weight_of_the_keras_model_with_its_shape():
+    """The plan is the engines' only view of the model: it must list exactly the Keras model's variables."""
+    import models
+    from models.plan import keras_variables
+
+    for tied in (False, True):
+        params = dict(num_layers=2, width=32, num_heads=4, tie_embeddings=tied)
+        model = models.build("gpt", input_shape=(16,), num_classes=256, **params)
+        plan = models.parallel_plan("gpt", input_shape=(16,), num_classes=256, **params)
+        found = keras_variables(model, plan)
+        assert sorted(found) == sorted(w.name for w in plan.weights)
+        assert sorted(v.name for v in model.weights) == sorted(f"{n}:0" for n in found)
+        assert plan.parameters == model.count_params()
+
+
+def test_per_variable_seeds_give_each_slice_the_one_process_values():
+    """A rank makes one variable at a time from its own seed and keeps its slice: the slices of every rank
+    put together are the one-process model's variable, and no two variables share a seed."""
+    import numpy as np
+
+    import models
+    from hvdtrain.distributed.tensor import split
+    from models.plan import initial_value
+
+    plan = models.parallel_plan("gpt", input_shape=(16,), num_classes=256, num_layers=2, width=32, num_heads=4)
+    kernel = plan.weight("block_0/attn/query/kernel")
+    whole = initial_value(kernel, seed=3).numpy()
+    parts = [np.asarray(split(initial_value(kernel, seed=3), 2, r, kernel.split)) for r in range(2)]
+    assert np.array_equal(np.concatenate(parts, axis=kernel.split), whole)
+    other = initial_value(plan.weight("block_1/attn/query/kernel"), seed=3).numpy()
+    assert not np.allclose(whole, other) and not np.allclose(whole, initial_value(kernel, seed=4).numpy())
 
 
 @pytest.mark.parametrize("override, words", [
     (["parallel.tensor=3"], ["parallel.tensor=3 must divide model.params.num_heads=4"]),
-    (["parallel.pipeline=3"], ["parallel.pipeline=3 stages need at least as many Transformer blocks",
-                               "num_layers=2"]),
+    (["parallel.pipeline=3"], ["parallel.pipeline=3 stages need at least as many blocks; the model has 2"]),
     (["parallel.pipeline=2", "parallel.microbatches=5"], ["parallel.microbatches=5 must divide "
                                                           "data.batch_size_per_rank=32"]),
     (["parallel.pipeline=2", "train.elastic=true"], ["elastic training runs data parallelism only"]),
-    (["parallel.tensor=2", "train.precision=mixed_float16"], ["parallel layouts train in float32"]),
+    (["parallel.tensor=2", "train.clip_norm=-1"], ["train.clip_norm must be 0 (off) or positive"]),
     (["parallel.microbatches=2"], ["parallel.microbatches > 1 needs parallel.pipeline > 1"]),
     (["parallel.schedule=zb"], ["parallel.schedule", "gpipe, 1f1b"]),
 ])
@@ -80,7 +113,7 @@ def test_bad_layouts_are_one_line_config_errors(override, words):
     assert "\n" not in str(info.value)
 
 
-def test_model_parallelism_needs_a_gpt():
-    with pytest.raises(ConfigError, match="need model.name=gpt, not 'cnn'"):
+def test_model_parallelism_needs_a_family_with_a_plan():
+    with pytest.raises(ConfigError, match=r"need a model family with a parallel plan \(gpt\), not 'cnn'"):
         config.load("digits-cnn", overrides=["parallel.tensor=2"])
     assert config.load("digits-cnn", overrides=["parallel.shard_optimizer=true"]).parallel.shard_optimizer

@@ -32,3 +32,21 @@ def test_shard_dataset_needs_a_length():
     assert len(list(shard_dataset(unknown, 0, 2, num_examples=5))) == 2
     with pytest.raises(DataError, match="infinite"):
         shard_dataset(tf.data.Dataset.range(3).repeat(), 0, 2)
+
+
+def test_global_batches_do_not_depend_on_the_number_of_replicas():
+    """Each epoch is one seeded permutation cut into global batches; replica r takes its slice of each. So the
+    replicas of a data=2 (or 4) run together see exactly the one-process run's batches, epoch after epoch."""
+    from hvdtrain.data.source import split_arrays
+
+    x = np.arange(103)[:, None].astype(np.float32)
+    src = split_arrays(x, np.arange(103), test_fraction=0.0, validation_fraction=0.0, seed=0)
+    steps = 2 * (103 // 8)  # two epochs of global batches of 8 (7 examples left out of each)
+    one = [b[1].numpy() for b in src.train_dataset(0, 1, 8, seed=5, shuffle_buffer=0).take(steps)]
+    for size in (2, 4):
+        parts = [[b[1].numpy() for b in src.train_dataset(r, size, 8 // size, 5, 0).take(steps)] for r in range(size)]
+        assert all(np.array_equal(np.concatenate([p[i] for p in parts]), one[i]) for i in range(steps))
+    epoch1, epoch2 = np.concatenate(one[: steps // 2]), np.concatenate(one[steps // 2:])
+    assert len(set(epoch1.tolist())) == len(epoch1) and not np.array_equal(epoch1, epoch2)  # reshuffled
+    other = [b[1].numpy() for b in src.train_dataset(0, 1, 8, seed=6, shuffle_buffer=0).take(2)]
+    assert not np.array_equal(other[0], one[0])

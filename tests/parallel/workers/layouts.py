@@ -70,7 +70,7 @@ for name, settings in cases:
     source = data.load(cfg.data, seed=0, model_name="gpt")
     per_replica, global_batch = cfg.data.batch_size_per_rank, cfg.data.batch_size_per_rank * mesh.data
     lr = cfg.train.learning_rate
-    layout = parallel.make_layout(cfg, source, mesh)
+    layout = runtime.make_layout(cfg, source, mesh)
     if kind == "clip_twice":  # every tensor rank counts the replicated weights in the norm
         layout.entries[:] = [dataclasses.replace(e, counted=True) for e in layout.entries]
     model = runtime.prepare(layout.training_model, cfg, lr, layout=layout)

@@ -18,7 +18,7 @@ from hvdtrain.rundir import RunDir
 outdir = Path(sys.argv[1])
 layout_sets = [s for s in sys.argv[2].split(",") if s]
 SIZES = {"small": "{num_layers: 2, width: 64, num_heads: 8, dropout: 0.0}",
-         "large": "{num_layers: 8, width: 512, num_heads: 8, dropout: 0.0}"}
+         "large": "{num_layers: 2, width: 1024, num_heads: 8, dropout: 0.0}"}
 peaks, params = {}, 0
 for size, model in SIZES.items():
     cfg = config.load("gpt-tiny", overrides=[f"model.params={model}", "data.context_length=64",
@@ -27,9 +27,9 @@ for size, model in SIZES.items():
     runtime.init(cfg, dynamic_process_sets=True)
     mesh = runtime.make_mesh(cfg)
     source = data.load(cfg.data, seed=0, model_name="gpt")
-    layout = parallel.make_layout(cfg, source, mesh)
+    layout = runtime.make_layout(cfg, source, mesh)
     trainer = runtime.prepare(layout.training_model, cfg, 1e-4, layout=layout)
-    trainer.fit(source.train_dataset(mesh.data_rank, mesh.data, 4, 0, 0), steps_per_epoch=3, epochs=1, verbose=0,
+    trainer.fit(source.train_dataset(mesh.data_rank, mesh.data, 4, 0, 0), steps_per_epoch=2, epochs=1, verbose=0,
                 callbacks=[c for c in [layout.broadcast_callback()] if c is not None])
     run = outdir / size
     if distributed.rank() == 0:
