@@ -29,6 +29,18 @@ from hvdtrain.errors import ConfigError
 COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
+def slot_kind(slot, variable) -> str:
+    """The name of the slot kind (``m``, ``v``, ``momentum``) of ``slot``, the optimizer's state for ``variable``.
+
+    Keras names a slot ``[scope/]KIND/VARIABLE``: an optimizer that built its state inside its first step has its
+    own name scope there (``Adam/m/dense/kernel``), one built beforehand (a resume) has none (``m/dense/kernel``).
+    """
+    name, ref = slot.name.split(":")[0], variable.name.split(":")[0]
+    if name.endswith("/" + ref):
+        name = name[: -len(ref) - 1]
+    return name.split("/")[-1]
+
+
 def slots_of(optimizer, variables) -> tuple[list[str], list[list[tf.Variable]]]:
     """The optimizer's state per slot kind, each a list aligned with ``variables`` (Keras keeps, after the step
     count, every variable's slots one after the other: ``m0, v0, m1, v1, ...``), and the kinds' names."""
@@ -37,7 +49,7 @@ def slots_of(optimizer, variables) -> tuple[list[str], list[list[tf.Variable]]]:
     if not variables or not slots:
         return [], []
     kinds = len(slots) // len(variables)
-    return ([slots[k].name.split("/")[0] for k in range(kinds)],
+    return ([slot_kind(slots[k], variables[0]) for k in range(kinds)],
             [[slots[i * kinds + k] for i in range(len(variables))] for k in range(kinds)])
 
 

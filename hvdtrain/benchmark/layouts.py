@@ -199,7 +199,8 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
     for i, (layout, controller) in enumerate(settings):
         runs = results[i]
         base = runs[0]
-        rows.append({**{k: base[k] for k in ("label", "layout", "ranks", "memory", "traffic_per_rank_per_step")},
+        rows.append({**{k: base[k] for k in ("label", "layout", "ranks", "memory", "peak_growth_bytes_per_rank",
+                                             "traffic_per_rank_per_step")},
                      "controller": controller, "repeats": len(runs),
                      "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
                      "tokens_per_sec_all": [r["tokens_per_sec"] for r in runs],
@@ -212,12 +213,10 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
         # what splitting the model should leave per rank: 1 / (tensor x pipeline), and x data with ZeRO for the
         # optimizer state; against it the largest rank's counted bytes and its measured peak growth
         lay = r["layout"]
-        split = lay["tensor"] * lay["pipeline"]
-        held = one["memory"]["param_bytes_per_rank"] / split + one["memory"]["optimizer_bytes_per_rank"] / (
-            split * (lay["data"] if lay["shard_optimizer"] else 1))
-        r["ideal_state_bytes_per_rank"] = held
-        r["ideal_fraction"] = (split * (lay["data"] if lay["shard_optimizer"] else 1)) ** -1 if split > 1 or lay[
-            "shard_optimizer"] else 1.0
+        split, zero = lay["tensor"] * lay["pipeline"], lay["data"] if lay["shard_optimizer"] else 1
+        r["ideal_state_bytes_per_rank"] = (one["memory"]["param_bytes_per_rank"] / split
+                                           + one["memory"]["optimizer_bytes_per_rank"] / (split * zero))
+        r["ideal_fraction"] = 1 / (split * zero)
         r["peak_growth_vs_one_rank"] = r["memory"]["peak_growth_bytes"] / max(1, one["memory"]["peak_growth_bytes"])
     return {"kind": "layouts", "model": cfg.model.name, "model_params": cfg.model.params,
             "context_length": cfg.data.context_length, "global_batch_size": global_batch_size, "machine": machine(),

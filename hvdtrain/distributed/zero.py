@@ -92,8 +92,9 @@ class ShardedOptimizer:
         return [v for v in self.optimizer.variables if v is not self.optimizer.iterations]
 
     def slot_kinds(self) -> list[str]:
-        """The slots' names (``m``, ``v`` for Adam), in the order of :meth:`slot_variables`."""
-        return [v.name.split("/")[0] for v in self.slot_variables()]
+        """The slots' names (``m``, ``v`` for Adam), in the order of :meth:`slot_variables` (Keras names a slot
+        ``[scope/]KIND/zero_master``)."""
+        return [v.name.split(":")[0].rsplit("/", 2)[-2] for v in self.slot_variables()]
 
     def pieces(self):
         """What this rank saves: ``(variable index, kind, flat start, flat stop, values)`` for the master weights

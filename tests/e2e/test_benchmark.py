@@ -59,9 +59,15 @@ def test_layouts_benchmark_compares_tensor_and_pipeline_layouts(tmp_path):
     report = json.loads((tmp_path / "benchmark.json").read_text())
     tp, pp = report["results"]
     assert tp["label"] == "tp2" and tp["ranks"] == 2 and tp["tokens_per_sec"] > 0
-    # tensor parallelism: 2 allreduces forward and 2 backward per block, each of one micro-batch's activations
-    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["calls"] == 4 * 2
-    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["bytes"] == 4 * 2 * 8 * 16 * 32 * 4
+    # tensor parallelism: 2 allreduces forward and 2 backward per block, and one each way around the vocabulary-
+    # parallel embedding and logits, of one batch's activations (8 x 16 x 32 floats); the vocabulary-parallel loss
+    # adds 4 of one number per position (the softmax's maximum and normalizer, the label's logit, the argmax)
+    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["calls"] == 4 * 2 + 2 + 4
+    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["bytes"] == (4 * 2 + 2) * 8 * 16 * 32 * 4 + 4 * 8 * 16 * 4
+    # each rank holds half of the weights and of the optimizer state, and its peak memory was measured
+    assert tp["ideal_fraction"] == pp["ideal_fraction"] == 0.5
+    assert tp["memory"]["param_bytes_per_rank"] < 0.6 * tp["memory"]["param_bytes_full"]
+    assert tp["memory"]["peak_growth_bytes"] > 0 and len(tp["peak_growth_bytes_per_rank"]) == 2
     p = pp["pipeline"]
     assert p["stages"] == 2 and p["microbatches"] == 2 and p["idle_fraction_gpipe_theory"] == pytest.approx(1 / 3)
     assert 0 <= p["idle_fraction_measured"] < 1 and p["peak_activations_per_stage"] == [2, 2]

@@ -49,7 +49,7 @@ def test_tfrecords_from_a_bucket_outputs_to_the_bucket_killed_then_resumed(s3_se
     assert killed.returncode != 0
     # epoch 2's checkpoint files are in the bucket, its marker is not: an incomplete checkpoint
     listing = json.loads(s3(s3_server, f"import json; print(json.dumps(storage.listdir({out + '/checkpoints/epoch-0002'!r})))"))
-    assert "state.json" not in listing and any(n.startswith("ckpt") for n in listing)
+    assert "state.json" not in listing and "manifest.json" in listing and any(n.startswith("rank-") for n in listing)
     again = hvdtrain_2_ranks(s3_server, args)
     assert "resuming after epoch 1" in again.stdout
     assert "incomplete checkpoint" in again.stderr and "epoch-0002" in again.stderr
@@ -84,12 +84,20 @@ def test_text_and_npz_sources_read_from_a_bucket_and_a_model_there_generates_com
          "--set", f"data.path={bucket}/d.npz", "--set", "train.epochs=10", "--output", str(tmp_path / "npz")],
         env=s3_env(s3_server))
     assert json.loads((tmp_path / "npz" / "summary.json").read_text())["test_accuracy"] >= 0.95
-    run([str(BIN / "hvdtrain"), "train", "--recipe", "gpt-tiny", "--set", f"data.path={bucket}/text/*.txt",
-         "--set", "model.params={num_layers: 1, width: 32, num_heads: 2}", "--set", "data.context_length=16",
-         "--set", "train.epochs=1", "--output", f"{bucket}/lm"], env=s3_env(s3_server))
+    # at tensor=2 with no model.keras: both ranks write their shards to the bucket, then the marker
+    hvdtrain_2_ranks(s3_server, ["train", "--recipe", "gpt-tiny", "--set", f"data.path={bucket}/text/*.txt",
+                                 "--set", "model.params={num_layers: 1, width: 32, num_heads: 2}",
+                                 "--set", "data.context_length=16", "--set", "train.epochs=1",
+                                 "--set", "parallel.tensor=2", "--set", "train.save_model=false",
+                                 "--output", f"{bucket}/lm"])
     lm = f"{bucket}/lm"
-    assert json.loads(s3(s3_server, f"print(storage.read_text({lm + '/summary.json'!r}))"))["train_examples"] > 1000
-    # generate, compress and export take the model from the bucket, and the last two write there
+    found = json.loads(s3(s3_server, f"""import json
+print(json.dumps([storage.read_text({lm + '/summary.json'!r}), storage.listdir({lm!r}),
+                  storage.listdir({lm + '/checkpoints/epoch-0001'!r})]))"""))
+    assert json.loads(found[0])["train_examples"] > 1000 and "model.keras" not in found[1]
+    assert {"rank-00000.index", "rank-00001.index", "manifest.json", "state.json"} <= set(found[2])
+    # generate, compress and export assemble the model from the sharded checkpoint in the bucket; the last two
+    # write there
     hvd = str(BIN / "hvdtrain")
     text = run([hvd, "generate", "--model", lm, "--prompt", "The ", "--max-tokens", "8", "--temperature", "0"],
                env=s3_env(s3_server)).stdout
