@@ -199,7 +199,8 @@ class Reader:
             values = self._part(name, kind, part)
             src = [slice(a, a + n) for a, n in zip(start, size)]
             dst = [slice(0, n) for n in size]
-            src[axis], dst[axis] = slice(lo - part * width, hi - part * width), slice(lo - start[axis], hi - start[axis])
+            src[axis] = slice(lo - part * width, hi - part * width)
+            dst[axis] = slice(lo - start[axis], hi - start[axis])
             out[tuple(dst)] = values[tuple(src)]
             del values
         return out

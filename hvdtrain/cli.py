@@ -63,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controllers", default="gloo", help="with --layouts: gloo and/or mpi, e.g. gloo,mpi")
     p.add_argument("--global-batch", type=int, default=32, help="with --layouts: the global batch of every layout")
     p.add_argument("--windows", type=int, default=3, help="with --layouts: timed windows per launch")
+    p.add_argument("--budget-mb", type=float, default=0,
+                   help="with --layouts: find the widest model each layout trains within this measured peak memory "
+                        "growth per rank (MB), trying --widths in turn")
+    p.add_argument("--widths", default="256,512,1024,1536,2048,3072",
+                   help="with --budget-mb: model widths to try, e.g. 512,1024,2048")
     p.add_argument("--inference", action="store_true",
                    help="generation speed: full window vs key-value cache vs speculative (with --model, --draft)")
     p.add_argument("--model", help="with --inference: a trained gpt (run directory or model.keras)")
@@ -187,9 +192,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
         cfg = config.load(args.recipe or "gpt-tiny", args.config, args.overrides)
         names = layouts.DEFAULT if args.layouts == "default" else args.layouts
-        report = layouts.run(cfg, [n for n in names.split(";") if n.strip()],
-                             [c.strip() for c in args.controllers.split(",") if c.strip()], args.repeats, args.steps,
-                             args.warmup_steps, args.windows, args.global_batch, args.timeout)
+        chosen = [n for n in names.split(";") if n.strip()]
+        if args.budget_mb:
+            try:
+                widths = [int(w) for w in args.widths.split(",") if w.strip()]
+            except ValueError:
+                raise UsageError(f"--widths '{args.widths}' must be widths separated by commas, e.g. 512,1024") \
+                    from None
+            report = layouts.largest(cfg, chosen, int(args.budget_mb * 2**20), widths, args.global_batch, args.timeout)
+        else:
+            report = layouts.run(cfg, chosen, [c.strip() for c in args.controllers.split(",") if c.strip()],
+                                 args.repeats, args.steps, args.warmup_steps, args.windows, args.global_batch,
+                                 args.timeout)
     elif args.compare_baseline:
         report = scaling.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
                                           launcher, args.timeout)
@@ -205,6 +219,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     elif report["kind"] == "layouts":
         written = layouts.plot(report, out)
         layouts.print_report(report)
+    elif report["kind"] == "largest":
+        written = layouts.plot_largest(report, out)
+        layouts.print_largest(report)
     else:
         written = []
         if report["kind"] == "scaling":
@@ -291,7 +308,6 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
                 return None
             result = evaluate_artifact(Artifact(storage.basename(resolved), "tflite", local, "none"), source)
     elif modelio.is_checkpoint(resolved) and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
-        from hvdtrain import parallel
 
         layout = runtime.make_layout(cfg, source, runtime.make_mesh(cfg))
         layout.load_checkpoint(resolved, optimizer=False)

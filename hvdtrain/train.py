@@ -76,7 +76,7 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     runtime.init(cfg, autotune_log)
     import tensorflow as tf
 
-    from hvdtrain import data, parallel
+    from hvdtrain import data
 
     runtime.check_options(cfg)
     mesh = runtime.make_mesh(cfg)

@@ -225,7 +225,8 @@ def block_weights(prefix: str, width: int, num_heads: int, mlp_ratio: int) -> li
     out += [Weight(f"{prefix}/attn/output/kernel", (num_heads, d, width), g, split=0),
             Weight(f"{prefix}/attn/output/bias", (width,), z),
             Weight(f"{prefix}/ln2/gamma", (width,), "ones"), Weight(f"{prefix}/ln2/beta", (width,), z),
-            Weight(f"{prefix}/mlp/fc/kernel", (width, f), g, split=1), Weight(f"{prefix}/mlp/fc/bias", (f,), z, split=0),
+            Weight(f"{prefix}/mlp/fc/kernel", (width, f), g, split=1),
+            Weight(f"{prefix}/mlp/fc/bias", (f,), z, split=0),
             Weight(f"{prefix}/mlp/proj/kernel", (f, width), g, split=0), Weight(f"{prefix}/mlp/proj/bias", (width,), z)]
     return out
 

@@ -196,7 +196,7 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
                                          str(result_file)], CONTROLLER_ARGS[controller], timeout)
                 results[i].append(json.loads(result_file.read_text()))
     rows = []
-    for i, (layout, controller) in enumerate(settings):
+    for i, (_, controller) in enumerate(settings):
         runs = results[i]
         base = runs[0]
         rows.append({**{k: base[k] for k in ("label", "layout", "ranks", "memory", "peak_growth_bytes_per_rank",
@@ -298,3 +298,94 @@ def plot(report: dict[str, Any], run_dir) -> list[str]:
         run_dir.save_figure(fig, "benchmark_timeline.png")
         written.append("benchmark_timeline.png")
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The largest model each layout trains within a memory budget per rank
+
+
+def largest(cfg: config.Config, layouts: list[str], budget_bytes: int, widths: list[int], global_batch_size: int,
+            timeout: float) -> dict[str, Any]:
+    """For each layout, the widest ``cfg``'s model (at its depth) whose every rank's measured peak memory growth
+    (the resident set's growth from before the model was made, through 3 training steps) stays within
+    ``budget_bytes``: the widths are tried in increasing order, one launch each, until one exceeds it."""
+    import models
+
+    specs = [parse(t) for t in layouts]
+    rows, best = [], {}
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-largest-") as tmp:
+        for layout in specs:
+            for width in sorted(widths):
+                params = {**cfg.model.params, "width": width}
+                raw = config.apply_overrides(config.to_dict(cfg), [
+                    f"parallel.{k}={json.dumps(layout[k])}" for k in
+                    ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "recompute")])
+                raw["model"]["params"] = params
+                layout_cfg = config.from_dict(raw)
+                spec = {"kind": "layout", "config": config.to_dict(layout_cfg), "layout": layout,
+                        "global_batch_size": global_batch_size, "steps": 2, "warmup_steps": 1, "windows": 1}
+                spec_file, result_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
+                spec_file.write_text(json.dumps(spec))
+                progress(f"{label(layout)} at width {width} ...")
+                launch(layout["ranks"], [sys.executable, "-m", "hvdtrain.benchmark", str(spec_file),
+                                         str(result_file)], CONTROLLER_ARGS["gloo"], timeout)
+                result = json.loads(result_file.read_text())
+                plan = models.parallel_plan(cfg.model.name, input_shape=(cfg.data.context_length,),
+                                            num_classes=cfg.data.num_classes or 256, **params)
+                growth = max(result["peak_growth_bytes_per_rank"])
+                row = {"label": label(layout), "ranks": layout["ranks"], "width": width,
+                       "parameters": plan.parameters, "peak_growth_bytes_max": growth,
+                       "peak_growth_bytes_per_rank": result["peak_growth_bytes_per_rank"],
+                       "state_bytes_per_rank": result["memory"]["param_bytes_per_rank"]
+                       + result["memory"]["optimizer_bytes_per_rank"], "fits": growth <= budget_bytes}
+                rows.append(row)
+                if not row["fits"]:
+                    break
+                best[row["label"]] = row
+    return {"kind": "largest", "model": cfg.model.name, "model_params": cfg.model.params,
+            "context_length": cfg.data.context_length, "global_batch_size": global_batch_size,
+            "budget_bytes": budget_bytes, "machine": machine(), "tried": rows,
+            "largest": [best.get(label(s)) or {"label": label(s), "width": None, "parameters": 0} for s in specs],
+            "method": "one launch per layout and width, widths in increasing order until one exceeds the budget; "
+                      "3 steps (1 warm-up, 2 timed) on synthetic tokens; the growth of each rank's peak resident "
+                      "set from before the model was made (TensorFlow and Horovod loaded)"}
+
+
+def print_largest(report: dict[str, Any]) -> None:
+    """Tables for people."""
+    console.say(f"largest {report['model']} within {report['budget_bytes'] / 2**20:.0f} MB of measured peak growth "
+                "per rank:")
+    console.say(artifacts.format_table([{"layout": r["label"], "width": r["width"],
+                                         "parameters (M)": r["parameters"] / 1e6} for r in report["largest"]]))
+    console.say("\nevery launch:")
+    console.say(artifacts.format_table([{"layout": r["label"], "width": r["width"],
+                                         "parameters (M)": r["parameters"] / 1e6,
+                                         "state MB/rank (counted)": r["state_bytes_per_rank"] / 2**20,
+                                         "peak growth MB/rank (max)": r["peak_growth_bytes_max"] / 2**20,
+                                         "fits": r["fits"]} for r in report["tried"]]))
+
+
+def plot_largest(report: dict[str, Any], run_dir) -> list[str]:
+    """``benchmark.png``: the largest model per layout, and each launch's peak growth against the budget."""
+    plt = artifacts.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    largest_rows = report["largest"]
+    axes[0].barh(range(len(largest_rows)), [r["parameters"] / 1e6 for r in largest_rows], color="tab:green")
+    axes[0].set_yticks(range(len(largest_rows)))
+    axes[0].set_yticklabels([r["label"] for r in largest_rows])
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("parameters (millions)")
+    axes[0].set_title(f"largest {report['model']} within {report['budget_bytes'] / 2**20:.0f} MB per rank")
+    for name in dict.fromkeys(r["label"] for r in report["tried"]):
+        pts = [r for r in report["tried"] if r["label"] == name]
+        axes[1].plot([r["parameters"] / 1e6 for r in pts], [r["peak_growth_bytes_max"] / 2**20 for r in pts],
+                     marker="o", label=name)
+    axes[1].axhline(report["budget_bytes"] / 2**20, color="black", linestyle="--", label="budget")
+    axes[1].set_xlabel("parameters (millions)")
+    axes[1].set_ylabel("peak growth, largest rank (MB)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    run_dir.save_figure(fig, "benchmark.png")
+    return ["benchmark.png"]

@@ -285,7 +285,6 @@ def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
         return next(g for g in groups[kind] if me in g)
 
     data = world // (tensor * pipeline)
-    stage = me // (tensor * data)
     edges = {g[0]: g for g in groups["edge"]}
     prev = next((g for g in groups["edge"] if g[1] == me), None)
     tie = next((g for g in groups["tie"] if me in g), None)

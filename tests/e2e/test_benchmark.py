@@ -63,7 +63,8 @@ def test_layouts_benchmark_compares_tensor_and_pipeline_layouts(tmp_path):
     # parallel embedding and logits, of one batch's activations (8 x 16 x 32 floats); the vocabulary-parallel loss
     # adds 4 of one number per position (the softmax's maximum and normalizer, the label's logit, the argmax)
     assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["calls"] == 4 * 2 + 2 + 4
-    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["bytes"] == (4 * 2 + 2) * 8 * 16 * 32 * 4 + 4 * 8 * 16 * 4
+    activations, per_position = 8 * 16 * 32 * 4, 8 * 16 * 4
+    assert tp["traffic_per_rank_per_step"]["tensor_allreduce"]["bytes"] == (4 * 2 + 2) * activations + 4 * per_position
     # each rank holds half of the weights and of the optimizer state, and its peak memory was measured
     assert tp["ideal_fraction"] == pp["ideal_fraction"] == 0.5
     assert tp["memory"]["param_bytes_per_rank"] < 0.6 * tp["memory"]["param_bytes_full"]

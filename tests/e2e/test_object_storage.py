@@ -48,7 +48,8 @@ def test_tfrecords_from_a_bucket_outputs_to_the_bucket_killed_then_resumed(s3_se
     killed = hvdtrain_2_ranks(s3_server, args, failpoint="mid-checkpoint@2", check=False)
     assert killed.returncode != 0
     # epoch 2's checkpoint files are in the bucket, its marker is not: an incomplete checkpoint
-    listing = json.loads(s3(s3_server, f"import json; print(json.dumps(storage.listdir({out + '/checkpoints/epoch-0002'!r})))"))
+    listing = json.loads(s3(s3_server, "import json; print(json.dumps(storage.listdir("
+                                       f"{out + '/checkpoints/epoch-0002'!r})))"))
     assert "state.json" not in listing and "manifest.json" in listing and any(n.startswith("rank-") for n in listing)
     again = hvdtrain_2_ranks(s3_server, args)
     assert "resuming after epoch 1" in again.stdout

@@ -11,8 +11,8 @@ Usage: layouts.py OUTDIR CASES
           gradient norm), reference_fp32 (the one-process reference trains in float32).
 
 The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
-the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share the launch (the meshes of one
-world size use the same process sets).
+the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share
+the launch (the meshes of one world size use the same process sets).
 """
 import dataclasses
 import sys
@@ -22,16 +22,16 @@ import common
 import numpy as np
 import tensorflow as tf
 
-from hvdtrain import checkpoint, config, data, distributed, parallel, runtime
+from hvdtrain import checkpoint, config, data, distributed, runtime
 from hvdtrain.distributed import pipeline, tensor
 from hvdtrain.rundir import RunDir
 
 outdir = Path(sys.argv[1])
 cases = [c.split(":", 1) for c in sys.argv[2].split(";") if c]
 steps = 3
-SMALL = ["data.context_length=16", "data.batch_size_per_rank=8", "model.params={num_layers: 2, width: 32, num_heads: 4, "
-         "mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam", "train.learning_rate=0.001", "train.warmup_epochs=0",
-         "train.schedule=constant", "train.lr_scaling=none", "data.path=" + str(outdir / "corpus.txt")]
+SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
+         "model.params={num_layers: 2, width: 32, num_heads: 4, mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam",
+         "train.learning_rate=0.001", "train.warmup_epochs=0", "train.schedule=constant", "train.lr_scaling=none", "data.path=" + str(outdir / "corpus.txt")]
 
 original = {"g": tensor.reduce_from_group, "exchange": pipeline.Pipeline._exchange, "ctx": tensor.TensorContext}
 

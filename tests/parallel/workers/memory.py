@@ -12,7 +12,7 @@ from pathlib import Path
 import common
 import tensorflow as tf
 
-from hvdtrain import checkpoint, config, data, distributed, memory, modelfile, parallel, runtime
+from hvdtrain import checkpoint, config, data, distributed, memory, modelfile, runtime
 from hvdtrain.rundir import RunDir
 
 outdir = Path(sys.argv[1])
