@@ -149,12 +149,17 @@ class Reader:
         """What the checkpoint holds of ``name``: ``param`` and the optimizer's slot kinds."""
         return list(self.variables[name]["pieces"])
 
-    def _file(self, file: str):
+    def _tensor(self, file: str, key: str) -> np.ndarray:
+        """One stored tensor; a missing or damaged bundle is a :class:`CheckpointError` that names it."""
         import tensorflow as tf
 
-        if file not in self._files:
-            self._files[file] = tf.train.load_checkpoint(storage.join(self.uri, file))
-        return self._files[file]
+        try:
+            if file not in self._files:
+                self._files[file] = tf.train.load_checkpoint(storage.join(self.uri, file))
+            return self._files[file].get_tensor(key)
+        except (tf.errors.OpError, ValueError) as exc:
+            reason = str(getattr(exc, "message", exc)).strip().splitlines()[0][:120]
+            raise CheckpointError(f"{self.uri}: cannot read {file} ({reason})") from None
 
     def _part(self, name: str, kind: str, part: int) -> np.ndarray:
         meta = self.variables[name]
@@ -168,7 +173,7 @@ class Reader:
         for file, key, _, start, stop in pieces:
             if start != at:
                 break
-            values = self._file(file).get_tensor(key)
+            values = self._tensor(file, key)
             if values.size != stop - start:
                 raise CheckpointError(f"{self.uri}: {name} ({kind}) piece {key} of {file} has {values.size} values, "
                                       f"the manifest says {stop - start}")

@@ -156,6 +156,12 @@ def test_pipeline_run_logs_the_one_process_metrics_and_can_keep_no_model_file(on
     assert json.loads(split.stdout.splitlines()[-1].split(":", 1)[1])["loss"] == pytest.approx(result["loss"], rel=1e-5)
     text = run([str(BIN / "hvdtrain"), "generate", "--model", str(out), "--prompt", "The ", "--max-tokens", "20"])
     assert text.stdout.startswith("The ") and len(text.stdout) > 20
+    # a checkpoint that lost a rank's bundle cannot be assembled: one line that says what is missing
+    for lost in (out / "checkpoints" / "epoch-0002").glob("rank-00001.*"):
+        lost.unlink()
+    proc = run([str(BIN / "hvdtrain"), "generate", "--model", str(out)], check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot assemble the model of" in proc.stderr and "rank-00001" in proc.stderr
 
 
 def test_a_failing_stage_stops_every_stage(tmp_path, corpus):
