@@ -67,7 +67,15 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 
 class LanguageModelMetrics(tf.keras.callbacks.Callback):
-    """Add bits per byte and perplexity, derived from the (averaged) loss in nats per byte, to the epoch logs."""
+    """Add bits per byte and perplexity, derived from the (averaged) loss in nats per token, to the epoch logs.
+
+    Args:
+        bytes_per_token: ``{"": training split's, "val_": validation split's}`` text bytes per token (1 for bytes).
+    """
+
+    def __init__(self, bytes_per_token: dict | None = None):
+        super().__init__()
+        self.bytes_per_token = bytes_per_token or {}
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -75,7 +83,7 @@ class LanguageModelMetrics(tf.keras.callbacks.Callback):
         for prefix in ("", "val_"):
             if f"{prefix}loss" in logs:
                 nats = float(logs[f"{prefix}loss"])
-                logs[f"{prefix}bits_per_byte"] = nats / math.log(2)
+                logs[f"{prefix}bits_per_byte"] = nats / math.log(2) / self.bytes_per_token.get(prefix, 1.0)
                 logs[f"{prefix}perplexity"] = math.exp(min(nats, 50.0))
 
 
@@ -351,7 +359,7 @@ def default_callbacks(
     keep_checkpoints: int = 3,
     early_stopping_patience: int = 0,
     tensorboard: bool = True,
-    language_model: bool = False,
+    language_model: bool | dict = False,
     previous_rows: list[dict] | None = None,
     divergence_check_epochs: int = 1,
     divergence_tolerance: float = 1e-6,
@@ -370,7 +378,8 @@ def default_callbacks(
         checkpoint_every_epochs, keep_checkpoints: checkpoint cadence and how many to keep.
         early_stopping_patience: epochs without ``val_loss`` improvement before stopping (0: off).
         tensorboard: write TensorBoard logs on the chief.
-        language_model: add bits per byte and perplexity to the logs.
+        language_model: add bits per byte and perplexity to the logs (a dict: with these bytes per token,
+            :class:`LanguageModelMetrics`).
         previous_rows: ``metrics.jsonl`` lines of the epochs a resumed run already did.
         divergence_check_epochs, divergence_tolerance: the :class:`DivergenceGuard` (0 epochs: off).
         progress: ``"off"`` (the default: use Keras' ``verbose``), ``"lines"``, ``"bar"``, or None to choose by
@@ -390,7 +399,7 @@ def default_callbacks(
     if validation is not None:
         cbs.append(Validation(validation))
     if language_model:
-        cbs.append(LanguageModelMetrics())
+        cbs.append(LanguageModelMetrics(language_model if isinstance(language_model, dict) else None))
     groups = layout.consistency_groups if layout is not None else None
     cbs += [LearningRateLogger(), NanGuard(), DivergenceGuard(divergence_check_epochs, divergence_tolerance, groups)]
     if early_stopping_patience:

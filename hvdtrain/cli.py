@@ -333,9 +333,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         decoding.check_model(draft, f"--draft {args.draft}")
     prompts = args.prompt or [""]
     method = "speculative" if draft is not None else "full" if args.full_window else "cached"
-    texts, stats = generate.run(model, [p.encode("utf-8") for p in prompts], args.max_tokens, args.temperature,
-                                args.top_k, args.seed, method, draft, args.draft_tokens)
-    console.say("\n\n".join(p + t.decode("utf-8", errors="replace") for p, t in zip(prompts, texts)))
+    from hvdtrain.data import tokenizer as tokenizers
+
+    tok = tokenizers.load_beside(args.model)
+    tokenizers.check_vocabulary(tok, decoding.check_model(model)[1], f"--model {args.model}")
+    ids = [tok.encode(p) or tok.encode("\n") for p in prompts]
+    texts, stats = generate.run(model, ids, args.max_tokens, args.temperature, args.top_k, args.seed, method, draft,
+                                args.draft_tokens)
+    console.say("\n\n".join(p + tok.decode(t) for p, t in zip(prompts, texts)))
     if method == "speculative":
         d = stats.as_dict()
         console.say(f"[hvdtrain] speculative: {d['accepted']} of {d['proposed']} proposed bytes accepted "
@@ -360,7 +365,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from hvdtrain.errors import HvdtrainError
 
         raise HvdtrainError(error)
-    for path in export.export(model, args.output, args.format, run_dir):
+    from hvdtrain.data import tokenizer as tokenizers
+
+    tok = tokenizers.load_beside(args.model)
+    tokenizers.check_vocabulary(tok, decoding.check_model(model)[1], f"--model {args.model}")
+    for path in export.export(model, args.output, args.format, run_dir, tok):
         console.say(f"written: {path}")
     return 0
 

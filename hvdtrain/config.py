@@ -45,6 +45,10 @@ class DataConfig:
     num_examples: int = 0
     # language-model sources
     context_length: int = 128
+    # text: "bytes" (vocabulary 256), "bpe" (a byte-level BPE of vocab_size tokens trained on the training text),
+    # or the path of a tokenizer.json (Hugging Face tokenizers' format)
+    tokenizer: str = "bytes"
+    vocab_size: int = 0
     augment: bool = True
     label_offset: int = 0
 
@@ -163,6 +167,8 @@ class CompressionConfig:
 STUDENTS: dict[str, dict[str, Any]] = {
     "cnn": {"params": {"filters": [12, 24], "dense_units": 32}, "epochs": 20, "seeds": 5, "standardize": True},
     "mlp": {"params": {"hidden_units": [32], "dropout": 0.0}, "epochs": 20, "seeds": 5, "standardize": True},
+    "llama": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "kv_heads": 1, "dropout": 0.0}, "epochs": 3,
+              "seeds": 2, "standardize": False},
     "gpt": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "dropout": 0.0}, "epochs": 3, "seeds": 2,
             "standardize": False},
 }
@@ -391,6 +397,11 @@ def validate(cfg: Config) -> None:
     validate_parallel(cfg)
     if cfg.data.source in ("tfrecord", "npz") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
+    if cfg.data.tokenizer != "bytes" and cfg.data.source != "text":
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} reads text: it needs data.source=text")
+    if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size <= 256:
+        raise ConfigError(f"data.tokenizer=bpe needs data.vocab_size above the 256 byte tokens (e.g. 2048), not "
+                          f"{cfg.data.vocab_size}")
 
 
 def validate_parallel(cfg: Config) -> None:

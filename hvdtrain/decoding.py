@@ -1,8 +1,8 @@
-"""Fast generation from a trained byte-level ``gpt``: a key-value cache, and speculative decoding.
+"""Fast generation from a trained language model (``gpt``, ``llama``): a key-value cache, and speculative decoding.
 
 **Cached decoding.** :class:`CachedDecoder` reads the model's weights and runs one compiled function, ``extend``:
 new tokens at given positions go through every block, their keys and values are written into a cache of shape
-``(layers, 2, batch, heads, context, head_dim)``, and each new token attends to the cached keys up to its own
+``(layers, 2, batch, key-value heads, context, head_dim)``, and each new token attends to the cached keys up to its own
 position. A prompt is one ``extend`` (prefill); each new byte is one ``extend`` of one token, so a step costs one
 position instead of the whole window. Rows of a batch may have prompts of different lengths: each row has its
 own position; a padded slot is overwritten before any query can see it.
@@ -49,12 +49,12 @@ def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
 
 
 def check_model(model, name: str = "the model") -> tuple[int, int]:
-    """``(context_length, vocabulary)`` of a ``gpt``; a clear error naming ``name`` for any other model."""
+    """``(context_length, vocabulary)`` of a language model; a clear error naming ``name`` for any other model."""
     import tensorflow as tf
 
     shape = model.input_shape
     if len(shape) != 2 or model.inputs[0].dtype not in (tf.int32, tf.int64):
-        raise UsageError(f"{name} takes inputs of shape {shape[1:]}, not byte tokens; generate and export need a gpt model")
+        raise UsageError(f"{name} takes inputs of shape {shape[1:]}, not tokens; generate and export need a language model (gpt, llama)")
     return int(shape[1]), int(model.output_shape[-1])
 
 
@@ -81,38 +81,32 @@ class Stats:
 
 
 class CachedDecoder:
-    """A ``gpt``'s forward pass over new positions, with a key-value cache.
+    """A language model's forward pass over new positions, with a key-value cache.
 
-    The blocks run the family's own block function (:func:`models.gpt.block`) with an attention that writes the
-    new keys and values into the cache and attends over it; the embedding takes the new tokens' positions.
+    The model's family decodes with its own block function through its plan (``plan.decode``); this class gives
+    it an attention that writes the new keys and values into the cache and attends over it (grouped-query
+    attention included: a cached key-value head serves its group of query heads), and keeps the cache.
 
     Args:
-        model: a ``gpt`` built by :func:`models.build` (or loaded from its ``.keras`` file).
+        model: a language model built by :func:`models.build` (or loaded from its ``.keras`` file): a family with a
+            decoding plan (``gpt``, ``llama``).
     """
 
     def __init__(self, model):
         import tensorflow as tf
 
         import models
-        from models import gpt
         from models.plan import keras_variables
 
         self.context, self.vocab = check_model(model)
-        embed = model.get_layer("embed")
-        config = {k: v for k, v in embed.get_config().items() if k in ("vocab_size", "context_length", "width")}
-        blocks = [layer for layer in model.layers if isinstance(layer, gpt.TransformerBlock)]
-        if not blocks:
-            raise UsageError("the model has no Transformer blocks: generate and export need a gpt model")
-        self.tied = "logits" not in [layer.name for layer in model.layers]
-        plan = models.parallel_plan("gpt", input_shape=(config["context_length"],), num_classes=config["vocab_size"],
-                                    num_layers=len(blocks), num_heads=blocks[0].num_heads, width=config["width"],
-                                    mlp_ratio=blocks[0].mlp_ratio, tie_embeddings=self.tied)
+        plan = models.plan_of(model)
+        if plan is None or plan.decode is None:
+            raise UsageError(f"the model '{model.name}' is not a language model of a registered family "
+                             f"({', '.join(models.language_models())}): generate and export need one")
         self.params = keras_variables(model, plan)
-        self.heads, self.head_dim = blocks[0].num_heads, blocks[0].width // blocks[0].num_heads
-        self.layers = len(blocks)
-        self.block_names = [b.name for b in blocks]
-        self.gpt = gpt
-        cache_spec = tf.TensorSpec([self.layers, 2, None, self.heads, self.context, self.head_dim], tf.float32)
+        self.plan = plan
+        self.layers, self.kv_heads, self.head_dim = plan.cache
+        cache_spec = tf.TensorSpec([self.layers, 2, None, self.kv_heads, self.context, self.head_dim], tf.float32)
         self.extend = tf.function(self._extend, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), cache_spec])
         self.propose = tf.function(self._propose, input_signature=[
@@ -124,7 +118,7 @@ class CachedDecoder:
         """A cache for ``batch`` rows."""
         import tensorflow as tf
 
-        return tf.zeros([self.layers, 2, batch, self.heads, self.context, self.head_dim])
+        return tf.zeros([self.layers, 2, batch, self.kv_heads, self.context, self.head_dim])
 
     def _extend(self, tokens, start, cache):
         """Run ``tokens`` (batch, n) at positions ``start[b] + 0..n-1``; returns ``(logits (batch, n, vocab),
@@ -132,29 +126,27 @@ class CachedDecoder:
         is all zeros) and their outputs are never read."""
         import tensorflow as tf
 
-        from models.plan import LocalContext
-
-        p = self.params
         n = tf.shape(tokens)[1]
         positions = start[:, None] + tf.range(n)[None, :]  # (batch, n)
-        x = tf.gather(p["embed/tokens/embeddings"], tokens) + tf.gather(p["embed/positions/embeddings"],
-                                                                        tf.minimum(positions, self.context - 1))
         slots = tf.one_hot(positions, self.context)  # (batch, n, context): where each new key goes
         written = tf.reduce_max(slots, axis=1)[:, None, :, None]  # (batch, 1, context, 1)
         visible = tf.range(self.context)[None, None, :] <= positions[:, :, None]  # (batch, n, context)
         scale = 1.0 / math.sqrt(float(self.head_dim))
-        ctx = LocalContext()
         caches = []
-        for i, name in enumerate(self.block_names):
-            def cached(q, k, v, i=i):
-                keys = cache[i, 0] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, k)
-                values = cache[i, 1] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, v)
-                caches.append(tf.stack([keys, values]))
-                scores = tf.where(visible[:, None], tf.einsum("bthd,bhcd->bhtc", q * scale, keys), -1e9)
-                return tf.einsum("bhtc,bhcd->bthd", tf.nn.softmax(scores, axis=-1), values)
 
-            x = self.gpt.block(p, name, x, ctx, attention=cached)
-        logits = self.gpt.head(p, x, ctx, tied=self.tied)
+        def cached(i, q, k, v):
+            keys = cache[i, 0] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, tf.cast(k, tf.float32))
+            values = cache[i, 1] * (1.0 - written) + tf.einsum("btc,bthd->bhcd", slots, tf.cast(v, tf.float32))
+            caches.append(tf.stack([keys, values]))
+            # query heads in groups of num_heads // kv_heads, each group reading its one cached head
+            groups = q.shape[2] // self.kv_heads
+            qg = tf.reshape(tf.cast(q, tf.float32) * scale, [tf.shape(q)[0], tf.shape(q)[1], self.kv_heads, groups,
+                                                             self.head_dim])
+            scores = tf.where(visible[:, None, None], tf.einsum("btkgd,bkcd->bkgtc", qg, keys), -1e9)
+            out = tf.einsum("bkgtc,bkcd->btkgd", tf.nn.softmax(scores, axis=-1), values)
+            return tf.cast(tf.reshape(out, tf.shape(q)), q.dtype)
+
+        logits = self.plan.decode(self.params, tokens, positions, cached)
         return tf.cast(logits, tf.float32), tf.stack(caches)
 
     def _propose(self, tokens, start, cache, lengths, k, temperature, top_k, seed):
@@ -279,9 +271,10 @@ class Session:
         self.done[b] = min(self.done[b], max(0, kept - self.offset[b]))
 
 
-def sample_cached(model, prompts: list[bytes], max_tokens: int, temperature: float = 0.8, top_k: int = 40,
-                  seed: int = 0, decoder: CachedDecoder | None = None, stats: Stats | None = None) -> list[bytes]:
-    """``max_tokens`` bytes after each prompt, decoded with the key-value cache.
+def sample_cached(model, prompts: list, max_tokens: int, temperature: float = 0.8, top_k: int = 40,
+                  seed: int = 0, decoder: CachedDecoder | None = None, stats: Stats | None = None) -> list[list[int]]:
+    """``max_tokens`` tokens after each prompt (a sequence of token ids; ``bytes`` for a byte-level model), decoded
+    with the key-value cache.
 
     The rules are :func:`hvdtrain.generate.sample`'s (an empty prompt starts from a newline; temperature 0 is
     greedy); each row has its own generator seeded with ``seed``, so a row's text does not depend on the others.
@@ -299,13 +292,14 @@ def sample_cached(model, prompts: list[bytes], max_tokens: int, temperature: flo
         stats.model_calls += max_tokens
         stats.generated += max_tokens * len(prompts)
         stats.slides += session.slides
-    return [bytes(row[s:]) for row, s in zip(session.tokens, starts)]
+    return [list(row[s:]) for row, s in zip(session.tokens, starts)]
 
 
-def sample_speculative(model, draft, prompts: list[bytes], max_tokens: int, temperature: float = 0.8,
+def sample_speculative(model, draft, prompts: list, max_tokens: int, temperature: float = 0.8,
                        top_k: int = 40, seed: int = 0, k: int = 4, stats: Stats | None = None,
-                       decoders: tuple[CachedDecoder, CachedDecoder] | None = None) -> list[bytes]:
-    """``max_tokens`` bytes after each prompt from ``model``, with ``draft`` proposing ``k`` bytes at a time.
+                       decoders: tuple[CachedDecoder, CachedDecoder] | None = None) -> list[list[int]]:
+    """``max_tokens`` tokens after each prompt from ``model``, with ``draft`` proposing ``k`` tokens at a time
+    (the draft must share the model's tokenizer).
 
     The output follows ``model``'s distribution exactly (the acceptance rule of the module doc); at temperature 0
     it is ``model``'s greedy text (the same as :func:`sample_cached`'s at any length).
@@ -385,7 +379,7 @@ def sample_speculative(model, draft, prompts: list[bytes], max_tokens: int, temp
             target.tokens[b][base[b]:] = kept
             target.done[b] = min(base[b] + accepted, len(target.tokens[b])) - target.offset[b]
     stats.slides += target.slides + proposer.slides
-    return [bytes(row[s: s + max_tokens]) for row, s in zip(target.tokens, starts)]
+    return [list(row[s: s + max_tokens]) for row, s in zip(target.tokens, starts)]
 
 
 def check_args(max_tokens: int, temperature: float) -> None:

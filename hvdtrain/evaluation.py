@@ -42,14 +42,15 @@ def local_sums(model, dataset) -> np.ndarray:
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one compiled step per model, kept across epochs
 
 
-def metrics_from_sums(sums, language_model: bool) -> dict[str, float]:
-    """Loss and accuracy (and bits per byte and perplexity for language models) from summed parts."""
+def metrics_from_sums(sums, language_model: bool, bytes_per_token: float = 1.0) -> dict[str, float]:
+    """Loss and accuracy (and bits per byte and perplexity for language models) from summed parts; the loss is
+    per token, bits per byte divide its bits by the text's bytes per token."""
     loss_sum, hits, count = (float(v) for v in sums)
     if count == 0:
         return {}
     out = {"loss": loss_sum / count, "accuracy": hits / count, "count": int(count)}
     if language_model:
-        out["bits_per_byte"] = out["loss"] / math.log(2)
+        out["bits_per_byte"] = out["loss"] / math.log(2) / bytes_per_token
         out["perplexity"] = math.exp(out["loss"])
     return out
 
@@ -70,4 +71,4 @@ def evaluate(model, source, split: str, batch_size: int, shard: tuple[int, int] 
     sums = sums if counted else np.zeros_like(sums)
     if distributed.size() > 1:
         sums = distributed.allreduce(sums, op="sum", name=f"evaluate_{split}")
-    return metrics_from_sums(sums, source.is_language_model)
+    return metrics_from_sums(sums, source.is_language_model, source.bytes_of_token(split))

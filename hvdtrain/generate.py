@@ -1,4 +1,5 @@
-"""``hvdtrain generate``: text from a trained byte-level ``gpt``, three ways.
+"""``hvdtrain generate``: text from a trained language model, three ways (token ids in and out; the CLI encodes and
+decodes with the run's tokenizer).
 
 - cached (the default, :func:`hvdtrain.decoding.sample_cached`): one new position per byte;
 - speculative (``--draft STUDENT``, :func:`hvdtrain.decoding.sample_speculative`): a small draft proposes bytes
@@ -13,9 +14,10 @@ import numpy as np
 from hvdtrain import decoding
 
 
-def sample(model, prompt: bytes, max_tokens: int, temperature: float = 0.8, top_k: int = 40,
-           seed: int = 0) -> bytes:
-    """Sample ``max_tokens`` bytes after ``prompt``, recomputing the whole window for each.
+def sample(model, prompt, max_tokens: int, temperature: float = 0.8, top_k: int = 40,
+           seed: int = 0) -> list[int]:
+    """Sample ``max_tokens`` tokens after ``prompt`` (token ids; ``bytes`` for a byte-level model), recomputing the
+    whole window for each.
 
     The model reads a fixed window; the last ``context_length`` bytes are placed at its start and the logits at
     the last real position are used (right padding does not change them: the model is causal). ``temperature=0``
@@ -36,11 +38,11 @@ def sample(model, prompt: bytes, max_tokens: int, temperature: float = 0.8, top_
         window[0, : len(ctx)] = ctx
         logits = forward(window)[0, len(ctx) - 1].numpy()
         tokens.append(decoding.choose(logits, temperature, top_k, rng))
-    return bytes(tokens[start:])
+    return tokens[start:]
 
 
-def run(model, prompts: list[bytes], max_tokens: int, temperature: float, top_k: int, seed: int,
-        method: str = "cached", draft=None, draft_tokens: int = 4) -> tuple[list[bytes], decoding.Stats]:
+def run(model, prompts: list, max_tokens: int, temperature: float, top_k: int, seed: int,
+        method: str = "cached", draft=None, draft_tokens: int = 4) -> tuple[list[list[int]], decoding.Stats]:
     """Generate for every prompt with ``method`` (``cached``, ``speculative``, ``full``); returns the texts and
     what the run did."""
     stats = decoding.Stats(rows=len(prompts))

@@ -5,7 +5,7 @@ one process from a checkpoint.
 ``metadata.json`` and ``model.weights.h5`` (each layer's variables). Keras writes both from a model in memory; a
 model whose weights do not fit one process cannot be held to write them. So Keras writes them for a *twin*: a
 model of the same structure whose weights are tiny (the family's plan says which builder parameters make it, e.g.
-a gpt of width ``num_heads`` with ``mlp_ratio`` 1); each twin variable is first filled with its own index, which
+a gpt of width ``num_heads`` with ``mlp_ratio`` 1, a llama of head size 2 with one hidden unit); each twin variable is first filled with its own index, which
 finds its dataset in the weights file whatever Keras names it. Then the config's sizes are set back to the real
 ones and each dataset is replaced by the real variable, read from the checkpoint and written, one at a time. The
 result is the file Keras would have written (tested: it loads with ``tf.keras.models.load_model`` and equals the
@@ -63,7 +63,6 @@ def write_keras(checkpoint_uri: str, uri: str) -> None:
     for k, (name, var) in enumerate(keras_variables(twin, _plan(spec, **plan.twin["params"])).items()):
         var.assign(tf.fill(var.shape, float(k + 1)))
         names[k + 1] = name
-    real = {**models.params_of(spec["name"]), **spec["params"]}
     with tempfile.TemporaryDirectory(prefix="hvdtrain-modelfile-") as tmp:
         tmp = Path(tmp)
         twin.save(tmp / "twin.keras")
@@ -72,9 +71,9 @@ def write_keras(checkpoint_uri: str, uri: str) -> None:
             z.extractall(tmp / "parts")
         config = json.loads((tmp / "parts" / "config.json").read_text())
         for layer in config["config"]["layers"]:
-            for key in plan.twin["restore"]:
+            for key, value in plan.twin["restore"].items():
                 if key in layer.get("config", {}):
-                    layer["config"][key] = real[key]
+                    layer["config"][key] = value
         (tmp / "parts" / "config.json").write_text(json.dumps(config))
         with h5py.File(tmp / "parts" / "model.weights.h5", "r+") as weights:
             datasets = []

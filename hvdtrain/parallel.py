@@ -455,7 +455,8 @@ class ParallelTrainer(tf.keras.Model):
             grads = [g + tf.cast(after, g.dtype) for g in grads]
         else:
             with tf.GradientTape() as tape:
-                ce, hit = self.terms(y, self.module(x, training=True))
+                first = self.layout.mesh.data_rank * tf.shape(x)[0]  # this replica's first example (dropout)
+                ce, hit = self.terms(y, self.module(x, training=True, offset=first))
                 loss = tf.reduce_mean(ce)
                 if self.loss_scale is not None:
                     loss = loss * self.loss_scale

@@ -194,7 +194,8 @@ def make_layout(cfg: Config, source, mesh):
         if plan is not None:
             from models.plan import initialize
 
-            initialize(model, plan, cfg.train.seed)
+            # dropout: this replica's examples start at data_rank x batch in each global batch
+            initialize(model, plan, cfg.train.seed, mesh.data_rank * cfg.data.batch_size_per_rank)
         layout = parallel.DataParallel(model, mesh, plan)
     layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
                    "num_classes": int(source.num_classes)}

@@ -107,6 +107,10 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
             checkpoint.warn(f"removed {uri}: an incomplete checkpoint (the run was stopped while writing it)")
         if autotune_log:
             run_dir.adopt(autotune_log, cfg.distributed.autotune_log)
+        if source.tokenizer is not None:
+            from hvdtrain.data import tokenizer
+
+            tokenizer.save(source.tokenizer, run_dir)
     if cfg.distributed.timeline and error is None:
         distributed.start_timeline(str(run_dir.local(cfg.distributed.timeline)) if run_dir else os.devnull)
     return Run(cfg, source, plan, layout, model, run_dir, output, error, started, tuple(callbacks), progress, scratch)
@@ -173,7 +177,8 @@ def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], ski
         steps_per_epoch=plan.steps_per_epoch, output_dir=run.run_dir or run.output, previous_rows=previous_rows,
         examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size, epochs=plan.epochs,
         checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
-        early_stopping_patience=cfg.train.early_stopping_patience, language_model=run.source.is_language_model,
+        early_stopping_patience=cfg.train.early_stopping_patience, language_model=run.source.is_language_model and {
+            "": run.source.bytes_of_token("train"), "val_": run.source.bytes_of_token("val")},
         divergence_check_epochs=cfg.distributed.divergence_check_epochs,
         divergence_tolerance=cfg.distributed.divergence_tolerance, progress=run.progress, layout=run.layout,
         output_uri=run.output, validation=validation if run.source.num_examples("val") else None,
@@ -301,6 +306,10 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
         "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
         "memory_measured": memory.what_is_measured(),
     }
+    if source.tokenizer is not None:
+        from hvdtrain.data import tokenizer
+
+        summary.update(tokenizer.summary(source.tokenizer))
     if source.is_language_model and test:
         summary["test_bits_per_byte"] = test["bits_per_byte"]
         summary["test_perplexity"] = test["perplexity"]

@@ -15,10 +15,11 @@ import math
 
 import tensorflow as tf
 
-from models.plan import LocalContext, Plan, Unit, Weight
+from models.plan import DropoutClock, LocalContext, Plan, Unit, Weight
 from models.registry import register, register_plan
 
 layers = tf.keras.layers
+SITES = 8  # dropout sites per unit: unit i draws sites 8 i .. 8 i + 7, so no two units share a mask
 EMBEDDING_INIT = {"class_name": "RandomUniform", "config": {"minval": -0.05, "maxval": 0.05}}
 
 
@@ -61,7 +62,7 @@ def causal_attention(q, k, v, ctx, dropout: float = 0.0, site: int = 0):
     steps = tf.shape(q)[1]
     causal = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)
     scores = tf.where(causal, tf.cast(scores, tf.float32), -1e9)
-    probs = ctx.dropout(tf.cast(tf.nn.softmax(scores, axis=-1), q.dtype), dropout, site, sharded=True)
+    probs = ctx.dropout(tf.cast(tf.nn.softmax(scores, axis=-1), q.dtype), dropout, site, split_axis=1)
     return tf.einsum("bhts,bshd->bthd", probs, v)
 
 
@@ -108,6 +109,11 @@ def head(p, x, ctx, tied: bool = False):
 # The Keras layers of the one-process model (they own their weights and call the math above)
 
 
+def block_index(name: str) -> int:
+    """The unit index of the block layer ``block_{i}`` (the embedding is unit 0)."""
+    return int(name.rsplit("_", 1)[1]) + 1
+
+
 def _weight(layer, name, shape, initializer):
     # float32 variables that are never autocast: the math casts them where it uses them, in every layout alike
     return layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True,
@@ -126,6 +132,7 @@ class TokenAndPositionEmbedding(layers.Layer):
     def build(self, input_shape):
         self.tokens = _weight(self, "tokens/embeddings", (self.vocab_size, self.width), EMBEDDING_INIT)
         self.positions = _weight(self, "positions/embeddings", (self.context_length, self.width), EMBEDDING_INIT)
+        self.clock = DropoutClock(self)
         super().build(input_shape)
 
     def _params(self):
@@ -134,7 +141,8 @@ class TokenAndPositionEmbedding(layers.Layer):
     def call(self, inputs, reverse: bool = False, training=None):
         if reverse:
             return tf.einsum("btw,vw->btv", tf.cast(inputs, tf.float32), self.tokens)
-        return embed(self._params(), inputs, LocalContext(self.compute_dtype, training), self.dropout)
+        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
+        return embed(self._params(), inputs, ctx, self.dropout, 0)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "context_length": self.context_length,
@@ -154,11 +162,13 @@ class TransformerBlock(layers.Layer):
         for weight in block_weights("", self.width, self.num_heads, self.mlp_ratio):
             _weight(self, weight.name[1:], weight.shape, weight.initializer)
             self.keys.append(self.name + weight.name)
+        self.clock = DropoutClock(self)
         super().build(input_shape)
 
     def call(self, x, training=None):
-        params = dict(zip(self.keys, self.weights))
-        return block(params, self.name, x, LocalContext(self.compute_dtype, training), self.dropout)
+        params = dict(zip(self.keys, self.trainable_weights))
+        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
+        return block(params, self.name, x, ctx, self.dropout, SITES * block_index(self.name))
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "num_heads": self.num_heads,
@@ -231,7 +241,16 @@ def block_weights(prefix: str, width: int, num_heads: int, mlp_ratio: int) -> li
     return out
 
 
-@register_plan("gpt")
+def params_of_model(model) -> dict:
+    """The builder parameters of a built ``gpt`` (for :func:`models.plan_of`)."""
+    blocks = [layer for layer in model.layers if isinstance(layer, TransformerBlock)]
+    b = blocks[0].get_config()
+    return {"num_layers": len(blocks), "num_heads": b["num_heads"], "width": b["width"],
+            "mlp_ratio": b["mlp_ratio"], "dropout": b["dropout"],
+            "tie_embeddings": "logits" not in [layer.name for layer in model.layers]}
+
+
+@register_plan("gpt", from_model=params_of_model)
 def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, width=128, mlp_ratio=4, dropout=0.1,
          tie_embeddings=False) -> Plan:
     """The gpt's parallel plan: heads and MLP columns split across tensor-parallel ranks (Megatron-LM), the
@@ -254,14 +273,25 @@ def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, width=128, 
                           ("ln_final", "logits"), pin="last", index=last))
 
     def apply(unit: Unit, params, x, ctx):
-        site = 8 * unit.index  # dropout sites never repeat across units (nor, so, across pipeline stages)
+        site = SITES * unit.index  # dropout sites never repeat across units (nor, so, across pipeline stages)
         if unit.kind == "embed":
             return embed(params, x, ctx, dropout, site)
         if unit.kind == "block":
             return block(params, unit.name, x, ctx, dropout, site)
         return head(params, x, ctx, tied=tie_embeddings)
 
+    def decode(params, tokens, positions, attention):
+        """One process, new tokens at ``positions`` ``(batch, n)``; ``attention(i, q, k, v)`` for block i."""
+        ctx = LocalContext()
+        x = tf.gather(params["embed/tokens/embeddings"], tokens) + tf.gather(
+            params["embed/positions/embeddings"], tf.minimum(positions, context - 1))
+        for i in range(num_layers):
+            x = block(params, f"block_{i}", x, ctx, attention=lambda q, k, v, i=i: attention(i, q, k, v))
+        return head(params, x, ctx, tied=tie_embeddings)
+
     return Plan("gpt", tuple(units), apply, (context, width), num_classes,
                 divisors={"model.params.num_heads": num_heads, "model.params.mlp_ratio x width": mlp_ratio * width,
                           "the vocabulary (data's num_classes)": num_classes},
-                twin={"params": {"width": num_heads, "mlp_ratio": 1}, "restore": ("width", "mlp_ratio")})
+                twin={"params": {"width": num_heads, "mlp_ratio": 1},
+                      "restore": {"width": width, "mlp_ratio": mlp_ratio}},
+                decode=decode, cache=(num_layers, num_heads, width // num_heads))

@@ -98,17 +98,19 @@ class Context(Protocol):
 
     def min(self, x): ...  # the group's elementwise minimum (no gradient)
 
-    def dropout(self, x, rate: float, site: int, sharded: bool = False): ...
-    # a mask for `site`: the same on every member where x is replicated, each member's own where ``sharded``
+    def dropout(self, x, rate: float, site: int, split_axis: int | None = None): ...
+    # the mask of `site` (:func:`dropout`): x's slice of the one-process mask; ``split_axis``: the axis of x that
+    # is split across the group (each member then holds its own part of the mask), None: x is replicated
 
 
 class LocalContext:
-    """One process: no group; dropout draws from TensorFlow's global generator as Keras' own layers do."""
+    """One process: no group. Dropout masks come from ``key`` (:func:`dropout`); without one, from TensorFlow's
+    global generator as Keras' own layers do."""
 
     size, rank = 1, 0
 
-    def __init__(self, dtype: Any = "float32", training: bool = False):
-        self.dtype, self.training = dtype, bool(training)
+    def __init__(self, dtype: Any = "float32", training: bool = False, key=None):
+        self.dtype, self.training, self.key = dtype, bool(training), key
 
     def enter(self, x):
         return x
@@ -122,12 +124,95 @@ class LocalContext:
     def min(self, x):
         return x
 
-    def dropout(self, x, rate: float, site: int, sharded: bool = False):
+    def dropout(self, x, rate: float, site: int, split_axis: int | None = None):
         import tensorflow as tf
 
         if not self.training or rate <= 0:
             return x
-        return tf.nn.dropout(x, rate=rate)
+        if self.key is None:
+            return tf.nn.dropout(x, rate=rate)
+        return dropout(x, rate, self.key, site)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout masks that do not depend on the layout
+#
+# A mask element is kept or dropped by a hash of (the run's seed, the training step, the dropout site, the
+# example's index in the step's global batch, the element's index in the example's whole activation). Nothing of
+# the layout enters: a data-parallel replica, a pipeline micro-batch and a tensor-parallel member each compute
+# exactly their part of the one-process mask (replicated activations: the same mask on every member of a tensor
+# group; split ones, such as attention weights split by head, each member its heads' part), recomputation draws
+# the same mask again, and no two sites (blocks, stages) share a mask.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix(h):
+    """MurmurHash3's 32-bit finalizer on int64 values in [0, 2^32) (products wrap; the low 32 bits are kept)."""
+    import tensorflow as tf
+
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+    h = tf.bitwise.bitwise_and(h * 0x85EBCA6B, _M32)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
+    h = tf.bitwise.bitwise_and(h * 0xC2B2AE35, _M32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+
+
+@dataclass(frozen=True)
+class DropoutKey:
+    """What a forward pass's masks are drawn from: the run's ``seed``, the training ``step`` and ``offset``, the
+    index of the pass's first example in the step's global batch (tensors or ints)."""
+
+    seed: Any
+    step: Any
+    offset: Any = 0
+
+
+def dropout(x, rate: float, key: DropoutKey, site: int, split_axis: int | None = None, rank=0, parts: int = 1):
+    """Inverted dropout of ``x`` (batch first) with the layout-independent mask of ``site``.
+
+    ``split_axis``/``rank``/``parts``: ``x`` is member ``rank``'s of ``parts`` equal slices of the activation along
+    that axis (its mask is that slice of the whole activation's)."""
+    import tensorflow as tf
+
+    shape = tf.shape(x, out_type=tf.int64)
+    rank_ = x.shape.rank
+    element = tf.zeros([], tf.int64)
+    for axis in range(1, rank_):
+        size, start = shape[axis], tf.constant(0, tf.int64)
+        if axis == split_axis and parts > 1:
+            start, size = tf.cast(rank, tf.int64) * shape[axis], shape[axis] * parts
+        coords = tf.reshape(tf.range(shape[axis]) + start, [-1 if a == axis else 1 for a in range(rank_)])
+        element = element * size + coords
+    base = _mix(tf.bitwise.bitwise_and(tf.cast(key.seed, tf.int64) * 0x9E3779B1 + 0x632BE5AB, _M32))
+    base = _mix(tf.bitwise.bitwise_xor(base, tf.bitwise.bitwise_and(tf.cast(key.step, tf.int64), _M32)))
+    base = _mix(tf.bitwise.bitwise_xor(base, site))
+    example = tf.reshape(tf.range(shape[0]) + tf.cast(key.offset, tf.int64), [-1] + [1] * (rank_ - 1))
+    h = _mix(tf.bitwise.bitwise_and(base + example * 0x9E3779B1, _M32))
+    h = _mix(tf.bitwise.bitwise_xor(h, tf.bitwise.bitwise_and(element, _M32)))
+    keep = h >= int(rate * 2**32)
+    return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
+
+
+class DropoutClock:
+    """The dropout key of a Keras layer of the one-process model: a step counter (one per training call, kept
+    with the layer's weights but not trainable), the run's seed and the replica's first example, which hvdtrain
+    sets (:func:`initialize`)."""
+
+    def __init__(self, layer):
+        import tensorflow as tf
+
+        self.step = layer.add_weight(name="dropout_step", shape=(), dtype=tf.int64, initializer="zeros",
+                                     trainable=False)
+        layer.dropout_seed, layer.dropout_offset = 0, 0
+        self.layer = layer
+
+    def key(self, training) -> DropoutKey | None:
+        """The key of this call (advancing the step) when training, else None."""
+        if not training:
+            return None
+        step = self.step.assign_add(1) - 1
+        return DropoutKey(self.layer.dropout_seed, step, self.layer.dropout_offset)
 
 
 @dataclass(frozen=True)
@@ -143,8 +228,13 @@ class Plan:
         vocabulary: the output classes; with tensor parallelism the last unit returns this member's slice of the
             vocabulary (``vocabulary // size`` logits, in member order).
         divisors: ``{what: number}`` that a tensor-parallel size must divide (named for the error message).
-        twin: builder parameters of a model of the same structure but tiny weights, and the config keys to set
-            back: :mod:`hvdtrain.modelfile` writes a ``.keras`` file from the twin's and streams the real weights.
+        twin: ``{"params": ..., "restore": {key: value}}``: builder parameters of a model of the same structure
+            but tiny weights, and the layer config keys to set back to the real values: :mod:`hvdtrain.modelfile`
+            writes a ``.keras`` file from the twin's and streams the real weights.
+        decode: for language models, ``decode(params, tokens, positions, attention) -> logits``: one process, new
+            ``tokens`` ``(batch, n)`` at ``positions`` ``(batch, n)``, each block's attention replaced by
+            ``attention(i, q, k, v)`` (keys and values with their own heads): the cached decoder's forward pass.
+        cache: ``(blocks, key-value heads, head size)``: the shape of the decoder's key-value cache per position.
     """
 
     family: str
@@ -154,6 +244,8 @@ class Plan:
     vocabulary: int
     divisors: dict[str, int]
     twin: dict[str, Any] = field(default_factory=dict)
+    decode: Callable[..., Any] | None = None
+    cache: tuple[int, int, int] | None = None
 
     @property
     def weights(self) -> list[Weight]:
@@ -193,7 +285,7 @@ def keras_variables(model, plan: Plan) -> dict[str, Any]:
     """``{weight name: variable}`` of a one-process Keras model built by the plan's family."""
     out = {}
     for unit in plan.units:
-        variables = [v for layer in unit.layers for v in model.get_layer(layer).weights]
+        variables = [v for layer in unit.layers for v in model.get_layer(layer).weights if v.trainable]
         if len(variables) != len(unit.weights):
             raise ValueError(f"layers {unit.layers} hold {len(variables)} weights, the plan says {len(unit.weights)}")
         for weight, var in zip(unit.weights, variables):
@@ -204,7 +296,12 @@ def keras_variables(model, plan: Plan) -> dict[str, Any]:
     return out
 
 
-def initialize(model, plan: Plan, seed: int) -> None:
-    """Give a one-process Keras model of the family the plan's initial weights (each from its own seed)."""
+def initialize(model, plan: Plan, seed: int, example_offset: int = 0) -> None:
+    """Give a one-process Keras model of the family the plan's initial weights (each from its own seed), and its
+    dropout masks the run's seed (``example_offset``: a data-parallel replica's first example in the global
+    batch)."""
     for name, var in keras_variables(model, plan).items():
         var.assign(initial_value(plan.weight(name), seed))
+    for layer in model.layers:
+        if hasattr(layer, "dropout_seed"):
+            layer.dropout_seed, layer.dropout_offset = int(seed), int(example_offset)

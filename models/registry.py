@@ -13,6 +13,7 @@ from typing import Any
 
 _BUILDERS: dict[str, Callable[..., Any]] = {}
 _PLANS: dict[str, Callable[..., Any]] = {}
+_FROM_MODEL: dict[str, Callable[..., Any]] = {}
 
 
 class ModelParamError(ValueError):
@@ -31,12 +32,16 @@ def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return deco
 
 
-def register_plan(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_plan(name: str, from_model: Callable[..., Any] | None = None
+                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as the parallel plan of the family ``name`` (:class:`models.plan.Plan`); it takes the
-    builder's keyword arguments."""
+    builder's keyword arguments. ``from_model(model)`` gives the builder parameters of a built model of the family
+    (for :func:`plan_of`)."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _PLANS[name] = fn
+        if from_model is not None:
+            _FROM_MODEL[name] = from_model
         return fn
 
     return deco
@@ -54,6 +59,23 @@ def parallel_plan(name: str, *, input_shape: tuple[int, ...], num_classes: int, 
     if not has_plan(name):
         raise ModelParamError(f"model '{name}' has no parallel plan; families with one: {', '.join(sorted(_PLANS))}")
     return _PLANS[name](input_shape=tuple(input_shape), num_classes=int(num_classes), **params)
+
+
+def language_models() -> list[str]:
+    """The families whose plan decodes text (their models map tokens to next-token logits)."""
+    _load_all()
+    return sorted(name for name in _FROM_MODEL)
+
+
+def plan_of(model):
+    """The parallel plan of a built Keras model of a registered family (its name is the family's); None for a
+    model of no family with a plan."""
+    _load_all()
+    name = getattr(model, "name", "")
+    if name not in _FROM_MODEL:
+        return None
+    return _PLANS[name](input_shape=tuple(model.input_shape[1:]), num_classes=int(model.output_shape[-1]),
+                        **_FROM_MODEL[name](model))
 
 
 def names() -> list[str]:
@@ -101,5 +123,6 @@ def build(name: str, *, input_shape: tuple[int, ...], num_classes: int, **params
 
 
 def _load_all() -> None:
-    # Importing the family modules registers them; done lazily so `import models` stays cheap.
-    from models import cnn, gpt, mlp, resnet  # noqa: F401
+    # Importing the family modules registers them (``models/__init__`` imports them: their custom Keras layers are
+    # registered for ``load_model`` as soon as ``models`` is imported).
+    from models import cnn, gpt, llama, mlp, resnet  # noqa: F401

@@ -145,6 +145,10 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
     modelio.check_fit(teacher, source, f"'{model_path}'")
     run_dir, error = rundir.prepare(output_dir, to_yaml(cfg), distributed.is_chief())
     distributed.agree(error)
+    if run_dir is not None and source.tokenizer is not None:  # the compressed models read text as the teacher did
+        from hvdtrain.data import tokenizer
+
+        tokenizer.save(source.tokenizer, run_dir)
     s = _Session(cfg, source, teacher, run_dir)
 
     s.keras("float32", teacher, "none")

@@ -42,9 +42,10 @@ def evaluate_artifact(art: Artifact, source) -> dict[str, float]:
 
     if art.kind == "tflite":
         x, y = source.arrays("test")
-        return metrics_from_sums(tflite_sums(TFLiteModel(art.path), x, y), source.is_language_model)
+        return metrics_from_sums(tflite_sums(TFLiteModel(art.path), x, y), source.is_language_model,
+                                source.bytes_of_token("test"))
     return metrics_from_sums(local_sums(art.model, source.eval_dataset("test", 0, 1, 64, equal=False)),
-                             source.is_language_model)
+                             source.is_language_model, source.bytes_of_token("test"))
 
 
 def latencies(arts: list[Artifact], example: np.ndarray, rounds: int, calls: int) -> dict[str, float]:

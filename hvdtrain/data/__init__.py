@@ -8,9 +8,6 @@ from __future__ import annotations
 from hvdtrain.data.sharding import shard_dataset, shard_files, shard_indices
 from hvdtrain.data.source import ArraySource, Source
 
-LANGUAGE_MODELS = ("gpt",)
-
-
 def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`); ``data.path`` may be a
     local path or a storage URI (``s3://bucket/prefix``)."""
@@ -29,7 +26,8 @@ def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     if cfg.source == "text":
         from hvdtrain.data import text
 
-        return text.load(cfg.path, cfg.context_length, cfg.validation_fraction, cfg.test_fraction)
+        return text.load(cfg.path, cfg.context_length, cfg.validation_fraction, cfg.test_fraction, cfg.tokenizer,
+                         cfg.vocab_size)
     if cfg.source == "tfrecord":
         from hvdtrain.data.tfrecord import TFRecordSource
 
@@ -38,7 +36,9 @@ def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     if cfg.source == "synthetic":
         from hvdtrain.data import synthetic
 
-        if model_name in LANGUAGE_MODELS:
+        import models
+
+        if model_name in models.language_models():
             return synthetic.load((cfg.context_length,), cfg.num_classes or 256, cfg.num_examples or 2048,
                                   seed, task="language_model")
         size = cfg.image_size or 32
@@ -46,4 +46,4 @@ def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     raise ValueError(f"unknown data.source '{cfg.source}'")
 
 
-__all__ = ["LANGUAGE_MODELS", "ArraySource", "Source", "load", "shard_dataset", "shard_files", "shard_indices"]
+__all__ = ["ArraySource", "Source", "load", "shard_dataset", "shard_files", "shard_indices"]

@@ -32,11 +32,17 @@ class Source(abc.ABC):
     input_shape: tuple[int, ...]
     num_classes: int
     task: str = CLASSIFICATION
+    tokenizer = None  # language models over text: their tokenizer (hvdtrain.data.tokenizer)
 
     @property
     def is_language_model(self) -> bool:
         """True when targets are next tokens (metrics per token, bits per byte)."""
         return self.task == LANGUAGE_MODEL
+
+    def bytes_of_token(self, split: str) -> float:
+        """Bytes of text per token in ``split`` (1 for byte-level models): bits per byte are the loss in bits
+        per token divided by it."""
+        return float((getattr(self, "bytes_per_token", None) or {}).get(split, 1.0))
 
     @property
     def num_train(self) -> int:
@@ -88,6 +94,8 @@ class ArraySource(Source):
     input_shape: tuple[int, ...]
     num_classes: int
     task: str = CLASSIFICATION
+    tokenizer: object = None  # language models: the tokenizer of the text (hvdtrain.data.tokenizer)
+    bytes_per_token: dict = None  # language models: {split: text bytes per token} (bits per byte); None: 1
 
     def num_examples(self, name: str) -> int:
         """Number of examples in ``train``, ``val`` or ``test``."""

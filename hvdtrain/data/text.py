@@ -1,10 +1,12 @@
-"""Text corpora for byte-level language models.
+"""Text corpora for language models, as bytes or as the tokens of a tokenizer (:mod:`hvdtrain.data.tokenizer`).
 
 Files matching a glob are read as bytes and concatenated; the embedded default is CPython's own
 ``pydoc_data.topics`` (about 465,000 characters of English reference text that ship with every Python, so nothing
 is downloaded). The corpus is cut *contiguously* into train / validation / test, so no window of the held-out text
 overlaps the training text, and each part into windows of ``context_length + 1`` bytes: the input is the first
-``context_length`` bytes, the target the same window shifted by one.
+``context_length`` bytes, the target the same window shifted by one. With a tokenizer (``data.tokenizer``), each
+part is encoded on its own (a BPE is trained on the training part only) and cut into windows of tokens; the source
+records each part's bytes per token, which turns a loss per token into bits per byte.
 """
 from __future__ import annotations
 
@@ -54,23 +56,26 @@ def unigram_entropy_bits(data: bytes | np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def load(path: str, context_length: int, validation_fraction: float, test_fraction: float) -> ArraySource:
-    """Load a corpus (``path`` a file or glob, or empty for the embedded default) as windows of bytes."""
+def load(path: str, context_length: int, validation_fraction: float, test_fraction: float,
+         tokenizer: str = "bytes", vocab_size: int = 0) -> ArraySource:
+    """Load a corpus (``path`` a file or glob, or empty for the embedded default) as windows of tokens."""
+    from hvdtrain.data import tokenizer as tokenizers
+
     corpus = read_corpus(path) if path else embedded_corpus()
-    data = np.frombuffer(corpus, np.uint8)
-    n_test = int(len(data) * test_fraction)
-    n_val = int(len(data) * validation_fraction)
-    train = data[: len(data) - n_test - n_val]
-    val = data[len(train) : len(train) + n_val]
-    test = data[len(train) + n_val :]
-    x_train, y_train = windows(train, context_length)
+    n_test = int(len(corpus) * test_fraction)
+    n_val = int(len(corpus) * validation_fraction)
+    n_train = len(corpus) - n_test - n_val
+    parts = {"train": corpus[:n_train], "val": corpus[n_train:n_train + n_val], "test": corpus[n_train + n_val:]}
+    tok = tokenizers.make(tokenizer, parts["train"], vocab_size)
+    ids = {k: np.asarray(tok.encode(v) if v else [], np.int32) for k, v in parts.items()}
+    x_train, y_train = windows(ids["train"], context_length)
     if len(x_train) == 0:
         raise DataError(
-            f"the corpus has {len(data)} bytes, too few for one training window of {context_length + 1}; "
+            f"the corpus has {len(ids['train'])} training tokens, too few for one window of {context_length + 1}; "
             "lower data.context_length or give more text"
         )
-    x_val, y_val = windows(val, context_length)
-    x_test, y_test = windows(test, context_length)
+    x_val, y_val = windows(ids["val"], context_length)
+    x_test, y_test = windows(ids["test"], context_length)
+    per_token = {k: len(parts[k]) / len(ids[k]) for k in parts if len(ids[k])}
     return ArraySource(x_train, y_train, x_val, y_val, x_test, y_test, input_shape=(context_length,),
-                  num_classes=VOCAB_SIZE, task=LANGUAGE_MODEL)
-
+                       num_classes=tok.vocab_size, task=LANGUAGE_MODEL, tokenizer=tok, bytes_per_token=per_token)

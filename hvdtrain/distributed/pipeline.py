@@ -1,7 +1,8 @@
 """Pipeline parallelism over Horovod: the stage split, the GPipe and 1F1B schedules, and transfers by alltoall.
 
-A ``gpt`` is cut into consecutive stages (the embedding on the first, the final norm and the logits on the last,
-the blocks between them balanced by parameter count). A batch is cut into M micro-batches that flow through the
+A model's plan is cut into consecutive stages of its units (the units pinned first, such as an embedding, on the
+first stage, those pinned last, such as the logits, on the last; the units between them balanced by parameter
+count). A batch is cut into M micro-batches that flow through the
 stages: activations forward, gradients backward.
 
 **Schedules.** Each stage runs its operations in a fixed order: GPipe (Huang et al., 2019) runs every forward,
@@ -220,6 +221,10 @@ class Pipeline:
         """
         m, s, last = self.micro, self.stage, self.mesh.pipeline - 1
         xs, ys = tf.split(x, m), tf.split(y, m)
+        # dropout: one step for every micro-batch; micro-batch i's examples start at i x its size in this
+        # replica's part of the global batch
+        step, size = self.module.next_step(), tf.shape(x)[0] // m
+        first = self.mesh.data_rank * tf.shape(x)[0]
         inputs, outputs, tapes, incoming = {}, {}, {}, {}
         grads = [tf.zeros_like(v) for v in variables]
         sums = tf.zeros([3])
@@ -242,7 +247,7 @@ class Pipeline:
                         tape.watch(variables)
                         if s > 0:
                             tape.watch(x_in)
-                        out = self.module(x_in, training=True)
+                        out = self.module(x_in, training=True, offset=first + op.micro * size, step=step)
                         if s == last:
                             ce, hit = terms(ys[op.micro], out)
                             sums += tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])

@@ -96,11 +96,19 @@ class ShardedModule(tf.Module):
     def input_is_tokens(self) -> bool:
         return self.units[0].pin == "first"
 
-    def __call__(self, x, training: bool = False):
-        seed = None
-        if training:  # one draw per call, outside any recomputed region
-            seed = tf.stack([tf.constant(self.seed, tf.int64), self.draws.assign_add(1)])
-        ctx = TensorContext(self.group, self.dtype, training, seed)
+    def next_step(self):
+        """The dropout step of a training step (call once per step, outside any recomputed region)."""
+        return self.draws.assign_add(1) - 1
+
+    def __call__(self, x, training: bool = False, offset=0, step=None):
+        """The units' forward pass; ``offset``: the index of ``x``'s first example in the step's global batch,
+        ``step``: the step's :meth:`next_step` (drawn here when None), both for the dropout masks."""
+        from models.plan import DropoutKey
+
+        key = None
+        if training:
+            key = DropoutKey(self.seed, self.next_step() if step is None else step, offset)
+        ctx = TensorContext(self.group, self.dtype, training, key)
         if not self.input_is_tokens:
             x = tf.cast(x, self.dtype)
         for unit in self.units:
@@ -133,8 +141,11 @@ class KerasModule:
                         for v in self._all]
         self.dtype = tf.as_dtype(model.compute_dtype)
 
-    def __call__(self, x, training: bool = False):
-        return self.model(x, training=training)
+    def __call__(self, x, training: bool = False, offset=0, step=None):
+        return self.model(x, training=training)  # the model's own layers draw their dropout
+
+    def next_step(self):
+        return None
 
     def all_variables(self) -> list[tf.Variable]:
         return list(self._all)

@@ -52,15 +52,6 @@ def reduce_from_group(x, group: Group):
     return g(x)
 
 
-def stateless_dropout(x, rate: float, seed):
-    """Dropout drawn from ``seed`` (a shape-[2] int64 tensor): the same seed gives the same mask, so a recomputed
-    forward pass and every member of a tensor group draw identical masks where they must."""
-    if rate <= 0:
-        return x
-    keep = tf.random.stateless_uniform(tf.shape(x), seed=seed) >= rate
-    return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
-
-
 class TensorContext:
     """What a family's math asks of a member of a tensor-parallel group (:class:`models.plan.Context`).
 
@@ -68,12 +59,12 @@ class TensorContext:
         group: the tensor-parallel group (a group of one is one process).
         dtype: the compute dtype.
         training: whether dropout is on.
-        seed: a shape-[2] int64 tensor drawn once per forward call, outside any recomputed region, so that a
-            recomputed forward draws the same masks.
+        key: the forward pass's :class:`models.plan.DropoutKey` (the step and the first example's index in the
+            global batch), made outside any recomputed region so that a recomputed forward draws the same masks.
     """
 
-    def __init__(self, group: Group, dtype, training: bool, seed=None):
-        self.group, self.dtype, self.training, self.seed = group, dtype, bool(training), seed
+    def __init__(self, group: Group, dtype, training: bool, key=None):
+        self.group, self.dtype, self.training, self.key = group, dtype, bool(training), key
         self.size = group.size
         self.rank = group.rank if group.size > 1 else 0
 
@@ -89,12 +80,13 @@ class TensorContext:
     def min(self, x):
         return tf.stop_gradient(self.group.allreduce(tf.stop_gradient(x), "min")) if self.size > 1 else x
 
-    def dropout(self, x, rate: float, site: int, sharded: bool = False):
-        """A mask per site and forward call; where ``x`` is split across the group, each member's own."""
-        if not self.training or rate <= 0 or self.seed is None:
+    def dropout(self, x, rate: float, site: int, split_axis: int | None = None):
+        """This member's part of the one-process mask of ``site`` (:func:`models.plan.dropout`)."""
+        from models.plan import dropout
+
+        if not self.training or rate <= 0 or self.key is None:
             return x
-        stream = site * 64 + (1 + self.rank if sharded else 0)
-        return stateless_dropout(x, rate, self.seed + tf.constant([0, stream], tf.int64))
+        return dropout(x, rate, self.key, site, split_axis, self.rank, self.size)
 
 
 def cross_entropy(logits, labels, ctx) -> tuple:

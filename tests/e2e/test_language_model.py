@@ -56,4 +56,4 @@ def test_generate_rejects_an_image_model(tmp_path):
 
     models.build("mlp", input_shape=(8, 8, 1), num_classes=10).save(tmp_path / "mlp.keras")
     proc = run([str(BIN / "hvdtrain"), "generate", "--model", str(tmp_path / "mlp.keras")], check=False)
-    assert proc.returncode == 2 and "need a gpt model" in proc.stderr
+    assert proc.returncode == 2 and "need a language model" in proc.stderr

@@ -194,7 +194,7 @@ def test_export_and_generate_reject_an_unknown_format_and_an_image_model(lm_run,
     models.build("mlp", input_shape=(8, 8, 1), num_classes=10).save(tmp_path / "mlp.keras")
     proc = run([str(BIN / "hvdtrain"), "export", "--model", str(tmp_path / "mlp.keras"), "--output",
                 str(tmp_path / "y")], check=False)
-    assert proc.returncode == 2 and "need a gpt model" in proc.stderr and not (tmp_path / "y").exists()
+    assert proc.returncode == 2 and "need a language model" in proc.stderr and not (tmp_path / "y").exists()
     assert f"--model {tmp_path / 'mlp.keras'} takes inputs of shape (8, 8, 1)" in proc.stderr
     proc = run([str(BIN / "hvdtrain"), "generate", "--model", str(lm_run), "--draft", str(tmp_path / "mlp.keras"),
                 "--prompt", "The "], check=False)

@@ -25,6 +25,10 @@ MIXED_RELATIVE = 0.02
 SGD = "train.optimizer=sgd&train.learning_rate=0.5"
 CLIP = f"{SGD}&train.clip_norm=0.05"  # well below the gradient's norm (about 4): every step is clipped
 TIED = "model.params={num_layers: 2, width: 32, num_heads: 4, dropout: 0.0, tie_embeddings: true}"
+DROPOUT = "model.params={num_layers: 2, width: 32, num_heads: 4, dropout: 0.1}"
+ODD = "model.params={num_layers: 1, width: 33, num_heads: 3, mlp_ratio: 1, dropout: 0.0}"  # 31,771 parameters
+LLAMA = "model.name=llama&model.params={num_layers: 2, width: 32, num_heads: 4, kv_heads: 2, mlp_hidden: 48, dropout: %s}"
+ZERO = "parallel.shard_optimizer=true"
 
 
 TP2, PP2 = "parallel.tensor=2", "parallel.pipeline=2&parallel.microbatches=4"
@@ -38,12 +42,24 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
     "pp2_gpipe": f"{PP2}&parallel.schedule=gpipe", "pp2_1f1b_clip": f"{PP2}&parallel.schedule=1f1b&{CLIP}",
     "pp2_lost_gradient": f"{PP2}&parallel.schedule=gpipe&negative=drop_grad",
     "pp2_bf16": f"{PP2}&{SGD}&train.precision=mixed_bfloat16", "pp2_tied": f"{PP2}&{SGD}&{TIED}",
-    "dp2_clip": CLIP, "dp2_zero_fp16": f"parallel.shard_optimizer=true&{SGD}&train.precision=mixed_float16",
+    "dp2_clip": CLIP, "dp2_zero_fp16": f"{ZERO}&{SGD}&train.precision=mixed_float16",
+    # plain SGD where the code averages (a sum shows as a factor of 2), ZeRO's padding (an odd parameter count)
+    "dp2_dropout": f"{SGD}&{DROPOUT}", "dp2_sgd_summed": f"{SGD}&{DROPOUT}&distributed.reduce_op=sum",
+    "dp2_zero_padding": f"{ZERO}&{SGD}&{ODD}", "dp2_zero_summed": f"{ZERO}&{SGD}&{ODD}&negative=zero_sum",
+    # dropout: every layout draws its part of the one-process masks; recompute draws them again
+    "tp2_recompute_dropout": f"{TP2}&{SGD}&{DROPOUT}&parallel.recompute=true",
+    "tp2_dropout_local_masks": f"{TP2}&{SGD}&{DROPOUT}&negative=local_masks",
+    "pp2_dropout": f"{PP2}&{SGD}&{DROPOUT}", "dp2_recompute_dropout": f"parallel.recompute=true&{SGD}&{DROPOUT}",
+    # the second family: no line of the engines is its own
+    "llama_tp2": f"{TP2}&{SGD}&{LLAMA % 0.0}", "llama_pp2_dropout": f"{PP2}&{SGD}&{LLAMA % 0.1}",
+    "llama_tp2_bf16": f"{TP2}&{SGD}&{LLAMA % 0.0}&train.precision=mixed_bfloat16",
+    "llama_dp2_zero": f"{ZERO}&{LLAMA % 0.0}",
 }
 FOUR_RANKS = {
     "dp2xtp2_zero_recompute": "parallel.tensor=2&parallel.shard_optimizer=true&parallel.recompute=true",
     "dp2xpp2_zero_clip": f"parallel.pipeline=2&parallel.microbatches=2&parallel.shard_optimizer=true&{CLIP}",
     "tp2xpp2": "parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2",
+    "llama_tp2xpp2": f"parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2&{SGD}&{LLAMA % 0.1}",
 }
 
 
@@ -194,3 +210,39 @@ def test_tensor_x_pipeline_matches_one_process(four):
     ranks = [r["tp2xpp2"] for r in four]
     assert equal(ranks[0])
     assert [(r["stage"], r["tensor_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_plain_sgd_data_parallel_and_zero_average_where_a_sum_would_double(two):
+    """Adam hides a uniform scale of the gradient; plain SGD does not: data parallelism and ZeRO (with padding:
+    31,771 parameters do not split evenly in 2) equal one process, and a sum in place of the average fails."""
+    assert equal(two[0]["dp2_dropout"]) and equal(two[0]["dp2_zero_padding"])
+    assert (two[0]["dp2_zero_padding"]["reference_param_bytes"] // 4) % 2 == 1
+    for negative in ("dp2_sgd_summed", "dp2_zero_summed"):
+        diff, moved = apart(two[0][negative])
+        assert diff > 0.3 * moved, negative
+
+
+@pytest.mark.parametrize("case", ["tp2_recompute_dropout", "pp2_dropout", "dp2_recompute_dropout", "dp2_dropout"])
+def test_dropout_masks_are_the_one_process_masks_in_every_layout(two, case):
+    """Masks keyed by (seed, step, site, example, element): a tensor member draws its heads' part of the attention
+    mask and the same mask as its peer where activations are replicated, a micro-batch or a replica its examples',
+    and recomputation draws the same mask again."""
+    assert equal(two[0][case])
+
+
+def test_negative_control_dropout_masks_drawn_per_member_break_equivalence(two):
+    assert apart(two[0]["tp2_dropout_local_masks"])[0] > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["llama_tp2", "llama_pp2_dropout", "llama_dp2_zero"])
+def test_llama_trains_at_every_layout_equal_to_one_process(two, case):
+    """Grouped-query attention (4 query heads, 2 key-value heads: one per tensor member), rotary positions, SwiGLU."""
+    assert equal(two[0][case])
+
+
+def test_llama_bf16_at_tensor_2(two):
+    assert equal(two[0]["llama_tp2_bf16"], MIXED_RELATIVE)
+
+
+def test_llama_tensor_x_pipeline(four):
+    assert equal(four[0]["llama_tp2xpp2"])

@@ -1,5 +1,6 @@
 """The lines the code must not cross (see README: layout)."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,44 @@ def test_negative_control_the_layer_check_sees_an_upward_import(tmp_path):
 
 
 def test_importing_hvdtrain_is_cheap():
-    code = "import sys, hvdtrain, models; print('tensorflow' in sys.modules, 'horovod' in sys.modules)"
+    """``import hvdtrain`` (the CLI's first step) loads neither TensorFlow nor Horovod; ``import models`` loads the
+    families (TensorFlow), which registers their Keras layers for ``load_model``."""
+    code = "import sys, hvdtrain; print('tensorflow' in sys.modules, 'horovod' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def model_words() -> set[str]:
+    """Names that belong to a model family: the families, their classes, and their layers' and units' names."""
+    import ast
+
+    words = set()
+    for path in (ROOT / "models").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        words |= {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        words |= {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "")
+                  in ("register", "register_plan") and n.args and isinstance(n.args[0], ast.Constant)}
+    words -= {"Weight", "Unit", "Plan", "Context", "LocalContext", "DropoutKey", "DropoutClock", "ModelParamError"}
+    return words | {"embed", "attn", "ln_final", "TransformerBlock"}  # unit and layer names of the families
+
+
+def names_of_models_in(folder: Path) -> list[str]:
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        text = path.read_text()
+        for word in model_words():
+            if re.search(rf"\b{re.escape(word)}\b", text):
+                found.append(f"{path.name}: {word}")
+    return found
+
+
+def test_the_engines_name_no_model():
+    """``hvdtrain/distributed`` knows models only through their plans: no family, class, layer or unit name of
+    any model appears there (code, comments or docs)."""
+    assert {"gpt", "llama", "LlamaBlock", "TokenEmbedding"} <= model_words()
+    assert names_of_models_in(ROOT / "hvdtrain" / "distributed") == []
+
+
+def test_negative_control_a_model_name_in_an_engine_is_seen(tmp_path):
+    (tmp_path / "engine.py").write_text("if layer.name.startswith('embed'):\n    pass\n")
+    assert names_of_models_in(tmp_path) == ["engine.py: embed"]

@@ -11,6 +11,7 @@ TINY = {
     "resnet_small": dict(input_shape=(16, 16, 3), num_classes=5, blocks_per_stage=1, filters=(4, 8, 8)),
     "resnet50": dict(input_shape=(32, 32, 3), num_classes=3),
     "gpt": dict(input_shape=(12,), num_classes=256, num_layers=1, num_heads=2, width=16),
+    "llama": dict(input_shape=(12,), num_classes=300, num_layers=1, num_heads=4, kv_heads=2, width=16),
 }
 
 
@@ -24,10 +25,11 @@ def test_builds_and_trains_a_step(name):
     model = models.build(name, **params)
     assert model.optimizer is None and model.output.dtype == tf.float32
     rng = np.random.default_rng(0)
-    if name == "gpt":
-        x = rng.integers(0, 256, (4, 12)).astype(np.int32)
-        y = rng.integers(0, 256, (4, 12)).astype(np.int32)
-        assert model.output_shape == (None, 12, 256)
+    if name in models.language_models():
+        vocab = params["num_classes"]
+        x = rng.integers(0, vocab, (4, 12)).astype(np.int32)
+        y = rng.integers(0, vocab, (4, 12)).astype(np.int32)
+        assert model.output_shape == (None, 12, vocab)
     else:
         x = rng.random((4, *params["input_shape"]), dtype=np.float32)
         y = np.arange(4) % params["num_classes"]
@@ -39,8 +41,9 @@ def test_builds_and_trains_a_step(name):
     assert not np.array_equal(before, model.trainable_weights[0].numpy())
 
 
-def test_gpt_is_causal():
-    model = models.build("gpt", input_shape=(24,), num_classes=256, num_layers=2, num_heads=2, width=32,
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_language_models_are_causal(family):
+    model = models.build(family, input_shape=(24,), num_classes=256, num_layers=2, num_heads=2, width=32,
                          dropout=0.0)
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (3, 24)).astype(np.int32)

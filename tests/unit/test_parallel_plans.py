@@ -1,4 +1,5 @@
 """The parts of model parallelism that need no ranks: the rank grid, the stage split, the schedules, the checks."""
+import numpy as np
 import pytest
 
 from hvdtrain import config
@@ -67,14 +68,17 @@ def test_the_plan_names_every_weight_of_the_keras_model_with_its_shape():
     import models
     from models.plan import keras_variables
 
-    for tied in (False, True):
+    for family, tied in (("gpt", False), ("gpt", True), ("llama", False), ("llama", True)):
         params = dict(num_layers=2, width=32, num_heads=4, tie_embeddings=tied)
-        model = models.build("gpt", input_shape=(16,), num_classes=256, **params)
-        plan = models.parallel_plan("gpt", input_shape=(16,), num_classes=256, **params)
+        model = models.build(family, input_shape=(16,), num_classes=256, **params)
+        plan = models.parallel_plan(family, input_shape=(16,), num_classes=256, **params)
+        assert models.plan_of(model) == plan or models.plan_of(model).weights == plan.weights
         found = keras_variables(model, plan)
         assert sorted(found) == sorted(w.name for w in plan.weights)
-        assert sorted(v.name for v in model.weights) == sorted(f"{n}:0" for n in found)
-        assert plan.parameters == model.count_params()
+        assert sorted(v.name for v in model.trainable_weights) == sorted(f"{n}:0" for n in found)
+        # besides, each layer with dropout keeps its step counter (not trainable)
+        assert {v.name.split("/")[-1] for v in model.non_trainable_weights} == {"dropout_step:0"}
+        assert plan.parameters == sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
 def test_per_variable_seeds_give_each_slice_the_one_process_values():
@@ -114,6 +118,6 @@ def test_bad_layouts_are_one_line_config_errors(override, words):
 
 
 def test_model_parallelism_needs_a_family_with_a_plan():
-    with pytest.raises(ConfigError, match=r"need a model family with a parallel plan \(gpt\), not 'cnn'"):
+    with pytest.raises(ConfigError, match=r"need a model family with a parallel plan \(gpt, llama\), not 'cnn'"):
         config.load("digits-cnn", overrides=["parallel.tensor=2"])
     assert config.load("digits-cnn", overrides=["parallel.shard_optimizer=true"]).parallel.shard_optimizer

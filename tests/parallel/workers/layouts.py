@@ -8,7 +8,9 @@ Usage: layouts.py OUTDIR CASES
           g (Megatron's g written as a plain Horovod allreduce, whose registered gradient sums over the group),
           drop_grad (a pipeline stage loses the gradient it sends back), ce_g (the vocabulary-parallel loss sums
           its normalizer with a plain allreduce), clip_twice (replicated weights counted on every tensor rank in the
-          gradient norm), reference_fp32 (the one-process reference trains in float32).
+          gradient norm), reference_fp32 (the one-process reference trains in float32), zero_sum (ZeRO's
+          reduce-scatter sums where it averages), local_masks (each tensor member draws the dropout mask of split
+          activations as if it held them whole).
 
 The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
 the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share
@@ -23,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from hvdtrain import checkpoint, config, data, distributed, runtime
-from hvdtrain.distributed import pipeline, tensor
+from hvdtrain.distributed import pipeline, sharded, tensor
+from hvdtrain.distributed.mesh import Group
 from hvdtrain.rundir import RunDir
 
 outdir = Path(sys.argv[1])
@@ -33,13 +36,17 @@ SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
          "model.params={num_layers: 2, width: 32, num_heads: 4, mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam",
          "train.learning_rate=0.001", "train.warmup_epochs=0", "train.schedule=constant", "train.lr_scaling=none", "data.path=" + str(outdir / "corpus.txt")]
 
-original = {"g": tensor.reduce_from_group, "exchange": pipeline.Pipeline._exchange, "ctx": tensor.TensorContext}
+original = {"g": tensor.reduce_from_group, "exchange": pipeline.Pipeline._exchange, "ctx": tensor.TensorContext,
+            "reducescatter": Group.reducescatter}
 
 
 def negative(kind: str) -> None:
     """Put one operator back, or break it."""
     tensor.reduce_from_group = original["g"]
     pipeline.Pipeline._exchange = original["exchange"]
+    Group.reducescatter = original["reducescatter"]
+    if kind == "zero_sum":
+        Group.reducescatter = lambda self, t, op="average", name=None: original["reducescatter"](self, t, "sum", name)
     if kind == "g":
         tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")
     if kind == "drop_grad":
@@ -51,8 +58,14 @@ def negative(kind: str) -> None:
                 return self.group.allreduce(x, "sum") if self.size > 1 else x
 
         tensor.TensorContext = Plain
+    elif kind == "local_masks":
+        class Local(tensor.TensorContext):
+            def dropout(self, x, rate, site, split_axis=None):
+                return super().dropout(x, rate, site, None)
+
+        tensor.TensorContext = sharded.TensorContext = Local
     else:
-        tensor.TensorContext = original["ctx"]
+        tensor.TensorContext = sharded.TensorContext = original["ctx"]
 
 
 results = {}
@@ -67,7 +80,7 @@ for name, settings in cases:
     mesh = runtime.make_mesh(cfg)
     negative(kind)
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
-    source = data.load(cfg.data, seed=0, model_name="gpt")
+    source = data.load(cfg.data, seed=0, model_name=cfg.model.name)
     per_replica, global_batch = cfg.data.batch_size_per_rank, cfg.data.batch_size_per_rank * mesh.data
     lr = cfg.train.learning_rate
     layout = runtime.make_layout(cfg, source, mesh)

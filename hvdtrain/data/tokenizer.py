@@ -1,0 +1,252 @@
+"""Tokenizers of language models: UTF-8 bytes (the default), or a byte-level BPE.
+
+``data.tokenizer`` says which:
+
+- ``bytes``: every byte is a token (vocabulary 256); nothing to train or save.
+- ``bpe``: a byte-level BPE (the GPT-2 / Llama 3 kind: any byte sequence encodes, nothing is unknown) trained on
+  the run's training split with ``data.vocab_size`` tokens, by Hugging Face ``tokenizers``.
+- a path to a ``tokenizer.json`` (Hugging Face's format: what ``tokenizers.Tokenizer.from_file`` and
+  ``transformers.PreTrainedTokenizerFast`` read): used as it is.
+
+Why Hugging Face ``tokenizers`` and not SentencePiece: its byte-level BPE needs no normalization or unknown token
+(every byte sequence round-trips), its ``tokenizer.json`` is the file serving stacks (text-generation-inference,
+vLLM, ``transformers``) load beside a model, it trains a few-thousand-token vocabulary on the embedded corpus in
+under a second, and it is a single wheel with no compiled dependency of its own.
+
+A run saves its tokenizer as ``tokenizer.json`` in its run directory (beside ``model.keras``); ``generate``,
+``evaluate``, ``compress`` and ``export`` read it from there, and byte-level models have none. Bits per byte stays
+the metric that compares tokenizers: a split's loss in nats per token times its tokens per byte, over ln 2.
+"""
+from __future__ import annotations
+
+
+
+import json
+
+from hvdtrain.errors import DataError
+
+FILE = "tokenizer.json"
+
+
+class Bytes:
+    """Each UTF-8 byte is a token."""
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode(self, text: bytes | str) -> list[int]:
+        """Token ids of ``text``."""
+        return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+
+    def decode(self, ids) -> str:
+        """The text of ``ids`` (invalid UTF-8 shown as U+FFFD)."""
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str | None:
+        """Nothing to save."""
+        return None
+
+
+class BPE:
+    """A Hugging Face ``tokenizers.Tokenizer`` (byte-level BPE when trained here)."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = int(tokenizer.get_vocab_size())
+
+    @classmethod
+    def train(cls, corpus: bytes, vocab_size: int) -> BPE:
+        """A byte-level BPE of ``vocab_size`` tokens trained on ``corpus`` (deterministic: the same corpus gives
+        the same merges on every rank)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        tok.train_from_iterator(_lines(corpus), trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "the tokenizer") -> BPE:
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_str(text))
+        except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+            raise DataError(f"{where} is not a tokenizer.json that Hugging Face tokenizers reads ({e})") from None
+
+    def encode(self, text: bytes | str) -> list[int]:
+        """Token ids of ``text``."""
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8", errors="replace")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """The text of ``ids``."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text."""
+        return self.tokenizer.to_str()
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's map of the 256 bytes to printable characters (the symbols of a byte-level BPE's vocabulary)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+class InGraph:
+    """The tokenizer as TensorFlow ops, for a SavedModel's text-in, text-out signature (no Python at serving).
+
+    Encoding applies the BPE's merges in rank order to the whole text (byte-level BPE without a regex
+    pre-split, which is how hvdtrain trains it: the graph then encodes exactly as ``tokenizers`` does; tested);
+    decoding joins each token's bytes. For bytes, each byte is its token.
+    """
+
+    def __init__(self, tokenizer):
+        import tensorflow as tf
+
+        self.vocab_size = tokenizer.vocab_size
+        if isinstance(tokenizer, Bytes):
+            pieces = [bytes([b]) for b in range(256)]
+            self.merges = None
+            self.first = tf.range(256, dtype=tf.int32)
+        else:
+            spec = json.loads(tokenizer.to_json())
+            model = spec["model"]
+            if model.get("type") != "BPE" or (spec.get("pre_tokenizer") or {}).get("use_regex", False):
+                raise DataError("this tokenizer.json cannot run inside the exported graph (a byte-level BPE without "
+                                "a regex pre-split can: data.tokenizer=bpe trains one)")
+            unbyte = {c: b for b, c in _byte_alphabet().items()}
+            vocab = model["vocab"]
+            pieces = [b""] * self.vocab_size
+            for token, i in vocab.items():
+                pieces[i] = bytes(unbyte[c] for c in token)
+            self.first = tf.constant([vocab[_byte_alphabet()[b]] for b in range(256)], tf.int32)
+            merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+            keys = [vocab[a] * self.vocab_size + vocab[b] for a, b in merges]
+            init = tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.int64),
+                                                       tf.range(len(keys), dtype=tf.int64))
+            self.rank = tf.lookup.StaticHashTable(init, default_value=-1)
+            merged = tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.int64),
+                                                         tf.constant([vocab[a + b] for a, b in merges], tf.int64))
+            self.merged = tf.lookup.StaticHashTable(merged, default_value=-1)
+            self.merges = len(keys)
+        self.pieces = tf.constant(pieces)
+
+    def tables(self) -> list:
+        """The lookup tables (for a ``tf.Module`` to track, so that a SavedModel saves them)."""
+        return [] if self.merges is None else [self.rank, self.merged]
+
+    def encode(self, text):
+        """Token ids (int32, 1-D) of one string."""
+        import tensorflow as tf
+
+        ids = tf.gather(self.first, tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32))
+        if self.merges is None:
+            return ids
+        vocab = tf.constant(self.vocab_size, tf.int64)
+
+        def step(ids):
+            ids64 = tf.cast(ids, tf.int64)
+            pairs = ids64[:-1] * vocab + ids64[1:]
+            ranks = self.rank.lookup(pairs)
+            ranks = tf.where(ranks < 0, tf.constant(2**62, tf.int64), ranks)
+            best = tf.reduce_min(ranks)
+            hit = tf.equal(ranks, best)
+            # occurrences of the pair merge left to right: in a run of overlapping hits, every other one
+            positions = tf.range(tf.size(hit, tf.int64), dtype=tf.int64)
+            starts = hit & ~tf.concat([[False], hit[:-1]], 0)
+            run = tf.cumsum(tf.cast(starts, tf.int64)) - 1
+            first = tf.math.unsorted_segment_min(tf.where(starts, positions, tf.int64.max), tf.maximum(run, 0),
+                                                 tf.maximum(tf.reduce_max(run) + 1, 1))
+            chosen = hit & tf.equal(tf.math.floormod(positions - tf.gather(first, tf.maximum(run, 0)), 2), 0)
+            merged = tf.cast(self.merged.lookup(pairs), tf.int32)
+            out = tf.where(tf.concat([chosen, [False]], 0), tf.concat([merged, [0]], 0), ids)
+            return tf.boolean_mask(out, ~tf.concat([[False], chosen], 0))
+
+        def more(ids):
+            if_any = tf.size(ids) > 1
+            pairs = tf.cast(ids[:-1], tf.int64) * vocab + tf.cast(ids[1:], tf.int64)
+            return if_any & tf.reduce_any(self.rank.lookup(pairs) >= 0)
+
+        return tf.while_loop(more, step, [ids], shape_invariants=[tf.TensorShape([None])])[0]
+
+    def decode(self, ids):
+        """The text (a string of UTF-8 bytes) of ids ``(n,)``."""
+        import tensorflow as tf
+
+        return tf.strings.reduce_join(tf.gather(self.pieces, ids))
+
+
+def _lines(corpus: bytes):
+    # training sees lines (pair counts per line are fast); encoding applies the merges to any text
+    yield from corpus.decode("utf-8", errors="replace").splitlines(keepends=True)
+
+
+def make(spec: str, corpus: bytes | None = None, vocab_size: int = 0):
+    """The tokenizer ``data.tokenizer`` names (``bytes``, ``bpe`` trained on ``corpus``, or a ``tokenizer.json``)."""
+    if spec == "bytes":
+        return Bytes()
+    if spec == "bpe":
+        if vocab_size < 257:
+            raise DataError(f"data.vocab_size={vocab_size}: a byte-level BPE needs more than its 256 byte tokens; "
+                            "set data.vocab_size (e.g. 2048)")
+        return BPE.train(corpus or b"", vocab_size)
+    from hvdtrain import storage
+
+    if not storage.exists(spec):
+        raise DataError(f"data.tokenizer='{spec}' is not 'bytes', 'bpe' or an existing tokenizer.json file")
+    return BPE.from_json(storage.read_bytes(spec).decode("utf-8"), spec)
+
+
+def save(tokenizer, run_dir) -> None:
+    """Write ``tokenizer.json`` into the run directory (nothing for bytes)."""
+    from hvdtrain import storage
+
+    text = tokenizer.to_json()
+    if text is not None:
+        storage.write_text(run_dir.path(FILE), text)
+
+
+def load_beside(uri: str):
+    """The tokenizer saved beside a model or in a run directory ``uri``: ``tokenizer.json`` there or in the
+    directory holding it, else bytes."""
+    from hvdtrain import storage
+
+    candidates = [storage.join(uri, FILE)]
+    parent = storage.parent(uri)
+    if parent:
+        candidates += [storage.join(parent, FILE), storage.join(storage.parent(parent) or parent, FILE)]
+    for candidate in candidates:
+        if storage.exists(candidate) and not storage.is_dir(candidate):
+            return BPE.from_json(storage.read_bytes(candidate).decode("utf-8"), candidate)
+    return Bytes()
+
+
+def check_vocabulary(tokenizer, vocabulary: int, where: str) -> None:
+    """A clear error when the model's vocabulary cannot hold the tokenizer's ids."""
+    if tokenizer.vocab_size > vocabulary:
+        raise DataError(f"{where} has {vocabulary} output classes but its tokenizer has {tokenizer.vocab_size} "
+                        "tokens; use the tokenizer.json the model was trained with")
+
+
+def summary(tokenizer) -> dict:
+    """What the run records of its tokenizer."""
+    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size}
+
+
+__all__ = ["BPE", "Bytes", "FILE", "check_vocabulary", "load_beside", "make", "save", "summary"]
