@@ -343,8 +343,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     console.say("\n\n".join(p + tok.decode(t) for p, t in zip(prompts, texts)))
     if method == "speculative":
         d = stats.as_dict()
-        console.say(f"[hvdtrain] speculative: {d['accepted']} of {d['proposed']} proposed bytes accepted "
-                    f"({d['acceptance_rate']:.0%}), {d['bytes_per_model_call']:.2f} bytes per model call",
+        console.say(f"[hvdtrain] speculative: {d['accepted']} of {d['proposed']} proposed tokens accepted "
+                    f"({d['acceptance_rate']:.0%}), {d['tokens_per_model_call']:.2f} tokens per model call",
                     sys.stderr)
     return 0
 

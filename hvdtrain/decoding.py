@@ -76,7 +76,7 @@ class Stats:
         if self.proposed:
             out.update(proposed=self.proposed, accepted=self.accepted,
                        acceptance_rate=self.accepted / self.proposed,
-                       bytes_per_model_call=self.generated / max(1, self.model_calls * self.rows))
+                       tokens_per_model_call=self.generated / max(1, self.model_calls * self.rows))
         return out
 
 

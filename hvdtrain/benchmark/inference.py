@@ -75,7 +75,7 @@ def run(model_path: str, draft_path: str | None, batches: list[int], max_tokens:
 
 def print_report(report: dict[str, Any]) -> None:
     """A table for people."""
-    cols = ["method", "batch", "bytes_per_sec", "vs_full", "acceptance_rate", "bytes_per_model_call"]
+    cols = ["method", "batch", "bytes_per_sec", "vs_full", "acceptance_rate", "tokens_per_model_call"]
     console.say(artifacts.format_table(report["results"], cols))
 
 

@@ -1,5 +1,7 @@
-"""Serving the language model: cached and speculative decoding against the full-window reference, a distilled
-gpt draft made at 2 ranks, and the SavedModel / TFLite exports loaded back in fresh processes."""
+"""Serving a language model: a llama-tiny over its own byte-level BPE (512 tokens); cached and speculative decoding
+against the full-window reference, a distilled llama draft made at 2 ranks, and the SavedModel (token and text
+signatures, the tokenizer in the graph) and TFLite exports loaded back in fresh processes. (The gpt's decoder is the
+same code through its own plan: tests/unit/test_decoding.py.)"""
 import json
 import subprocess
 import sys
@@ -12,26 +14,41 @@ from tests.helpers import BIN, env, horovodrun, run
 pytestmark = pytest.mark.e2e
 
 CONTEXT = 32
-PROMPTS = [b"The ", b"def f(x):", b"", b"A list is"]
+TEXTS = ["The ", "def f(x):", "", "A list is"]
+VOCAB = 512
 
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    """A small gpt (2 blocks, width 64, context 32) trained 3 epochs on 60 KB of the embedded corpus."""
+    """A small llama (2 blocks, width 64, 4 query and 2 key-value heads, context 32 tokens) and its BPE of 512
+    tokens, trained 3 epochs on 60 KB of the embedded corpus."""
     from hvdtrain.data import text
 
     base = tmp_path_factory.mktemp("lm")
     (base / "corpus.txt").write_bytes(text.embedded_corpus()[:60_000])
     out = base / "run"
-    run([str(BIN / "hvdtrain"), "train", "--recipe", "gpt-tiny", "--set", f"data.path={base / 'corpus.txt'}",
-         "--set", "model.params={num_layers: 2, width: 64, num_heads: 4}", "--set", f"data.context_length={CONTEXT}",
-         "--set", "data.batch_size_per_rank=32", "--set", "train.epochs=3", "--output", str(out)], timeout=600)
+    run([str(BIN / "hvdtrain"), "train", "--recipe", "llama-tiny", "--set", f"data.path={base / 'corpus.txt'}",
+         "--set", "model.params={num_layers: 2, width: 64, num_heads: 4, kv_heads: 2}", "--set",
+         f"data.context_length={CONTEXT}", "--set", f"data.vocab_size={VOCAB}", "--set", "data.batch_size_per_rank=32",
+         "--set", "train.epochs=3", "--output", str(out)], timeout=600)
     return out
 
 
 @pytest.fixture(scope="module")
+def tokenizer(lm_run):
+    from hvdtrain.data import tokenizer as T
+
+    return T.load_beside(str(lm_run))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
 def draft_run(lm_run, tmp_path_factory):
-    """The family's default gpt student distilled from it at 2 ranks (`hvdtrain compress --method distill`)."""
+    """The family's default llama student distilled from it at 2 ranks (`hvdtrain compress --method distill`)."""
     out = tmp_path_factory.mktemp("draft") / "distill"
     proc = horovodrun([BIN / "hvdtrain", "compress", "--model", lm_run, "--method", "distill", "--set",
                        "compression.latency_rounds=1", "--set", "compression.latency_calls=3", "--output", out],
@@ -46,7 +63,7 @@ def models_(lm_run, draft_run):
     return modelio.load_keras(lm_run), modelio.load_keras(draft_run[0] / "student.keras")
 
 
-def test_distilling_a_gpt_reports_bits_per_byte_with_and_without_the_teacher(draft_run, lm_run):
+def test_distilling_a_llama_reports_bits_per_byte_with_and_without_the_teacher(draft_run, lm_run):
     out, proc = draft_run
     d = json.loads((out / "compression_report.json").read_text())["distillation"]
     assert d["metric"] == "bits_per_byte" and len(d["distilled"]) == len(d["without_teacher"]) == 2
@@ -56,62 +73,64 @@ def test_distilling_a_gpt_reports_bits_per_byte_with_and_without_the_teacher(dra
     assert "distillation (bits_per_byte, mean over seeds [0, 1]): with teacher" in proc.stdout
     # 2 ranks trained one student: the divergence guard (on in fine-tuning) would have stopped a drift
     assert "ranks diverged" not in proc.stdout + proc.stderr
+    # the compressed models read text as the teacher does: the same tokenizer beside them
+    assert (out / "tokenizer.json").read_text() == (lm_run / "tokenizer.json").read_text()
 
 
-def test_cached_greedy_text_equals_the_full_window(models_):
+def test_cached_greedy_text_equals_the_full_window(models_, prompts):
     from hvdtrain import decoding, generate
 
     model, _ = models_
-    for prompt in PROMPTS:
+    for prompt in prompts:
         n = CONTEXT - max(1, len(prompt))
         assert decoding.sample_cached(model, [prompt], n, 0)[0] == generate.sample(model, prompt, n, 0), prompt
 
 
-def test_cached_sampling_with_a_seed_equals_the_full_window(models_):
+def test_cached_sampling_with_a_seed_equals_the_full_window(models_, prompts):
     from hvdtrain import decoding, generate
 
     model, _ = models_
-    for prompt, seed in zip(PROMPTS, range(4)):
+    for prompt, seed in zip(prompts, range(4)):
         n = CONTEXT - max(1, len(prompt))
         assert decoding.sample_cached(model, [prompt], n, 0.8, 40, seed)[0] == generate.sample(
             model, prompt, n, 0.8, 40, seed), prompt
 
 
-def test_a_batch_of_prompts_gives_each_prompt_its_own_text(models_):
+def test_a_batch_of_prompts_gives_each_prompt_its_own_text(models_, prompts):
     from hvdtrain import decoding
 
     model, _ = models_
-    together = decoding.sample_cached(model, PROMPTS, 60, 0.8, 40, seed=5)  # past the context: rows slide
-    assert together == [decoding.sample_cached(model, [p], 60, 0.8, 40, seed=5)[0] for p in PROMPTS]
-    long_prompt = b"x" * 50  # longer than the context: the first byte is read from its last 32 bytes, as before
+    together = decoding.sample_cached(model, prompts, 60, 0.8, 40, seed=5)  # past the context: rows slide
+    assert together == [decoding.sample_cached(model, [p], 60, 0.8, 40, seed=5)[0] for p in prompts]
+    long_prompt = [7] * 50  # longer than the context: the first token is read from its last 32 tokens, as before
     from hvdtrain import generate
 
     assert decoding.sample_cached(model, [long_prompt], 1, 0)[0] == generate.sample(model, long_prompt, 1, 0)
 
 
-def test_speculative_greedy_text_is_the_models_greedy_text(models_):
+def test_speculative_greedy_text_is_the_models_greedy_text(models_, prompts):
     from hvdtrain import decoding
 
     model, draft = models_
     stats = decoding.Stats()
-    spec = decoding.sample_speculative(model, draft, PROMPTS, 100, 0, k=4, stats=stats)
-    assert spec == decoding.sample_cached(model, PROMPTS, 100, 0)  # 100 bytes: past the context, sliding alike
+    spec = decoding.sample_speculative(model, draft, prompts, 100, 0, k=4, stats=stats)
+    assert spec == decoding.sample_cached(model, prompts, 100, 0)  # 100 tokens: past the context, sliding alike
     s = stats.as_dict()
     assert s["generated"] == 400 and s["proposed"] > 0 and 0 < s["acceptance_rate"] <= 1
-    assert s["bytes_per_model_call"] > 1  # fewer calls of the large model than bytes
+    assert s["tokens_per_model_call"] > 1  # fewer calls of the large model than tokens
 
 
-def test_speculative_sampling_follows_the_models_distribution(models_):
-    """The first sampled byte after a prompt, over 3000 independent rows: a chi-square test against the model's
+def test_speculative_sampling_follows_the_models_distribution(models_, prompts):
+    """The first sampled token after a prompt, over 3000 independent rows: a chi-square test against the model's
     own distribution passes, and against the draft's distribution (the negative control) fails."""
     from scipy.stats import chisquare
 
     from hvdtrain import decoding
 
     model, draft = models_
-    prompt, rows = b"The ", 3000
+    prompt, rows = prompts[0], 3000
     texts = decoding.sample_speculative(model, draft, [prompt] * rows, 1, temperature=1.0, top_k=8, seed=11, k=3)
-    counts = np.bincount([t[0] for t in texts], minlength=256)
+    counts = np.bincount([t[0] for t in texts], minlength=VOCAB)
 
     def expected(m):
         logits = m(np.array([list(prompt) + [0] * (CONTEXT - len(prompt))], np.int32))[0, len(prompt) - 1].numpy()
@@ -134,19 +153,21 @@ def test_generate_cli_cached_speculative_and_full_window_agree_greedily(lm_run, 
     assert run([*base, "--full-window"]).stdout == cached
     spec = run([*base, "--draft", str(draft_run[0] / "student.keras")])
     assert spec.stdout == cached and cached.startswith("The ") and "\n\ndef " in cached
-    assert "proposed bytes accepted" in spec.stderr and "bytes per model call" in spec.stderr
+    assert "proposed tokens accepted" in spec.stderr and "tokens per model call" in spec.stderr
 
 
-def test_saved_model_reloads_in_a_fresh_process_with_the_keras_logits_and_greedy_text(lm_run, models_, tmp_path):
+def test_saved_model_reloads_in_a_fresh_process_with_the_keras_logits_and_greedy_text(lm_run, models_, tmp_path,
+                                                                                       tokenizer):
     from hvdtrain import decoding
 
     model, _ = models_
     run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", "saved_model", "--output",
          str(tmp_path / "export")])
     saved = tmp_path / "export" / "saved_model"
-    tokens = np.random.default_rng(0).integers(0, 256, size=(3, CONTEXT)).astype(np.int32)
+    assert (tmp_path / "export" / "tokenizer.json").read_text() == (lm_run / "tokenizer.json").read_text()
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(3, CONTEXT)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
-    prompts = [list(b"The "), list(b"def f(x):")]
+    prompts = [tokenizer.encode("The "), tokenizer.encode("def f(x):")]
     code = f"""
 import json, numpy as np, tensorflow as tf
 m = tf.saved_model.load({str(saved)!r})
@@ -158,16 +179,21 @@ padded = np.array([p + [0] * (width - len(p)) for p in prompts], np.int32)
 out = m.signatures["generate"](prompt=tf.constant(padded), lengths=tf.constant([len(p) for p in prompts]),
                                max_new_tokens=tf.constant(16), temperature=tf.constant(0.0), top_k=tf.constant(0),
                                seed=tf.constant(0, tf.int64))["tokens"]
-print(json.dumps(out.numpy().tolist()))
+text = m.signatures["generate_text"](prompt=tf.constant(["The ", "def f(x):"]), max_new_tokens=tf.constant(16),
+                                     temperature=tf.constant(0.0), top_k=tf.constant(0),
+                                     seed=tf.constant(0, tf.int64))["text"]
+print(json.dumps([[t.decode("utf-8", errors="replace") for t in text.numpy()], out.numpy().tolist()]))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), check=True,
                           timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), model(tokens).numpy(), atol=1e-4)
-    generated = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = decoding.sample_cached(model, [bytes(p) for p in prompts], 16, 0)
-    assert [bytes(g) for g in generated] == expected
+    texts, generated = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = decoding.sample_cached(model, prompts, 16, 0)
+    assert generated == expected
+    # text in, text out: the tokenizer runs inside the graph and gives the tokens' text
+    assert texts == [tokenizer.decode(e) for e in expected] and all(texts)
     show = run([str(BIN / "saved_model_cli"), "show", "--dir", str(saved), "--all"]).stdout
-    assert "signature_def['serving_default']" in show and "signature_def['generate']" in show
+    assert all(f"signature_def['{name}']" in show for name in ("serving_default", "generate", "generate_text"))
 
 
 def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, models_, tmp_path):
@@ -176,7 +202,7 @@ def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, model
     model, _ = models_
     for fmt in ("tflite", "tflite-int8"):
         run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", fmt, "--output", str(tmp_path)])
-    tokens = np.random.default_rng(1).integers(0, 256, size=(4, CONTEXT)).astype(np.int32)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(4, CONTEXT)).astype(np.int32)
     keras_logits = model(tokens).numpy()
     f32, int8 = tmp_path / "model.tflite", tmp_path / "model-int8.tflite"
     np.testing.assert_allclose(TFLiteModel(f32)(tokens), keras_logits, atol=1e-3)

@@ -121,3 +121,42 @@ def test_model_parallelism_needs_a_family_with_a_plan():
     with pytest.raises(ConfigError, match=r"need a model family with a parallel plan \(gpt, llama\), not 'cnn'"):
         config.load("digits-cnn", overrides=["parallel.tensor=2"])
     assert config.load("digits-cnn", overrides=["parallel.shard_optimizer=true"]).parallel.shard_optimizer
+
+
+def test_dropout_sites_are_distinct_across_blocks_and_stages_and_masks_differ():
+    """Every dropout call of a forward pass has its own site (block i's MLP and block i+1's attention used to
+    share one), whichever pipeline stage runs the unit; distinct sites give distinct masks, the same site and key
+    the same mask."""
+    import tensorflow as tf
+
+    import models
+    from models.plan import DropoutKey, dropout
+
+    for family in ("gpt", "llama"):
+        plan = models.parallel_plan(family, input_shape=(8,), num_classes=64, num_layers=3, width=16, num_heads=2,
+                                    dropout=0.5)
+        sites = []
+
+        class Recording:
+            size, rank, dtype, training = 1, 0, "float32", True
+
+            def enter(self, x):
+                return x
+
+            exit = max = min = enter
+
+            def dropout(self, x, rate, site, split_axis=None):
+                sites.append(site)
+                return x
+
+        x = tf.zeros([2, 8], tf.int32)
+        params = {w.name: tf.ones(w.shape) * 0.01 for w in plan.weights}
+        for unit in plan.units:
+            x = plan.apply(unit, params, x, Recording())
+        assert len(sites) == len(set(sites)) == 1 + 3 * 3, (family, sites)
+    ones = tf.ones([2, 8, 16])
+    key = DropoutKey(0, 5, 0)
+    first, again, other = dropout(ones, 0.5, key, 9), dropout(ones, 0.5, key, 9), dropout(ones, 0.5, key, 10)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert not np.array_equal(first, dropout(ones, 0.5, DropoutKey(0, 6, 0), 9))  # another step
+    assert 0.4 < float(tf.reduce_mean(tf.cast(first > 0, tf.float32))) < 0.6
