@@ -75,6 +75,8 @@ class DataParallel:
     spec = None  # the model a checkpoint holds (set by make_layout)
 
     def __init__(self, model, mesh: Mesh, plan=None):
+        from models.plan import is_clock
+
         self.model, self.mesh, self.plan = model, mesh, plan
         self.training_model = model
         if plan is not None:
@@ -83,7 +85,9 @@ class DataParallel:
             by_id = {id(v): n for n, v in keras_variables(model, plan).items()}
         else:
             by_id = {}
-        self.names = [by_id.get(id(v)) or keras_name(i, v) for i, v in enumerate(model.variables)]
+        # what a checkpoint holds: every variable but the dropout step counters (set from the step on a resume)
+        self.variables = [v for v in model.variables if not is_clock(v)]
+        self.names = [by_id.get(id(v)) or keras_name(i, v) for i, v in enumerate(self.variables)]
 
     @property
     def data_rank(self) -> int:
@@ -119,14 +123,14 @@ class DataParallel:
 
     def _entries(self) -> list[Entry]:
         return [Entry(n, tuple(v.shape), None, 0, 1, trainable=v.trainable)
-                for n, v in zip(self.names, self.model.variables)]
+                for n, v in zip(self.names, self.variables)]
 
     def checkpoint_pieces(self) -> list[Piece]:
         """The whole model and optimizer state (the chief writes them)."""
         pieces = [Piece(n, "param", 0, 0, int(np.prod(v.shape)), v.numpy()) for n, v in
-                  zip(self.names, self.model.variables)]
+                  zip(self.names, self.variables)]
         trainable = self.model.trainable_variables
-        names = {id(v): n for n, v in zip(self.names, self.model.variables)}
+        names = {id(v): n for n, v in zip(self.names, self.variables)}
         kinds, slots = slots_of(self.model.optimizer, trainable)
         for kind, per_var in zip(kinds, slots):
             pieces += [Piece(names[id(v)], kind, 0, 0, int(np.prod(v.shape)), s.numpy())
@@ -150,11 +154,14 @@ class DataParallel:
             return
         reader = Reader(uri)
         _check_fits(reader, self._entries())
-        for name, var in zip(self.names, self.model.variables):
+        for name, var in zip(self.names, self.variables):
             var.assign(reader.read(name).astype(var.dtype.as_numpy_dtype))
         _assign_slots(reader, self.model.optimizer, self.model.trainable_variables,
-                      {id(v): n for n, v in zip(self.names, self.model.variables)})
+                      {id(v): n for n, v in zip(self.names, self.variables)})
         _assign_scalars(reader, self._state_variables())
+        from models.plan import set_clocks
+
+        set_clocks(self.model, int(self._state_variables()["iterations"].numpy()))
 
     def distribute_restored(self) -> None:
         """Give every rank the state the chief restored (a collective)."""
@@ -345,6 +352,7 @@ class Parallel:
             _assign_slots(reader, self.training_model.optimizer, self.variables,
                           {id(v): e.name for v, e in zip(variables, self.entries)}, boxes)
         _assign_scalars(reader, self._state_variables())
+        self.module.set_step(int(self._state_variables()["iterations"].numpy()))  # dropout continues from there
 
     def distribute_restored(self) -> None:
         """Every rank read its own part: nothing to send."""

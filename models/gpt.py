@@ -166,7 +166,7 @@ class TransformerBlock(layers.Layer):
         super().build(input_shape)
 
     def call(self, x, training=None):
-        params = dict(zip(self.keys, self.trainable_weights))
+        params = dict(zip(self.keys, self.weights))  # its own weights first, then its dropout clock
         ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
         return block(params, self.name, x, ctx, self.dropout, SITES * block_index(self.name))
 

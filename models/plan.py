@@ -194,6 +194,18 @@ def dropout(x, rate: float, key: DropoutKey, site: int, split_axis: int | None =
     return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
 
 
+def is_clock(variable) -> bool:
+    """Whether ``variable`` is a :class:`DropoutClock`'s step counter (not part of the model's weights)."""
+    return variable.name.split("/")[-1].split(":")[0] == "dropout_step"
+
+
+def set_clocks(model, step: int) -> None:
+    """Set every dropout step counter of a Keras model (after a resume: the step the run continues from)."""
+    for v in model.variables:
+        if is_clock(v):
+            v.assign(step)
+
+
 class DropoutClock:
     """The dropout key of a Keras layer of the one-process model: a step counter (one per training call, kept
     with the layer's weights but not trainable), the run's seed and the replica's first example, which hvdtrain
@@ -285,7 +297,7 @@ def keras_variables(model, plan: Plan) -> dict[str, Any]:
     """``{weight name: variable}`` of a one-process Keras model built by the plan's family."""
     out = {}
     for unit in plan.units:
-        variables = [v for layer in unit.layers for v in model.get_layer(layer).weights if v.trainable]
+        variables = [v for layer in unit.layers for v in model.get_layer(layer).weights if not is_clock(v)]
         if len(variables) != len(unit.weights):
             raise ValueError(f"layers {unit.layers} hold {len(variables)} weights, the plan says {len(unit.weights)}")
         for weight, var in zip(unit.weights, variables):

@@ -100,6 +100,10 @@ class ShardedModule(tf.Module):
         """The dropout step of a training step (call once per step, outside any recomputed region)."""
         return self.draws.assign_add(1) - 1
 
+    def set_step(self, step: int) -> None:
+        """Continue the dropout steps from ``step`` (a resume)."""
+        self.draws.assign(step)
+
     def __call__(self, x, training: bool = False, offset=0, step=None):
         """The units' forward pass; ``offset``: the index of ``x``'s first example in the step's global batch,
         ``step``: the step's :meth:`next_step` (drawn here when None), both for the dropout masks."""
@@ -146,6 +150,11 @@ class KerasModule:
 
     def next_step(self):
         return None
+
+    def set_step(self, step: int) -> None:
+        from models.plan import set_clocks
+
+        set_clocks(self.model, step)
 
     def all_variables(self) -> list[tf.Variable]:
         return list(self._all)
