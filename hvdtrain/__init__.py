@@ -46,8 +46,8 @@ def shard(dataset: "tf.data.Dataset", batch_size: int | None = None, num_example
 
 def exit(code: int = 0) -> None:  # noqa: A001 - the one way a script should end after using S3
     """End a script that used object storage: flush, shut Horovod down, and leave without the interpreter's
-    teardown, during which tensorflow-io 0.36 aborts (see :func:`hvdtrain.cli.exit_process`)."""
-    from hvdtrain.cli import exit_process
+    teardown, during which tensorflow-io 0.36 aborts (see :func:`hvdtrain.process.exit_process`)."""
+    from hvdtrain.process import exit_process
 
     exit_process(code)
 

@@ -8,7 +8,6 @@ import argparse
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from hvdtrain import console
 from hvdtrain.errors import HvdtrainError
@@ -232,36 +231,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_config(model_path: str, args: argparse.Namespace):
-    """The config of the run that made ``model_path`` (its config.yaml), unless --recipe/--config says otherwise."""
-    from hvdtrain import config, modelio, storage
-
-    if args.recipe or args.config:
-        return config.load(args.recipe, args.config, args.overrides)
-    found = storage.join(modelio.run_dir_of(model_path), "config.yaml")
-    if not storage.exists(found):
-        from hvdtrain.errors import UsageError
-
-        raise UsageError(f"no config.yaml next to '{model_path}' to say which data it was trained on; "
-                         "give --recipe NAME or --config FILE")
-    # The run's model and data, but today's compression settings (a training run's config.yaml also records the
-    # compression defaults of its day, which are not a choice the user made for this command) and this launch's
-    # layout (--set parallel.tensor=2 under horovodrun), not the training run's.
-    raw = config.read_yaml(storage.read_text(found), f"config file '{found}'")
-    raw.pop("compression", None)
-    raw.pop("parallel", None)
-    return config.from_dict(config.apply_overrides(raw, args.overrides))
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
-    from hvdtrain import compression
+    from hvdtrain import compression, modelio
 
     if args.method not in compression.METHODS:
         from hvdtrain.errors import UsageError, closest
 
         raise UsageError(f"unknown method '{args.method}'{closest(args.method, compression.METHODS)}; "
                          f"methods: {', '.join(compression.METHODS)}")
-    cfg = run_config(args.model, args)
+    cfg = modelio.run_config(args.model, args.recipe, args.config, args.overrides)
     compression.run(args.method, args.model, cfg, args.output, allow_unsafe=args.allow_unsafe)
     return 0
 
@@ -269,55 +247,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    cfg = run_config(args.model, args)
-    result = evaluate_file(args.model, cfg, allow_unsafe=args.allow_unsafe)
+    from hvdtrain import evaluate, modelio
+
+    cfg = modelio.run_config(args.model, args.recipe, args.config, args.overrides)
+    result = evaluate.evaluate_file(args.model, cfg, allow_unsafe=args.allow_unsafe)
     if result is not None:
         console.say(json.dumps(result))
     return 0
-
-
-def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
-    """Evaluate a ``.keras`` or ``.tflite`` model, or a run's checkpoint, on the test split of ``cfg``'s data.
-
-    Keras models are evaluated data-parallel when launched on several ranks; TFLite models on the chief. A
-    checkpoint with ``parallel.tensor``/``parallel.pipeline`` set is evaluated at that layout: each rank reads only
-    its part (for a model that one host cannot hold). Returns the metrics on the chief, None elsewhere.
-    """
-    import tempfile
-
-    from hvdtrain import data, distributed, modelio, runtime, storage
-    from hvdtrain.evaluation import evaluate
-
-    runtime.init(cfg)
-    resolved = modelio.resolve(path)
-    source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
-    if resolved.endswith(".tflite"):
-        from hvdtrain.compression.common import Artifact
-        from hvdtrain.compression.export import TFLiteModel
-        from hvdtrain.compression.report import evaluate_artifact
-        from hvdtrain.errors import DataError
-
-        with tempfile.TemporaryDirectory(prefix="hvdtrain-eval-") as tmp:
-            local = Path(tmp) / storage.basename(resolved)
-            storage.download(resolved, local)
-            model = TFLiteModel(local)
-            if tuple(model.input_shape) != tuple(source.input_shape):
-                raise DataError(f"'{resolved}' takes inputs of shape {model.input_shape}, but the data has "
-                                f"{tuple(source.input_shape)}")
-            if not distributed.is_chief():
-                return None
-            result = evaluate_artifact(Artifact(storage.basename(resolved), "tflite", local, "none"), source)
-    elif modelio.is_checkpoint(resolved) and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
-
-        layout = runtime.make_layout(cfg, source, runtime.make_mesh(cfg))
-        layout.load_checkpoint(resolved, optimizer=False)
-        result = evaluate(layout.training_model, source, "test", cfg.data.batch_size_per_rank,
-                          shard=(layout.data_rank, layout.data_size), counted=layout.counted)
-    else:
-        model = modelio.load_keras(resolved, allow_unsafe=allow_unsafe)
-        modelio.check_fit(model, source, f"'{resolved}'")
-        result = evaluate(model, source, "test", cfg.data.batch_size_per_rank)
-    return {"model": resolved, **result} if distributed.is_chief() else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -439,28 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def exit_process(code: int) -> None:
-    """End the process with ``code``.
-
-    tensorflow-io 0.36 aborts at interpreter exit once it has used S3 ("pure virtual method called", exit code
-    134; tensorflow/io #1912, #2039, fixed in no release), which would fail a finished job under horovodrun. After
-    S3 was used, the output is flushed, Horovod shut down, and the process ends without the interpreter's
-    teardown.
-    """
-    from hvdtrain import storage
-
-    if storage.used_object_storage():
-        from hvdtrain import distributed
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        distributed.shutdown()
-        os._exit(code)
-    sys.exit(code)
-
-
 def entry() -> None:
     """Console-script wrapper."""
+    from hvdtrain.process import exit_process
+
     exit_process(main())
 
 

@@ -28,7 +28,8 @@ def generation_module(model, tokenizer=None):
     import tensorflow as tf
 
     from hvdtrain.data.tokenizer import Bytes, InGraph
-    from hvdtrain.decoding import CachedDecoder, distribution
+    from hvdtrain.decoding import CachedDecoder
+    from hvdtrain.sampling import distribution
 
     decoder = CachedDecoder(model)
     context, vocab = decoder.context, decoder.vocab
@@ -121,7 +122,7 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
                 "serving_default": module.serve, "generate": module.generate.get_concrete_function(),
                 "generate_text": module.generate_text.get_concrete_function()})
         return [target, *written]
-    from hvdtrain.compression.export import to_tflite
+    from hvdtrain.compression.tflite import to_tflite
 
     name = "model-int8.tflite" if fmt == "tflite-int8" else "model.tflite"
     local = run_dir.local(name)

@@ -2,7 +2,7 @@
 decodes with the run's tokenizer).
 
 - cached (the default, :func:`hvdtrain.decoding.sample_cached`): one new position per byte;
-- speculative (``--draft STUDENT``, :func:`hvdtrain.decoding.sample_speculative`): a small draft proposes bytes
+- speculative (``--draft STUDENT``, :func:`hvdtrain.speculative.sample_speculative`): a small draft proposes bytes
   that the model checks in one call;
 - full window (``--full-window``, :func:`sample` here): the whole window recomputed for every byte, the reference
   the others are tested against.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain import decoding
+from hvdtrain import decoding, sampling, speculative
 
 
 def sample(model, prompt, max_tokens: int, temperature: float = 0.8, top_k: int = 40,
@@ -26,7 +26,7 @@ def sample(model, prompt, max_tokens: int, temperature: float = 0.8, top_k: int 
     import tensorflow as tf
 
     context, _ = decoding.check_model(model)
-    decoding.check_args(max_tokens, temperature)
+    sampling.check_args(max_tokens, temperature)
     forward = tf.function(lambda x: model(x, training=False))
     rng = np.random.default_rng(seed)
     tokens = list(prompt) or [ord("\n")]
@@ -37,7 +37,7 @@ def sample(model, prompt, max_tokens: int, temperature: float = 0.8, top_k: int 
         window[:] = 0
         window[0, : len(ctx)] = ctx
         logits = forward(window)[0, len(ctx) - 1].numpy()
-        tokens.append(decoding.choose(logits, temperature, top_k, rng))
+        tokens.append(sampling.choose(logits, temperature, top_k, rng))
     return tokens[start:]
 
 
@@ -47,7 +47,7 @@ def run(model, prompts: list, max_tokens: int, temperature: float, top_k: int, s
     what the run did."""
     stats = decoding.Stats(rows=len(prompts))
     if method == "speculative":
-        texts = decoding.sample_speculative(model, draft, prompts, max_tokens, temperature, top_k, seed,
+        texts = speculative.sample_speculative(model, draft, prompts, max_tokens, temperature, top_k, seed,
                                             draft_tokens, stats)
     elif method == "full":
         texts = [sample(model, p, max_tokens, temperature, top_k, seed) for p in prompts]

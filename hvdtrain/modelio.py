@@ -116,3 +116,27 @@ def check_fit(model, source, what: str = "the model") -> None:
     classes = model.output_shape[-1]
     if classes != source.num_classes:
         raise DataError(f"{what} has {classes} outputs, but the data has {source.num_classes} classes")
+
+
+def run_config(model_path: str, recipe: str | None = None, config_file: str | None = None,
+               overrides: list[str] | None = None):
+    """The config of the run that made ``model_path`` (its config.yaml), unless a recipe or a config file (the
+    commands' --recipe/--config) says otherwise; ``overrides`` (--set) on top."""
+    from hvdtrain import config
+
+    overrides = list(overrides or [])
+    if recipe or config_file:
+        return config.load(recipe, config_file, overrides)
+    found = storage.join(run_dir_of(model_path), "config.yaml")
+    if not storage.exists(found):
+        from hvdtrain.errors import UsageError
+
+        raise UsageError(f"no config.yaml next to '{model_path}' to say which data it was trained on; "
+                         "give --recipe NAME or --config FILE")
+    # The run's model and data, but today's compression settings (a training run's config.yaml also records the
+    # compression defaults of its day, which are not a choice the user made for this command) and this launch's
+    # layout (--set parallel.tensor=2 under horovodrun), not the training run's.
+    raw = config.read_yaml(storage.read_text(found), f"config file '{found}'")
+    raw.pop("compression", None)
+    raw.pop("parallel", None)
+    return config.from_dict(config.apply_overrides(raw, overrides))

@@ -168,6 +168,21 @@ def init(cfg: Config, autotune_log: str = "", dynamic_process_sets: bool = False
                      dynamic_process_sets=dynamic_process_sets or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1)
 
 
+def begin(cfg: Config, autotune_log: str = "", dynamic_process_sets: bool = False):
+    """What every command that trains does first, in this order: Horovod (:func:`init`), the option checks that
+    need the world size, the rank grid, the run's seed and the precision policy. Returns the mesh
+    (:func:`make_mesh`); the caller then loads its data and makes its layout (:func:`make_layout`, :func:`prepare`).
+    """
+    import tensorflow as tf
+
+    init(cfg, autotune_log, dynamic_process_sets)
+    check_options(cfg)
+    mesh = make_mesh(cfg)
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
+    return mesh
+
+
 def make_mesh(cfg: Config):
     """The rank grid of ``cfg.parallel`` at the current world size (a config error when it does not fit)."""
     from hvdtrain.distributed.mesh import make_mesh as mesh

@@ -73,15 +73,9 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
         # into the output directory at the end.
         scratch.append(tempfile.mkdtemp(prefix="hvdtrain-autotune-"))
         autotune_log = os.path.join(scratch[-1], "autotune.csv")
-    runtime.init(cfg, autotune_log)
-    import tensorflow as tf
-
+    mesh = runtime.begin(cfg, autotune_log)
     from hvdtrain import data
 
-    runtime.check_options(cfg)
-    mesh = runtime.make_mesh(cfg)
-    tf.keras.utils.set_random_seed(cfg.train.seed)
-    tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     note = source.missing_split_note("test")
     if note:

@@ -45,7 +45,7 @@ if [ "$cmd" = bucket ]; then
   [ -x "$python" ] || python=python3
   # shellcheck disable=SC1091
   . "$dir/env"
-  PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} "$python" -m hvdtrain.storage create-bucket "$name"
+  PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} "$python" -m hvdtrain.s3 create-bucket "$name"
   exit 0
 fi
 [ "$cmd" = start ] || { log "unknown command '$cmd': use start, stop or bucket"; exit 2; }

@@ -22,7 +22,7 @@ PROMPT = b"The for statement is used to iterate over the elements of a sequence"
 def run(model_path: str, draft_path: str | None, batches: list[int], max_tokens: int, repeats: int,
         temperature: float, draft_tokens: int, methods: list[str]) -> dict[str, Any]:
     """Time each method at each batch size; returns the report."""
-    from hvdtrain import decoding, generate, modelio
+    from hvdtrain import decoding, generate, modelio, speculative
 
     model = modelio.load_keras(model_path)
     draft = modelio.load_keras(draft_path) if draft_path else None
@@ -38,7 +38,7 @@ def run(model_path: str, draft_path: str | None, batches: list[int], max_tokens:
         stats = decoding.Stats(rows=batch)
         start = time.perf_counter()
         if method == "speculative":
-            decoding.sample_speculative(model, draft, prompts, tokens, temperature, 40, 0, draft_tokens, stats,
+            speculative.sample_speculative(model, draft, prompts, tokens, temperature, 40, 0, draft_tokens, stats,
                                         decoders)
         elif method == "cached":
             decoding.sample_cached(model, prompts, tokens, temperature, 40, 0, decoders[0], stats)

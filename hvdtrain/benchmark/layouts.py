@@ -80,10 +80,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from hvdtrain.distributed.sharded import bytes_of
 
     cfg = config.from_dict(spec["config"])
-    runtime.init(cfg)
-    mesh = runtime.make_mesh(cfg)
+    mesh = runtime.begin(cfg)
     start_bytes = memory.resident_bytes()  # TensorFlow and Horovod loaded, no model yet
-    tf.keras.utils.set_random_seed(cfg.train.seed)
     per_replica = spec["global_batch_size"] // mesh.data
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_replica + 2)  # 10% held out
     source = data.load(synthetic, seed=mesh.data_rank, model_name=cfg.model.name)

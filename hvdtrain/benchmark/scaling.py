@@ -37,7 +37,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from hvdtrain import distributed, runtime
 
     cfg = config.from_dict(spec["config"])
-    runtime.init(cfg)
+    runtime.begin(cfg)
     import numpy as np
     import tensorflow as tf
 
@@ -47,8 +47,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     per_rank = spec["batch_size_per_rank"] if spec["mode"] == "weak" else spec["global_batch_size"] // size
     if per_rank < 1:
         raise UsageError(f"a global batch of {spec['global_batch_size']} cannot be split over {size} ranks")
-    tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
-    tf.keras.utils.set_random_seed(cfg.train.seed)
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_rank + 2)  # 10% held out
     source = data.load(synthetic, seed=distributed.rank(), model_name=cfg.model.name)
     x, y = source.x_train[:per_rank], source.y_train[:per_rank]
@@ -76,10 +74,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "unit": "tokens/s" if source.is_language_model else "examples/s",
     }
     if size > 1 and spec.get("allreduce"):
+        from hvdtrain.distributed import timing
+
         result["allreduce"] = []
         for nbytes in ALLREDUCE_SIZES:
             reps = 20 if nbytes <= 1 << 20 else 5
-            t = statistics.median(distributed.time_allreduce(nbytes, reps))
+            t = statistics.median(timing.time_allreduce(nbytes, reps))
             result["allreduce"].append({"bytes": nbytes, "seconds": t, "algbw_gbps": nbytes / t / 1e9,
                                         "busbw_gbps": nbytes / t / 1e9 * 2 * (size - 1) / size})
     return result if distributed.is_chief() else {}

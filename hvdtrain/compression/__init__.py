@@ -42,7 +42,7 @@ class _Session:
 
     def tflite(self, name: str, model, method: str, mode: str, from_name: str, **kw) -> Artifact | None:
         """Export a TFLite artifact on the chief and record it."""
-        from hvdtrain.compression.export import to_tflite
+        from hvdtrain.compression.tflite import to_tflite
 
         if self.run_dir is None:
             return None
@@ -136,10 +136,11 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         from hvdtrain.errors import closest
 
         raise UsageError(f"unknown method '{method}'{closest(method, METHODS)}; methods: {', '.join(METHODS)}")
-    runtime.init(cfg)
+    runtime.begin(cfg)
     import tensorflow as tf
 
-    tf.keras.utils.set_random_seed(cfg.train.seed)
+    # compression makes float32 models whatever the teacher trained in (TFLite converts from float32)
+    tf.keras.mixed_precision.set_global_policy("float32")
     teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     modelio.check_fit(teacher, source, f"'{model_path}'")

@@ -304,27 +304,6 @@ def allgather_object(obj: Any) -> list[Any]:
     return hvd_tf.allgather_object(obj) if size() > 1 else [obj]
 
 
-def time_allreduce(num_bytes: int, repeats: int, warmup: int = 2) -> list[float]:
-    """Seconds per allreduce (average) of a float32 tensor of ``num_bytes``, once per repeat, on every rank."""
-    import time
-
-    import horovod.tensorflow as hvd_tf
-    import tensorflow as tf
-
-    _hvd()
-    tensor = tf.ones([max(1, num_bytes // 4)], tf.float32)
-    name = f"bench_allreduce_{num_bytes}"
-    for _ in range(warmup):
-        hvd_tf.allreduce(tensor, op=hvd_tf.Average, name=name).numpy()
-    times = []
-    for _ in range(repeats):
-        barrier()
-        start = time.perf_counter()
-        hvd_tf.allreduce(tensor, op=hvd_tf.Average, name=name).numpy()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def start_timeline(path: str) -> None:
     """Start Horovod's timeline (Chrome trace JSON, written by rank 0) once the file's folder exists."""
     _hvd().start_timeline(path, mark_cycles=False)
@@ -387,5 +366,5 @@ __all__ = [
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
     "local_rank",
     "local_size", "metric_average_callback", "rank", "run_elastic", "shutdown", "size", "extremes", "start_timeline", "stop_timeline",
-    "time_allreduce", "wrap_optimizer",
+    "wrap_optimizer",
 ]

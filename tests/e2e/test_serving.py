@@ -109,11 +109,11 @@ def test_a_batch_of_prompts_gives_each_prompt_its_own_text(models_, prompts):
 
 
 def test_speculative_greedy_text_is_the_models_greedy_text(models_, prompts):
-    from hvdtrain import decoding
+    from hvdtrain import decoding, speculative
 
     model, draft = models_
     stats = decoding.Stats()
-    spec = decoding.sample_speculative(model, draft, prompts, 100, 0, k=4, stats=stats)
+    spec = speculative.sample_speculative(model, draft, prompts, 100, 0, k=4, stats=stats)
     assert spec == decoding.sample_cached(model, prompts, 100, 0)  # 100 tokens: past the context, sliding alike
     s = stats.as_dict()
     assert s["generated"] == 400 and s["proposed"] > 0 and 0 < s["acceptance_rate"] <= 1
@@ -125,16 +125,16 @@ def test_speculative_sampling_follows_the_models_distribution(models_, prompts):
     own distribution passes, and against the draft's distribution (the negative control) fails."""
     from scipy.stats import chisquare
 
-    from hvdtrain import decoding
+    from hvdtrain import sampling, speculative
 
     model, draft = models_
     prompt, rows = prompts[0], 3000
-    texts = decoding.sample_speculative(model, draft, [prompt] * rows, 1, temperature=1.0, top_k=8, seed=11, k=3)
+    texts = speculative.sample_speculative(model, draft, [prompt] * rows, 1, temperature=1.0, top_k=8, seed=11, k=3)
     counts = np.bincount([t[0] for t in texts], minlength=VOCAB)
 
     def expected(m):
         logits = m(np.array([list(prompt) + [0] * (CONTEXT - len(prompt))], np.int32))[0, len(prompt) - 1].numpy()
-        return decoding.transform(logits, 1.0, 8)
+        return sampling.transform(logits, 1.0, 8)
 
     for probs, should_pass in ((expected(model), True), (expected(draft), False)):
         support = probs > 0
@@ -197,7 +197,7 @@ print(json.dumps([[t.decode("utf-8", errors="replace") for t in text.numpy()], o
 
 
 def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, models_, tmp_path):
-    from hvdtrain.compression.export import TFLiteModel
+    from hvdtrain.compression.tflite import TFLiteModel
 
     model, _ = models_
     for fmt in ("tflite", "tflite-int8"):

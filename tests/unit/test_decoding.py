@@ -13,7 +13,7 @@ FAMILIES = {
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cached_and_speculative_decoding_equal_the_full_window(name):
     import models
-    from hvdtrain import decoding, generate
+    from hvdtrain import decoding, generate, speculative
 
     model = models.build(name.split()[0], input_shape=(16,), num_classes=300, dropout=0.0, **FAMILIES[name])
     decoder = decoding.CachedDecoder(model)
@@ -24,4 +24,4 @@ def test_cached_and_speculative_decoding_equal_the_full_window(name):
         model, prompts[1], 10, 0.9, 20, 4)
     # past the context (16): rows slide, alike in both
     cached = decoding.sample_cached(model, prompts, 20, 0, decoder=decoder)
-    assert decoding.sample_speculative(model, model, prompts, 20, 0, k=3, decoders=(decoder, decoder)) == cached
+    assert speculative.sample_speculative(model, model, prompts, 20, 0, k=3, decoders=(decoder, decoder)) == cached
