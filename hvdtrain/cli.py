@@ -125,6 +125,17 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def output_dir(uri: str):
+    """The output directory of a command that runs in this one process (benchmark, export), made the way every
+    command makes it (:func:`hvdtrain.rundir.prepare`): a one-line error when it cannot be written."""
+    from hvdtrain import rundir
+
+    run_dir, error = rundir.prepare(uri, None, chief=True)
+    if error:
+        raise HvdtrainError(error)
+    return run_dir
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hvdtrain import config, train
 
@@ -161,7 +172,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from hvdtrain import config
     from hvdtrain.benchmark import scaling
     from hvdtrain.errors import UsageError
-    from hvdtrain.rundir import RunDir
 
     try:
         nps = sorted({int(n) for n in args.np.split(",") if n.strip()})
@@ -210,7 +220,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
         report = scaling.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
                                  args.repeats, launcher, args.timeout)
-    out = RunDir(args.output)
+    out = output_dir(args.output)
     out.write_json("benchmark.json", report)
     if report["kind"] == "inference":
         written = bench.plot(report, out)
@@ -287,24 +297,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from hvdtrain import decoding, export, modelio
+    from hvdtrain.data import tokenizer as tokenizers
     from hvdtrain.errors import UsageError, closest
-    from hvdtrain.rundir import RunDir
 
     if args.format not in export.FORMATS:
         raise UsageError(f"unknown --format '{args.format}'{closest(args.format, export.FORMATS)}; formats: "
                          f"{', '.join(export.FORMATS)}")
     model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
     decoding.check_model(model, f"--model {args.model}")  # before anything is written
-    run_dir = RunDir(args.output)
-    error = run_dir.create()
-    if error:
-        from hvdtrain.errors import HvdtrainError
-
-        raise HvdtrainError(error)
-    from hvdtrain.data import tokenizer as tokenizers
-
     tok = tokenizers.load_beside(args.model)
     tokenizers.check_vocabulary(tok, decoding.check_model(model)[1], f"--model {args.model}")
+    run_dir = output_dir(args.output)
     for path in export.export(model, args.output, args.format, run_dir, tok):
         console.say(f"written: {path}")
     return 0
