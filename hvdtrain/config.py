@@ -167,7 +167,8 @@ class CompressionConfig:
 STUDENTS: dict[str, dict[str, Any]] = {
     "cnn": {"params": {"filters": [12, 24], "dense_units": 32}, "epochs": 20, "seeds": 5, "standardize": True},
     "mlp": {"params": {"hidden_units": [32], "dropout": 0.0}, "epochs": 20, "seeds": 5, "standardize": True},
-    "llama": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "kv_heads": 1, "dropout": 0.0}, "epochs": 3,
+    "llama": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "kv_heads": 1, "dropout": 0.0,
+                         "tie_embeddings": True}, "epochs": 3,
               "seeds": 2, "standardize": False},
     "gpt": {"params": {"num_layers": 1, "width": 32, "num_heads": 2, "dropout": 0.0}, "epochs": 3, "seeds": 2,
             "standardize": False},

@@ -33,7 +33,15 @@ def generation_module(model, tokenizer=None):
 
     decoder = CachedDecoder(model)
     context, vocab = decoder.context, decoder.vocab
-    text = InGraph(tokenizer or Bytes())
+    from hvdtrain.errors import DataError
+
+    try:
+        text = InGraph(tokenizer or Bytes())
+    except DataError as exc:  # a user's tokenizer with a regex pre-split: no text signature, say why
+        from hvdtrain import console
+
+        console.say(f"note: no generate_text signature: {exc}")
+        text = None
 
     def generate_ids(prompt, lengths, max_new_tokens, temperature, top_k, seed):
         batch = tf.shape(prompt)[0]
@@ -68,7 +76,7 @@ def generation_module(model, tokenizer=None):
             super().__init__(name="generation")
             self.model = model  # tracked: its variables are saved once, shared by every signature
             self.text = text
-            self.tables = text.tables()  # tracked: the tokenizer's lookup tables are saved with the module
+            self.tables = text.tables() if text else []  # tracked: the tokenizer's tables are saved with it
 
         @tf.function(input_signature=[tf.TensorSpec([None, context], tf.int32, name="tokens")])
         def serve(self, tokens):
@@ -120,7 +128,7 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
         with storage.staged(target) as tmp:
             tf.saved_model.save(module, str(tmp), signatures={
                 "serving_default": module.serve, "generate": module.generate.get_concrete_function(),
-                "generate_text": module.generate_text.get_concrete_function()})
+                **({"generate_text": module.generate_text.get_concrete_function()} if module.text else {})})
         return [target, *written]
     from hvdtrain.compression.tflite import to_tflite
 

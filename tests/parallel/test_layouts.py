@@ -59,7 +59,7 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
 FOUR_RANKS = {
     "dp2xtp2_zero_recompute": "parallel.tensor=2&parallel.shard_optimizer=true&parallel.recompute=true",
     "dp2xpp2_zero_clip": f"parallel.pipeline=2&parallel.microbatches=2&parallel.shard_optimizer=true&{CLIP}",
-    "tp2xpp2": "parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2",
+    # (the gpt at tensor=2 x pipeline=2: tests/e2e/test_parallel_cli.py, through the command)
     "llama_tp2xpp2": f"parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2&{SGD}&{LLAMA % 0.1}",
 }
 
@@ -212,7 +212,7 @@ def test_data_x_pipeline_with_sharded_optimizer_and_clipping_matches_one_process
 
 
 def test_tensor_x_pipeline_matches_one_process(four):
-    ranks = [r["tp2xpp2"] for r in four]
+    ranks = [r["llama_tp2xpp2"] for r in four]
     assert equal(ranks[0])
     assert [(r["stage"], r["tensor_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
@@ -253,6 +253,3 @@ def test_llama_bf16_at_tensor_2(two):
     bf16_error, _ = apart(two[0]["llama_tp2_bf16_vs_fp32"])
     assert moved > 0.1 and diff < 1.5 * bf16_error and diff < 0.05 * moved
 
-
-def test_llama_tensor_x_pipeline(four):
-    assert equal(four[0]["llama_tp2xpp2"])

@@ -18,6 +18,7 @@ the launch (the meshes of one world size use the same process sets).
 """
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import common
@@ -72,6 +73,7 @@ results = {}
 references = {}  # one reference per distinct one-process run (negative controls share their case's)
 mesh = None
 for name, settings in cases:
+    began = time.perf_counter()
     overrides = dict(kv.split("=", 1) for kv in settings.split("&") if kv) if settings else {}
     kind = overrides.pop("negative", "")
     cfg = config.load("gpt-tiny", overrides=[*SMALL, *(f"{k}={v}" for k, v in overrides.items())])
@@ -113,8 +115,10 @@ for name, settings in cases:
         result["parallel"] = [reader.read(w.name).ravel().tolist() for w in plan.weights]
         # the reference: the same model in one process, plain Keras, the whole global batch per step
         reference_precision = "float32" if kind == "reference_fp32" else cfg.train.precision
-        key = (config.to_yaml(dataclasses.replace(cfg, parallel=config.ParallelConfig())), reference_precision,
-               global_batch)
+        # the one-process run depends on neither the layout nor the distributed settings, and its precision is its own
+        same = dataclasses.replace(cfg, parallel=config.ParallelConfig(), distributed=config.DistributedConfig(),
+                                   train=dataclasses.replace(cfg.train, precision=reference_precision))
+        key = (config.to_yaml(same), global_batch)
         if key not in references:
             tf.keras.mixed_precision.set_global_policy(reference_precision)
             reference = runtime.build_model(cfg.model, source)
@@ -134,5 +138,6 @@ for name, settings in cases:
         result["reference_param_bytes"] = 4 * plan.parameters
         result["names"] = [w.name for w in plan.weights]
     distributed.barrier()
+    result["seconds"] = time.perf_counter() - began
     results[name] = result
 common.report(outdir, distributed.rank(), **results)
