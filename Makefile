@@ -34,5 +34,9 @@ test-parallel: setup-test
 test-e2e: setup-test
 	$(PYTEST) tests/e2e $(PYTEST_ARGS)
 
+# ruff (pyflakes and pycodestyle rules, lines of 120 as the code uses; pyproject.toml); CI runs it
+lint: setup-test
+	$(BIN)/ruff check hvdtrain models tests scripts
+
 clean:
 	rm -rf runs .pytest_cache

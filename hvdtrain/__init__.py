@@ -1,4 +1,5 @@
-"""hvdtrain: data-parallel Keras training on Horovod, and compression of the trained models.
+"""hvdtrain: distributed Keras training on Horovod (data, tensor and pipeline parallelism, sharded optimizer
+states), and compression and serving of the trained models.
 
 The public API for a user's own ``model.fit`` script::
 

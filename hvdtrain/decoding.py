@@ -33,7 +33,8 @@ def check_model(model, name: str = "the model") -> tuple[int, int]:
 
     shape = model.input_shape
     if len(shape) != 2 or model.inputs[0].dtype not in (tf.int32, tf.int64):
-        raise UsageError(f"{name} takes inputs of shape {shape[1:]}, not tokens; generate and export need a language model (gpt, llama)")
+        raise UsageError(f"{name} takes inputs of shape {shape[1:]}, not tokens; generate and export need a "
+                         "language model (gpt, llama)")
     return int(shape[1]), int(model.output_shape[-1])
 
 

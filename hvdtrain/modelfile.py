@@ -5,7 +5,8 @@ one process from a checkpoint.
 ``metadata.json`` and ``model.weights.h5`` (each layer's variables). Keras writes both from a model in memory; a
 model whose weights do not fit one process cannot be held to write them. So Keras writes them for a *twin*: a
 model of the same structure whose weights are tiny (the family's plan says which builder parameters make it, e.g.
-a gpt of width ``num_heads`` with ``mlp_ratio`` 1, a llama of head size 2 with one hidden unit); each twin variable is first filled with its own index, which
+a gpt of width ``num_heads`` with ``mlp_ratio`` 1, a llama of head size 2 with one hidden unit); each twin
+variable is first filled with its own index, which
 finds its dataset in the weights file whatever Keras names it. Then the config's sizes are set back to the real
 ones and each dataset is replaced by the real variable, read from the checkpoint and written, one at a time. The
 result is the file Keras would have written (tested: it loads with ``tf.keras.models.load_model`` and equals the

@@ -65,7 +65,8 @@ def load_keras(path: str | Path, allow_unsafe: bool = False):
 
         return modelfile.build_from_checkpoint(uri)
     if uri.endswith(".tflite"):
-        raise ModelFileError(f"'{uri}' is a TFLite model; this step needs a Keras model (.keras), e.g. runs/x/model.keras")
+        raise ModelFileError(f"'{uri}' is a TFLite model; this step needs a Keras model (.keras), e.g. "
+                             "runs/x/model.keras")
     if storage.is_local(uri):
         return _load_local(storage.local_path(uri), uri, allow_unsafe)
     with tempfile.TemporaryDirectory(prefix="hvdtrain-model-") as tmp:

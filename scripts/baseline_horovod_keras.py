@@ -2,7 +2,8 @@
 
 Written the way Horovod's own Keras examples are (examples/tensorflow2/tensorflow2_keras_mnist.py): hvd.init,
 pin threads, scale the learning rate by hvd.size(), hvd.DistributedOptimizer, BroadcastGlobalVariablesCallback and
-MetricAverageCallback, a ModelCheckpoint on rank 0, a repeated tf.data pipeline per rank, plain model.fit. Same model, data, batch and epochs as
+MetricAverageCallback, a ModelCheckpoint on rank 0, a repeated tf.data pipeline per rank, plain model.fit. Same
+model, data, batch and epochs as
 the hvdtrain run it is compared with; it reports the median examples/s over epochs after the first.
 
 This file imports Horovod directly on purpose: it *is* the hand-written boilerplate hvdtrain replaces.

@@ -3,7 +3,9 @@ worker (``python -m hvdtrain.benchmark SPEC RESULT``) that times its part and re
 
 - :mod:`~hvdtrain.benchmark.scaling`: throughput and scaling, allreduce bandwidth, hvdtrain against the canonical
   Horovod + Keras loop.
-- :mod:`~hvdtrain.benchmark.layouts`: data, tensor and pipeline layouts of a ``gpt`` at the same global batch.
+- :mod:`~hvdtrain.benchmark.layouts`: data, tensor and pipeline layouts of a language model at the same global
+  batch, and the widest model each layout trains within a per-rank memory budget.
+- :mod:`~hvdtrain.benchmark.inference`: generation speed (full window, cached, speculative).
 
 Figures on a shared machine are noisy: every comparison is interleaved (the order rotates each repeat) and repeated,
 and reports medians and ratios.

@@ -2,7 +2,8 @@
 
 loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-With ``standardize_logits`` (the default for classifiers) both logit vectors are first standardized per example (zero mean,
+With ``standardize_logits`` (the default for classifiers) both logit vectors are first standardized per example
+(zero mean,
 unit standard deviation; Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024): the student
 then matches the teacher's ranking and relative gaps of classes rather than the scale of its logits, which a
 small student reaches only slowly. ``standardize_logits=false`` is Hinton's loss as written above.

@@ -7,7 +7,8 @@ from hvdtrain.data.source import ArraySource, split_arrays
 from hvdtrain.errors import DataError
 
 
-def load(path: str, test_fraction: float, validation_fraction: float, num_classes: int = 0, seed: int = 0) -> ArraySource:
+def load(path: str, test_fraction: float, validation_fraction: float, num_classes: int = 0,
+         seed: int = 0) -> ArraySource:
     """Load ``x``/``y`` from ``path`` and split them with a fixed seed.
 
     Integer-typed images (``uint8``) are scaled to [0, 1]; 2-D ``x`` of images is given a channel axis.

@@ -243,7 +243,8 @@ def metric_average_callback():
 
 def run_elastic(model, train_fn):
     """Run ``train_fn(state)`` under Horovod's elastic mode, with ``state`` holding the model, its optimizer, the
-    epoch, the batch (counted in steps of ``steps_per_epoch``) and ``prepared`` (false until ``train_fn`` has done its once-per-job start-up); on a membership
+    epoch, the batch (counted in steps of ``steps_per_epoch``) and ``prepared`` (false until ``train_fn`` has done
+    its once-per-job start-up); on a membership
     change Horovod restores the last commit (or, for an added host, keeps it) and calls ``train_fn`` again."""
     hvd = _hvd()
     opt = model.optimizer
@@ -362,9 +363,11 @@ def barrier() -> None:
 
 
 __all__ = [
-    "REDUCE_OPS", "agree", "allgather_object", "allreduce", "allreduce_tensor", "barrier", "broadcast_callback", "broadcast_object", "broadcast_variables",
+    "REDUCE_OPS", "agree", "allgather_object", "allreduce", "allreduce_tensor", "barrier", "broadcast_callback",
+    "broadcast_object", "broadcast_variables",
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
     "local_rank",
-    "local_size", "metric_average_callback", "rank", "run_elastic", "shutdown", "size", "extremes", "start_timeline", "stop_timeline",
+    "local_size", "metric_average_callback", "rank", "run_elastic", "shutdown", "size", "extremes", "start_timeline",
+    "stop_timeline",
     "wrap_optimizer",
 ]

@@ -231,7 +231,8 @@ def layout(world: int, tensor: int, pipeline: int) -> int:
     if world % (tensor * pipeline):
         raise ConfigError(f"{world} rank(s) cannot be laid out as tensor={tensor} x pipeline={pipeline}: "
                           f"the world size must be a multiple of {tensor * pipeline}; launch with -np "
-                          f"{tensor * pipeline * max(1, world // (tensor * pipeline))} or change parallel.tensor/pipeline")
+                          f"{tensor * pipeline * max(1, world // (tensor * pipeline))} or change "
+                          "parallel.tensor/pipeline")
     return world // (tensor * pipeline)
 
 

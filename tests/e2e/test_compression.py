@@ -99,7 +99,8 @@ def test_pipeline_distills_prunes_and_quantizes(trained, tmp_path):
 
 def test_evaluate_keras_and_tflite(trained, tmp_path):
     out, arts, _ = compress(trained, tmp_path, "ptq-dynamic")
-    for path, key in ((trained / "model.keras", "float32"), (out / "float32-ptq-dynamic.tflite", "float32-ptq-dynamic")):
+    for path, key in ((trained / "model.keras", "float32"),
+                      (out / "float32-ptq-dynamic.tflite", "float32-ptq-dynamic")):
         proc = run([str(BIN / "hvdtrain"), "evaluate", "--model", str(path)])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["accuracy"] == pytest.approx(arts[key]["value"], abs=1e-6)

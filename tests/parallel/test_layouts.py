@@ -27,7 +27,8 @@ CLIP = f"{SGD}&train.clip_norm=0.05"  # well below the gradient's norm (about 4)
 TIED = "model.params={num_layers: 2, width: 32, num_heads: 4, dropout: 0.0, tie_embeddings: true}"
 DROPOUT = "model.params={num_layers: 2, width: 32, num_heads: 4, dropout: 0.1}"
 ODD = "model.params={num_layers: 1, width: 33, num_heads: 3, mlp_ratio: 2, dropout: 0.0}"  # 26,821 parameters
-LLAMA = "model.name=llama&model.params={num_layers: 2, width: 32, num_heads: 4, kv_heads: 2, mlp_hidden: 48, dropout: %s}"
+LLAMA = ("model.name=llama&model.params={num_layers: 2, width: 32, num_heads: 4, kv_heads: 2, mlp_hidden: 48, "
+         "dropout: %s}")
 ZERO = "parallel.shard_optimizer=true"
 
 

@@ -35,7 +35,8 @@ cases = [c.split(":", 1) for c in sys.argv[2].split(";") if c]
 steps = 3
 SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
          "model.params={num_layers: 2, width: 32, num_heads: 4, mlp_ratio: 4, dropout: 0.0}", "train.optimizer=adam",
-         "train.learning_rate=0.001", "train.warmup_epochs=0", "train.schedule=constant", "train.lr_scaling=none", "data.path=" + str(outdir / "corpus.txt")]
+         "train.learning_rate=0.001", "train.warmup_epochs=0", "train.schedule=constant", "train.lr_scaling=none",
+         "data.path=" + str(outdir / "corpus.txt")]
 
 original = {"g": tensor.reduce_from_group, "exchange": pipeline.Pipeline._exchange, "ctx": tensor.TensorContext,
             "reducescatter": Group.reducescatter}

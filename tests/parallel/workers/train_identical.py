@@ -34,4 +34,5 @@ model.fit(ds, epochs=2, steps_per_epoch=10, callbacks=callbacks, verbose=0)
 final = np.concatenate([w.ravel() for w in model.get_weights()])
 from hvdtrain import distributed  # noqa: E402
 
-common.report(outdir, rank, size=size, host=socket.gethostname(), controller=distributed.controller(), first_labels=first_labels, init=init.tolist(), final=final.tolist())
+common.report(outdir, rank, size=size, host=socket.gethostname(), controller=distributed.controller(),
+              first_labels=first_labels, init=init.tolist(), final=final.tolist())
