@@ -16,6 +16,7 @@ import math
 import tensorflow as tf
 
 from models.plan import DropoutClock, LocalContext, Plan, Unit, Weight
+from models.plan import keras_weight as _weight
 from models.registry import register, register_plan
 
 layers = tf.keras.layers
@@ -112,12 +113,6 @@ def head(p, x, ctx, tied: bool = False):
 def block_index(name: str) -> int:
     """The unit index of the block layer ``block_{i}`` (the embedding is unit 0)."""
     return int(name.rsplit("_", 1)[1]) + 1
-
-
-def _weight(layer, name, shape, initializer):
-    # float32 variables that are never autocast: the math casts them where it uses them, in every layout alike
-    return layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True,
-                            experimental_autocast=False)
 
 
 @tf.keras.utils.register_keras_serializable(package="hvdtrain")

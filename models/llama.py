@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from models.gpt import EMBEDDING_INIT, SITES, block_index, causal_attention, vocabulary_lookup
 from models.plan import DropoutClock, LocalContext, Plan, Unit, Weight
+from models.plan import keras_weight as _weight
 from models.registry import register, register_plan
 
 layers = tf.keras.layers
@@ -93,11 +94,6 @@ def head(p, x, ctx, tied: bool = False):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Keras layers of the one-process model
-
-
-def _weight(layer, name, shape, initializer):
-    return layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True,
-                            experimental_autocast=False)
 
 
 @tf.keras.utils.register_keras_serializable(package="hvdtrain")

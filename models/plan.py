@@ -194,6 +194,13 @@ def dropout(x, rate: float, key: DropoutKey, site: int, split_axis: int | None =
     return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
 
 
+def keras_weight(layer, name: str, shape, initializer):
+    """A family layer's weight: float32 and never autocast (the family's math casts it where it uses it, in every
+    layout alike)."""
+    return layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True,
+                            experimental_autocast=False)
+
+
 def is_clock(variable) -> bool:
     """Whether ``variable`` is a :class:`DropoutClock`'s step counter (not part of the model's weights)."""
     return variable.name.split("/")[-1].split(":")[0] == "dropout_step"
