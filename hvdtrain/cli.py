@@ -125,17 +125,6 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def output_dir(uri: str):
-    """The output directory of a command that runs in this one process (benchmark, export), made the way every
-    command makes it (:func:`hvdtrain.rundir.prepare`): a one-line error when it cannot be written."""
-    from hvdtrain import rundir
-
-    run_dir, error = rundir.prepare(uri, None, chief=True)
-    if error:
-        raise HvdtrainError(error)
-    return run_dir
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from hvdtrain import config, train
 
@@ -169,75 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from hvdtrain import config
-    from hvdtrain.benchmark import scaling
-    from hvdtrain.errors import UsageError
+    from hvdtrain import benchmark
 
-    try:
-        nps = sorted({int(n) for n in args.np.split(",") if n.strip()})
-    except ValueError:
-        raise UsageError(f"--np '{args.np}' must be rank counts separated by commas, e.g. 1,2") from None
-    modes = [m.strip() for m in args.scaling.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("weak", "strong")]
-    if bad or not modes or not nps or min(nps) < 1:
-        raise UsageError("--scaling takes weak and/or strong; --np takes positive rank counts")
-    launcher = args.launcher_args.split()
-    if args.inference:
-        from hvdtrain.benchmark import inference as bench
-
-        if not args.model:
-            raise UsageError("--inference needs --model RUN (a trained gpt)")
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        if not args.draft:
-            methods = [m for m in methods if m != "speculative"]
-        try:
-            batches = sorted({int(b) for b in args.batch.split(",") if b.strip()})
-        except ValueError:
-            raise UsageError(f"--batch '{args.batch}' must be batch sizes separated by commas, e.g. 1,8") from None
-        report = bench.run(args.model, args.draft, batches, args.max_tokens, args.repeats, args.temperature, 4,
-                           methods)
-    elif args.layouts is not None:
-        from hvdtrain.benchmark import layouts
-
-        cfg = config.load(args.recipe or "gpt-tiny", args.config, args.overrides)
-        names = layouts.DEFAULT if args.layouts == "default" else args.layouts
-        chosen = [n for n in names.split(";") if n.strip()]
-        if args.budget_mb:
-            try:
-                widths = [int(w) for w in args.widths.split(",") if w.strip()]
-            except ValueError:
-                raise UsageError(f"--widths '{args.widths}' must be widths separated by commas, e.g. 512,1024") \
-                    from None
-            report = layouts.largest(cfg, chosen, int(args.budget_mb * 2**20), widths, args.global_batch, args.timeout)
-        else:
-            report = layouts.run(cfg, chosen, [c.strip() for c in args.controllers.split(",") if c.strip()],
-                                 args.repeats, args.steps, args.warmup_steps, args.windows, args.global_batch,
-                                 args.timeout)
-    elif args.compare_baseline:
-        report = scaling.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
-                                          launcher, args.timeout)
-    else:
-        cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
-        report = scaling.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
-                                 args.repeats, launcher, args.timeout)
-    out = output_dir(args.output)
-    out.write_json("benchmark.json", report)
-    if report["kind"] == "inference":
-        written = bench.plot(report, out)
-        bench.print_report(report)
-    elif report["kind"] == "layouts":
-        written = layouts.plot(report, out)
-        layouts.print_report(report)
-    elif report["kind"] == "largest":
-        written = layouts.plot_largest(report, out)
-        layouts.print_largest(report)
-    else:
-        written = []
-        if report["kind"] == "scaling":
-            scaling.plot_scaling(report, out.path("benchmark.png"))
-            written = ["benchmark.png"]
-        scaling.print_report(report)
-    console.say("\nwritten: " + ", ".join(out.path(n) for n in ["benchmark.json", *written]))
+    benchmark.command(args)
     return 0
 
 
@@ -267,26 +190,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from hvdtrain import decoding, generate, modelio
-    from hvdtrain.errors import UsageError
+    from hvdtrain.serving import generate
 
-    if args.draft and args.full_window:
-        raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
-    model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
-    decoding.check_model(model, f"--model {args.model}")
-    draft = modelio.load_keras(args.draft, allow_unsafe=args.allow_unsafe) if args.draft else None
-    if draft is not None:
-        decoding.check_model(draft, f"--draft {args.draft}")
-    prompts = args.prompt or [""]
-    method = "speculative" if draft is not None else "full" if args.full_window else "cached"
-    from hvdtrain.data import tokenizer as tokenizers
-
-    tok = tokenizers.load_beside(args.model)
-    tokenizers.check_vocabulary(tok, decoding.check_model(model)[1], f"--model {args.model}")
-    ids = [tok.encode(p) or tok.encode("\n") for p in prompts]
-    texts, stats = generate.run(model, ids, args.max_tokens, args.temperature, args.top_k, args.seed, method, draft,
-                                args.draft_tokens)
-    console.say("\n\n".join(p + tok.decode(t) for p, t in zip(prompts, texts)))
+    texts, stats, method = generate.command(args.model, args.prompt, args.max_tokens, args.temperature, args.top_k,
+                                            args.seed, args.draft, args.full_window, args.draft_tokens,
+                                            args.allow_unsafe)
+    console.say("\n\n".join(texts))
     if method == "speculative":
         d = stats.as_dict()
         console.say(f"[hvdtrain] speculative: {d['accepted']} of {d['proposed']} proposed tokens accepted "
@@ -296,19 +205,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hvdtrain import decoding, export, modelio
-    from hvdtrain.data import tokenizer as tokenizers
-    from hvdtrain.errors import UsageError, closest
+    from hvdtrain.serving import export
 
-    if args.format not in export.FORMATS:
-        raise UsageError(f"unknown --format '{args.format}'{closest(args.format, export.FORMATS)}; formats: "
-                         f"{', '.join(export.FORMATS)}")
-    model = modelio.load_keras(args.model, allow_unsafe=args.allow_unsafe)
-    decoding.check_model(model, f"--model {args.model}")  # before anything is written
-    tok = tokenizers.load_beside(args.model)
-    tokenizers.check_vocabulary(tok, decoding.check_model(model)[1], f"--model {args.model}")
-    run_dir = output_dir(args.output)
-    for path in export.export(model, args.output, args.format, run_dir, tok):
+    for path in export.command(args.model, args.output, args.format, args.allow_unsafe):
         console.say(f"written: {path}")
     return 0
 

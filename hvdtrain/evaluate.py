@@ -21,7 +21,7 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     if resolved.endswith(".tflite"):
         from hvdtrain.compression.common import Artifact
-        from hvdtrain.compression.tflite import TFLiteModel
+        from hvdtrain.serving.tflite import TFLiteModel
         from hvdtrain.compression.report import evaluate_artifact
         from hvdtrain.errors import DataError
 

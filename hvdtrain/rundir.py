@@ -232,3 +232,14 @@ def prepare(uri: str | Path | None, config_yaml: str | None, chief: bool) -> tup
         return None, None
     run_dir = RunDir(uri)
     return run_dir, run_dir.create(config_yaml)
+
+
+def for_command(uri: str) -> RunDir:
+    """The output directory of a command that runs in this one process (benchmark, export), made the way every
+    command makes it (:func:`prepare`): a one-line error when it cannot be written."""
+    from hvdtrain.errors import HvdtrainError
+
+    run_dir, error = prepare(uri, None, chief=True)
+    if error:
+        raise HvdtrainError(error)
+    return run_dir

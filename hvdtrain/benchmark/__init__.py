@@ -26,6 +26,80 @@ from hvdtrain.errors import HvdtrainError
 
 ROOT = Path(__file__).resolve().parents[2]
 
+def command(args) -> None:
+    """``hvdtrain benchmark`` with the parsed options ``args``: check them, run the benchmark they choose, write
+    ``benchmark.json`` and its plots under ``args.output``, print the tables."""
+    from hvdtrain import config, rundir
+    from hvdtrain.benchmark import scaling
+    from hvdtrain.errors import UsageError
+
+    try:
+        nps = sorted({int(n) for n in args.np.split(",") if n.strip()})
+    except ValueError:
+        raise UsageError(f"--np '{args.np}' must be rank counts separated by commas, e.g. 1,2") from None
+    modes = [m.strip() for m in args.scaling.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("weak", "strong")]
+    if bad or not modes or not nps or min(nps) < 1:
+        raise UsageError("--scaling takes weak and/or strong; --np takes positive rank counts")
+    launcher = args.launcher_args.split()
+    if args.inference:
+        from hvdtrain.benchmark import inference as bench
+
+        if not args.model:
+            raise UsageError("--inference needs --model RUN (a trained gpt)")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not args.draft:
+            methods = [m for m in methods if m != "speculative"]
+        try:
+            batches = sorted({int(b) for b in args.batch.split(",") if b.strip()})
+        except ValueError:
+            raise UsageError(f"--batch '{args.batch}' must be batch sizes separated by commas, e.g. 1,8") from None
+        report = bench.run(args.model, args.draft, batches, args.max_tokens, args.repeats, args.temperature, 4,
+                           methods)
+    elif args.layouts is not None:
+        from hvdtrain.benchmark import layouts
+
+        cfg = config.load(args.recipe or "gpt-tiny", args.config, args.overrides)
+        names = layouts.DEFAULT if args.layouts == "default" else args.layouts
+        chosen = [n for n in names.split(";") if n.strip()]
+        if args.budget_mb:
+            try:
+                widths = [int(w) for w in args.widths.split(",") if w.strip()]
+            except ValueError:
+                raise UsageError(f"--widths '{args.widths}' must be widths separated by commas, e.g. 512,1024") \
+                    from None
+            report = layouts.largest(cfg, chosen, int(args.budget_mb * 2**20), widths, args.global_batch, args.timeout)
+        else:
+            report = layouts.run(cfg, chosen, [c.strip() for c in args.controllers.split(",") if c.strip()],
+                                 args.repeats, args.steps, args.warmup_steps, args.windows, args.global_batch,
+                                 args.timeout)
+    elif args.compare_baseline:
+        report = scaling.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
+                                          launcher, args.timeout)
+    else:
+        cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
+        report = scaling.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
+                                 args.repeats, launcher, args.timeout)
+    out = rundir.for_command(args.output)
+    out.write_json("benchmark.json", report)
+    if report["kind"] == "inference":
+        written = bench.plot(report, out)
+        bench.print_report(report)
+    elif report["kind"] == "layouts":
+        written = layouts.plot(report, out)
+        layouts.print_report(report)
+    elif report["kind"] == "largest":
+        written = layouts.plot_largest(report, out)
+        layouts.print_largest(report)
+    else:
+        written = []
+        if report["kind"] == "scaling":
+            scaling.plot_scaling(report, out.path("benchmark.png"))
+            written = ["benchmark.png"]
+        scaling.print_report(report)
+    console.say("\nwritten: " + ", ".join(out.path(n) for n in ["benchmark.json", *written]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The driver: launches horovodrun
 

@@ -22,7 +22,8 @@ PROMPT = b"The for statement is used to iterate over the elements of a sequence"
 def run(model_path: str, draft_path: str | None, batches: list[int], max_tokens: int, repeats: int,
         temperature: float, draft_tokens: int, methods: list[str]) -> dict[str, Any]:
     """Time each method at each batch size; returns the report."""
-    from hvdtrain import decoding, generate, modelio, speculative
+    from hvdtrain import modelio
+    from hvdtrain.serving import decoding, generate, speculative
 
     model = modelio.load_keras(model_path)
     draft = modelio.load_keras(draft_path) if draft_path else None

@@ -42,7 +42,7 @@ class _Session:
 
     def tflite(self, name: str, model, method: str, mode: str, from_name: str, **kw) -> Artifact | None:
         """Export a TFLite artifact on the chief and record it."""
-        from hvdtrain.compression.tflite import to_tflite
+        from hvdtrain.serving.tflite import to_tflite
 
         if self.run_dir is None:
             return None

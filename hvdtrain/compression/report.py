@@ -11,7 +11,7 @@ import numpy as np
 
 from hvdtrain import artifacts, console
 from hvdtrain.compression.common import Artifact, count_params
-from hvdtrain.compression.tflite import TFLiteModel
+from hvdtrain.serving.tflite import TFLiteModel
 from hvdtrain.evaluation import metrics_from_sums
 
 COLUMNS = ["artifact", "kind", "params", "nonzero", "size_kb", "gzip_kb", "metric", "value", "delta",

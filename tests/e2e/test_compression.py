@@ -33,7 +33,7 @@ def test_ptq_int8_is_really_int8_smaller_and_as_accurate(trained, tmp_path):
     assert f32["value"] == pytest.approx(ref["value"], abs=0.003)  # TFLite float32 matches Keras
     assert f32["size_kb"] / int8["size_kb"] >= 3.5
     assert int8["value"] >= ref["value"] - 0.01
-    from hvdtrain.compression.tflite import TFLiteModel
+    from hvdtrain.serving.tflite import TFLiteModel
 
     types = TFLiteModel(out / "float32-ptq-int8.tflite").tensor_types()
     assert types.count("int8") > types.count("float32")  # weights and activations really int8
@@ -41,7 +41,7 @@ def test_ptq_int8_is_really_int8_smaller_and_as_accurate(trained, tmp_path):
 
 def test_ptq_int8_with_integer_io(trained, tmp_path):
     out, arts, _ = compress(trained, tmp_path, "ptq-int8", "compression.int8_io=true")
-    from hvdtrain.compression.tflite import TFLiteModel
+    from hvdtrain.serving.tflite import TFLiteModel
 
     model = TFLiteModel(out / "float32-ptq-int8.tflite")
     assert model.input["dtype"] == np.int8 and model.output["dtype"] == np.int8

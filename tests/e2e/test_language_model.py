@@ -41,7 +41,8 @@ def test_generate_gives_the_requested_bytes_deterministically(gpt_run):
 
 
 def test_generate_counts_bytes(gpt_run):
-    from hvdtrain import generate, modelio
+    from hvdtrain import modelio
+    from hvdtrain.serving import generate
 
     model = modelio.load_keras(gpt_run)
     out = generate.sample(model, b"def ", max_tokens=33, seed=3)

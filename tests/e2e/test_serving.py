@@ -79,7 +79,7 @@ def test_distilling_a_llama_reports_bits_per_byte_with_and_without_the_teacher(d
 
 
 def test_cached_greedy_text_equals_the_full_window(models_, prompts):
-    from hvdtrain import decoding, generate
+    from hvdtrain.serving import decoding, generate
 
     model, _ = models_
     for prompt in prompts:
@@ -88,7 +88,7 @@ def test_cached_greedy_text_equals_the_full_window(models_, prompts):
 
 
 def test_cached_sampling_with_a_seed_equals_the_full_window(models_, prompts):
-    from hvdtrain import decoding, generate
+    from hvdtrain.serving import decoding, generate
 
     model, _ = models_
     for prompt, seed in zip(prompts, range(4)):
@@ -98,19 +98,19 @@ def test_cached_sampling_with_a_seed_equals_the_full_window(models_, prompts):
 
 
 def test_a_batch_of_prompts_gives_each_prompt_its_own_text(models_, prompts):
-    from hvdtrain import decoding
+    from hvdtrain.serving import decoding
 
     model, _ = models_
     together = decoding.sample_cached(model, prompts, 60, 0.8, 40, seed=5)  # past the context: rows slide
     assert together == [decoding.sample_cached(model, [p], 60, 0.8, 40, seed=5)[0] for p in prompts]
     long_prompt = [7] * 50  # longer than the context: the first token is read from its last 32 tokens, as before
-    from hvdtrain import generate
+    from hvdtrain.serving import generate
 
     assert decoding.sample_cached(model, [long_prompt], 1, 0)[0] == generate.sample(model, long_prompt, 1, 0)
 
 
 def test_speculative_greedy_text_is_the_models_greedy_text(models_, prompts):
-    from hvdtrain import decoding, speculative
+    from hvdtrain.serving import decoding, speculative
 
     model, draft = models_
     stats = decoding.Stats()
@@ -126,7 +126,7 @@ def test_speculative_sampling_follows_the_models_distribution(models_, prompts):
     own distribution passes, and against the draft's distribution (the negative control) fails."""
     from scipy.stats import chisquare
 
-    from hvdtrain import sampling, speculative
+    from hvdtrain.serving import sampling, speculative
 
     model, draft = models_
     prompt, rows = prompts[0], 3000
@@ -159,7 +159,7 @@ def test_generate_cli_cached_speculative_and_full_window_agree_greedily(lm_run, 
 
 def test_saved_model_reloads_in_a_fresh_process_with_the_keras_logits_and_greedy_text(lm_run, models_, tmp_path,
                                                                                        tokenizer):
-    from hvdtrain import decoding
+    from hvdtrain.serving import decoding
 
     model, _ = models_
     run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", "saved_model", "--output",
@@ -198,7 +198,7 @@ print(json.dumps([[t.decode("utf-8", errors="replace") for t in text.numpy()], o
 
 
 def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, models_, tmp_path):
-    from hvdtrain.compression.tflite import TFLiteModel
+    from hvdtrain.serving.tflite import TFLiteModel
 
     model, _ = models_
     for fmt in ("tflite", "tflite-int8"):

@@ -13,7 +13,7 @@ FAMILIES = {
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cached_and_speculative_decoding_equal_the_full_window(name):
     import models
-    from hvdtrain import decoding, generate, speculative
+    from hvdtrain.serving import decoding, generate, speculative
 
     model = models.build(name.split()[0], input_shape=(16,), num_classes=300, dropout=0.0, **FAMILIES[name])
     decoder = decoding.CachedDecoder(model)

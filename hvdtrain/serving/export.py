@@ -4,7 +4,7 @@
   read) with two signatures: ``serving_default`` (``tokens`` int32 ``(batch, context)`` -> ``logits``
   ``(batch, context, vocabulary)``) and ``generate`` (``prompt`` int32 ``(batch, length)`` right-padded,
   ``lengths`` int32 ``(batch,)``, ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: all), ``seed``
-  -> ``tokens`` int32 ``(batch, max_new_tokens)``): the cached decoder of :mod:`hvdtrain.decoding` in one graph,
+  -> ``tokens`` int32 ``(batch, max_new_tokens)``): the cached decoder of :mod:`hvdtrain.serving.decoding` in one graph,
   sampling with stateless random ops; and ``generate_text`` (``prompt`` string ``(batch,)`` and the same options
   -> ``text`` string ``(batch,)``: the new tokens' text), the run's tokenizer running inside the graph
   (:class:`hvdtrain.data.tokenizer.InGraph`). In the graph, generation stops at the context length (the new tokens
@@ -28,8 +28,8 @@ def generation_module(model, tokenizer=None):
     import tensorflow as tf
 
     from hvdtrain.data.tokenizer import Bytes, InGraph
-    from hvdtrain.decoding import CachedDecoder
-    from hvdtrain.sampling import distribution
+    from hvdtrain.serving.decoding import CachedDecoder
+    from hvdtrain.serving.sampling import distribution
 
     decoder = CachedDecoder(model)
     context, vocab = decoder.context, decoder.vocab
@@ -109,7 +109,8 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
     tokenizer); returns the paths written."""
     import tensorflow as tf
 
-    from hvdtrain import decoding, storage
+    from hvdtrain import storage
+    from hvdtrain.serving import decoding
 
     if fmt not in FORMATS:
         from hvdtrain.errors import closest
@@ -130,10 +131,28 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
                 "serving_default": module.serve, "generate": module.generate.get_concrete_function(),
                 **({"generate_text": module.generate_text.get_concrete_function()} if module.text else {})})
         return [target, *written]
-    from hvdtrain.compression.tflite import to_tflite
+    from hvdtrain.serving.tflite import to_tflite
 
     name = "model-int8.tflite" if fmt == "tflite-int8" else "model.tflite"
     local = run_dir.local(name)
     to_tflite(model, Path(local), "dynamic" if fmt == "tflite-int8" else "float32")
     run_dir.publish()
     return [run_dir.path(name), *written]
+
+
+def command(model_path: str, output: str, fmt: str, allow_unsafe: bool = False) -> list[str]:
+    """``hvdtrain export``: the model file at ``model_path`` (and its run's tokenizer) in ``fmt`` under ``output``;
+    everything is checked before anything is written. Returns the paths written."""
+    from hvdtrain import modelio, rundir
+    from hvdtrain.data import tokenizer as tokenizers
+    from hvdtrain.serving import decoding
+
+    if fmt not in FORMATS:
+        from hvdtrain.errors import closest
+
+        raise UsageError(f"unknown --format '{fmt}'{closest(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+    model = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    _, vocab = decoding.check_model(model, f"--model {model_path}")
+    tok = tokenizers.load_beside(model_path)
+    tokenizers.check_vocabulary(tok, vocab, f"--model {model_path}")
+    return export(model, output, fmt, rundir.for_command(output), tok)

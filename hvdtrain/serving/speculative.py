@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain.decoding import CachedDecoder, Session, Stats
+from hvdtrain.serving.decoding import CachedDecoder, Session, Stats
 from hvdtrain.errors import UsageError
-from hvdtrain.sampling import check_args, choose, transform
+from hvdtrain.serving.sampling import check_args, choose, transform
 
 
 def sample_speculative(model, draft, prompts: list, max_tokens: int, temperature: float = 0.8,
@@ -20,7 +20,7 @@ def sample_speculative(model, draft, prompts: list, max_tokens: int, temperature
     (the draft must share the model's tokenizer).
 
     The output follows ``model``'s distribution exactly (the acceptance rule of the module doc); at temperature 0
-    it is ``model``'s greedy text (the same as :func:`hvdtrain.decoding.sample_cached`'s at any length).
+    it is ``model``'s greedy text (the same as :func:`hvdtrain.serving.decoding.sample_cached`'s at any length).
     """
     check_args(max_tokens, temperature)
     if k < 1:

@@ -9,12 +9,13 @@ own position; a padded slot is overwritten before any query can see it.
 
 The model has learned positions up to its context length. Up to it, cached decoding computes what the full
 window computes, so greedy decoding gives the same text and sampling with the same seed the same text as
-:func:`hvdtrain.generate.sample` (tested). When a row's cache is full it *slides*: the last half of the context is
-encoded again at positions 0.. (one prefill) and decoding goes on; the full-window path instead re-reads the last
-``context`` bytes at every step, so past the context length the two differ (both are valid continuations).
+:func:`~hvdtrain.serving.generate.sample` (tested). When a row's cache is full it *slides*: the last half of the
+context is encoded again at positions 0.. (one prefill) and decoding goes on; the full-window path instead
+re-reads the last ``context`` tokens at every step, so past the context length the two differ (both are valid
+continuations).
 
-Speculative decoding over these decoders: :mod:`hvdtrain.speculative`; the sampling rules every path shares:
-:mod:`hvdtrain.sampling`.
+Speculative decoding over these decoders: :mod:`hvdtrain.serving.speculative`; the sampling rules every path shares:
+:mod:`hvdtrain.serving.sampling`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hvdtrain.errors import UsageError
-from hvdtrain.sampling import check_args, choose, distribution
+from hvdtrain.serving.sampling import check_args, choose, distribution
 
 
 def check_model(model, name: str = "the model") -> tuple[int, int]:
@@ -246,7 +247,7 @@ def sample_cached(model, prompts: list, max_tokens: int, temperature: float = 0.
     """``max_tokens`` tokens after each prompt (a sequence of token ids; ``bytes`` for a byte-level model), decoded
     with the key-value cache.
 
-    The rules are :func:`hvdtrain.generate.sample`'s (an empty prompt starts from a newline; temperature 0 is
+    The rules are :func:`hvdtrain.serving.generate.sample`'s (an empty prompt starts from a newline; temperature 0 is
     greedy); each row has its own generator seeded with ``seed``, so a row's text does not depend on the others.
     """
     check_args(max_tokens, temperature)

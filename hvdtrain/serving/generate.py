@@ -1,9 +1,9 @@
 """``hvdtrain generate``: text from a trained language model, three ways (token ids in and out; the CLI encodes and
 decodes with the run's tokenizer).
 
-- cached (the default, :func:`hvdtrain.decoding.sample_cached`): one new position per byte;
-- speculative (``--draft STUDENT``, :func:`hvdtrain.speculative.sample_speculative`): a small draft proposes bytes
-  that the model checks in one call;
+- cached (the default, :func:`hvdtrain.serving.decoding.sample_cached`): one new position per byte;
+- speculative (``--draft STUDENT``, :func:`~hvdtrain.serving.speculative.sample_speculative`): a small draft
+  proposes tokens that the model checks in one call;
 - full window (``--full-window``, :func:`sample` here): the whole window recomputed for every byte, the reference
   the others are tested against.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain import decoding, sampling, speculative
+from hvdtrain.serving import decoding, sampling, speculative
 
 
 def sample(model, prompt, max_tokens: int, temperature: float = 0.8, top_k: int = 40,
@@ -55,3 +55,28 @@ def run(model, prompts: list, max_tokens: int, temperature: float, top_k: int, s
     else:
         texts = decoding.sample_cached(model, prompts, max_tokens, temperature, top_k, seed, stats=stats)
     return texts, stats
+
+
+def command(model_path: str, prompts: list[str], max_tokens: int, temperature: float, top_k: int, seed: int,
+            draft_path: str | None = None, full_window: bool = False, draft_tokens: int = 4,
+            allow_unsafe: bool = False) -> tuple[list[str], decoding.Stats, str]:
+    """``hvdtrain generate``: load the model (and draft), check them and the run's tokenizer, generate a text for
+    every prompt; returns the texts (prompt included), what the run did and the method used."""
+    from hvdtrain import modelio
+    from hvdtrain.data import tokenizer as tokenizers
+    from hvdtrain.errors import UsageError
+
+    if draft_path and full_window:
+        raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
+    model = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    _, vocab = decoding.check_model(model, f"--model {model_path}")
+    draft = modelio.load_keras(draft_path, allow_unsafe=allow_unsafe) if draft_path else None
+    if draft is not None:
+        decoding.check_model(draft, f"--draft {draft_path}")
+    method = "speculative" if draft is not None else "full" if full_window else "cached"
+    tok = tokenizers.load_beside(model_path)
+    tokenizers.check_vocabulary(tok, vocab, f"--model {model_path}")
+    prompts = prompts or [""]
+    ids = [tok.encode(p) or tok.encode("\n") for p in prompts]
+    texts, stats = run(model, ids, max_tokens, temperature, top_k, seed, method, draft, draft_tokens)
+    return [p + tok.decode(t) for p, t in zip(prompts, texts)], stats, method
