@@ -270,10 +270,14 @@ class MetricsLogger(tf.keras.callbacks.Callback):
     """One row per epoch (averaged metrics, lr, time, throughput), kept on every rank; the chief writes
     ``metrics.jsonl``."""
 
-    def __init__(self, run_dir: RunDir | None, examples_per_epoch: int, rows: list[dict] | None = None):
-        """``rows``: the lines of epochs already done (a resumed run keeps them)."""
+    def __init__(self, run_dir: RunDir | None, examples_per_epoch: int, rows: list[dict] | None = None,
+                 utilization: dict | None = None):
+        """``rows``: the lines of epochs already done (a resumed run keeps them). ``utilization``: a language
+        model's ``tokens_per_example``, ``model_flops_per_token`` and ``peak_flops_per_rank`` (and
+        ``hardware_flops_per_token``), for tokens/s and the model FLOPs utilization (``mfu``) of every epoch."""
         super().__init__()
         self.run_dir = run_dir
+        self.utilization = utilization
         self.examples_per_epoch = examples_per_epoch
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._start = 0.0
@@ -287,6 +291,15 @@ class MetricsLogger(tf.keras.callbacks.Callback):
         row.update(scalars(logs))
         row["epoch_seconds"] = seconds
         row["examples_per_sec"] = self.examples_per_epoch / seconds if seconds > 0 else None
+        u = self.utilization
+        if u is not None and row["examples_per_sec"]:
+            from hvdtrain import flops
+
+            row["tokens_per_sec"] = row["examples_per_sec"] * u["tokens_per_example"]
+            peak = u["peak_flops_per_rank"] * distributed.size()
+            row["mfu"] = flops.utilization(row["tokens_per_sec"], u["model_flops_per_token"], peak)
+            if u["hardware_flops_per_token"] != u["model_flops_per_token"]:
+                row["hfu"] = flops.utilization(row["tokens_per_sec"], u["hardware_flops_per_token"], peak)
         self.rows.append(row)
         if self.run_dir is not None:
             self.run_dir.write_metrics(self.rows)
@@ -367,6 +380,7 @@ def default_callbacks(
     layout=None,
     output_uri: str | None = None,
     validation=None,
+    utilization: dict | None = None,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -387,6 +401,7 @@ def default_callbacks(
         layout: how the model is laid out over the ranks (:mod:`hvdtrain.parallel`; default: data parallel).
         output_uri: the output directory as given, for every rank of a layout that writes from every rank.
         validation: a function giving the validation split's metrics (:class:`Validation`), after the averaging.
+        utilization: for a language model, what :class:`MetricsLogger` needs for tokens/s and MFU per epoch.
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
@@ -407,7 +422,7 @@ def default_callbacks(
                                                     restore_best_weights=True))
     if chief and progress != "off":
         cbs.append(ProgressLogger(epochs, steps_per_epoch, progress))
-    metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows)
+    metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows, utilization)
     cbs.append(metrics)
     collective = layout is not None and layout.collective_checkpoint and distributed.size() > 1
     if output_dir is not None and (run_dir is not None or collective):

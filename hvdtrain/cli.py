@@ -61,12 +61,17 @@ def parser() -> argparse.ArgumentParser:
                         "(default: the data, tensor and pipeline layouts at up to 4 ranks)")
     p.add_argument("--controllers", default="gloo", help="with --layouts: gloo and/or mpi, e.g. gloo,mpi")
     p.add_argument("--global-batch", type=int, default=32, help="with --layouts: the global batch of every layout")
-    p.add_argument("--windows", type=int, default=3, help="with --layouts: timed windows per launch")
+    p.add_argument("--windows", type=int, default=3, help="with --layouts, --collectives: timed windows per launch")
     p.add_argument("--budget-mb", type=float, default=0,
                    help="with --layouts: find the widest model each layout trains within this measured peak memory "
                         "growth per rank (MB), trying --widths in turn")
     p.add_argument("--widths", default="256,512,1024,1536,2048,3072",
                    help="with --budget-mb: model widths to try, e.g. 512,1024,2048")
+    p.add_argument("--collectives", nargs="?", const="default", default=None, metavar="LIST",
+                   help="the cost of one allreduce (a dependent chain of small ones, single large ones) through "
+                        "Horovod against MPI's floor, e.g. \"gloo;gloo,cycle=0.1;mpi;mpi-floor\" (default: gloo "
+                        "and mpi at Horovod's cycle time and at 0.1 ms, and the floor); at the largest --np")
+    p.add_argument("--chain-length", type=int, default=200, help="with --collectives: collectives per chain")
     p.add_argument("--inference", action="store_true",
                    help="generation speed: full window vs key-value cache vs speculative (with --model, --draft)")
     p.add_argument("--model", help="with --inference: a trained gpt (run directory or model.keras)")

@@ -97,7 +97,7 @@ class DistributedConfig:
     reduce_op: Literal["average", "sum", "adasum"] = "average"
     # Horovod knobs (hvdtrain.distributed.horovod_environment turns them into HOROVOD_* variables)
     fusion_threshold_mb: float = knob(0.0, "HOROVOD_FUSION_THRESHOLD", scale=1024 * 1024)
-    cycle_time_ms: float = knob(0.0, "HOROVOD_CYCLE_TIME")
+    cycle_time_ms: float = knob(0.0, "HOROVOD_CYCLE_TIME")  # 0: Horovod's 1 ms; tensor/pipeline: 0.001 (runtime.py)
     autotune: bool = knob(False, "HOROVOD_AUTOTUNE")
     hierarchical_allreduce: bool = knob(False, "HOROVOD_HIERARCHICAL_ALLREDUCE")
     autotune_log: str = ""  # relative to the output directory unless absolute

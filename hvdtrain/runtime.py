@@ -160,10 +160,28 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
     )
 
 
+# Horovod's cycle time (ms) when tensor or pipeline parallelism puts collectives on the critical path and the config
+# leaves it unset (distributed.cycle_time_ms=0; a HOROVOD_CYCLE_TIME in the environment wins over both). Measured
+# (docs/performance.md, `hvdtrain benchmark --collectives`): a dependent 1 KB allreduce under MPI costs 2.07 ms at
+# Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of 2.9 us), with no loss in the layouts'
+# steps; under Gloo it stays about 5 ms at any cycle time.
+MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
+
+
+def horovod_knobs(cfg: Config):
+    """``cfg.distributed``, with the cycle time hvdtrain chooses for a tensor or pipeline layout when unset."""
+    import dataclasses
+
+    knobs = cfg.distributed
+    if not knobs.cycle_time_ms and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
+        knobs = dataclasses.replace(knobs, cycle_time_ms=MODEL_PARALLEL_CYCLE_TIME_MS)
+    return knobs
+
+
 def init(cfg: Config, autotune_log: str = "", dynamic_process_sets: bool = False) -> None:
     """Horovod for ``cfg`` (knobs, threads per rank, XLA kernels, process sets for model parallelism, or for
     layouts made later with ``dynamic_process_sets``); a no-op when already initialised."""
-    distributed.init(cfg.distributed, threads_per_rank=cfg.distributed.threads_per_rank,
+    distributed.init(horovod_knobs(cfg), threads_per_rank=cfg.distributed.threads_per_rank,
                      enable_xla_ops=cfg.train.jit_compile, autotune_log=autotune_log,
                      dynamic_process_sets=dynamic_process_sets or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1)
 
@@ -215,3 +233,28 @@ def make_layout(cfg: Config, source, mesh):
     layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
                    "num_classes": int(source.num_classes)}
     return layout
+
+
+def job_peak_flops(precision: str, collective: bool = True) -> tuple[float, str]:
+    """The job's peak FLOP/s and where it comes from (:mod:`hvdtrain.flops`): a GPU's published peak, or the
+    CPU probe every rank ran at once (ranks on one host share its cores, as in training; kept per machine after
+    the first run), summed over the ranks. ``collective=False`` (elastic start-up, where a late joiner runs no
+    collective): this rank's peak times the world size."""
+    from hvdtrain import flops
+
+    published = flops.published_peak(precision)
+    if published is not None:
+        peak, source = published
+    else:
+        key = flops.probe_key(distributed.local_size())
+        peak, source = flops.kept_peak(key), flops.PROBE
+        missing = peak is None
+        if collective and distributed.size() > 1:
+            missing = any(distributed.allgather_object(missing))  # then every rank probes, at the same time
+            distributed.barrier()
+        if missing:
+            peak = flops.matmul_probe(seconds=1.0)
+            flops.keep_peak(key, peak)
+    if collective and distributed.size() > 1:
+        return sum(distributed.allgather_object(peak)), source
+    return peak * distributed.size(), source

@@ -24,7 +24,7 @@ from hvdtrain.rundir import RunDir
 
 SUMMARY_KEYS = [
     "model", "world_size", "global_batch_size", "epochs", "test_accuracy", "test_loss",
-    "test_bits_per_byte", "test_perplexity", "examples_per_sec", "wall_seconds",
+    "test_bits_per_byte", "test_perplexity", "examples_per_sec", "tokens_per_sec", "mfu", "wall_seconds",
 ]
 
 
@@ -50,6 +50,7 @@ class Run:
     callbacks: tuple = ()  # the caller's, after the default ones
     progress: str | None = None
     scratch: list = field(default_factory=list)  # local temporary folders, removed at the end
+    utilization: dict | None = None  # a language model's FLOPs per token and the job's peak (utilization())
 
     @property
     def run_dir(self) -> RunDir | None:
@@ -107,7 +108,21 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
             tokenizer.save(source.tokenizer, run_dir)
     if cfg.distributed.timeline and error is None:
         distributed.start_timeline(str(run_dir.local(cfg.distributed.timeline)) if run_dir else os.devnull)
-    return Run(cfg, source, plan, layout, model, run_dir, output, error, started, tuple(callbacks), progress, scratch)
+    return Run(cfg, source, plan, layout, model, run_dir, output, error, started, tuple(callbacks), progress, scratch,
+               utilization(cfg, source))
+
+
+def utilization(cfg: Config, source) -> dict[str, Any] | None:
+    """For a language model of a family with a plan: its model (and hardware) FLOPs per token and the job's peak
+    FLOP/s per rank (:func:`hvdtrain.runtime.job_peak_flops`), from which every epoch's and the summary's model
+    FLOPs utilization is computed; None for other models."""
+    model_plan = runtime.model_plan(cfg.model, source)
+    if model_plan is None or not source.is_language_model:
+        return None
+    peak, peak_source = runtime.job_peak_flops(cfg.train.precision, collective=not cfg.train.elastic)
+    return {"tokens_per_example": int(source.input_shape[0]), "model_flops_per_token": model_plan.flops_per_token(),
+            "hardware_flops_per_token": model_plan.flops_per_token(recompute=cfg.parallel.recompute),
+            "peak_flops_per_rank": peak / distributed.size(), "peak_source": peak_source}
 
 
 def check_shared(output: str) -> None:
@@ -176,6 +191,7 @@ def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], ski
         divergence_check_epochs=cfg.distributed.divergence_check_epochs,
         divergence_tolerance=cfg.distributed.divergence_tolerance, progress=run.progress, layout=run.layout,
         output_uri=run.output, validation=validation if run.source.num_examples("val") else None,
+        utilization=run.utilization,
     ), *extra, *run.callbacks]
     train_ds = run.source.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
     # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
@@ -308,6 +324,16 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
         summary["test_bits_per_byte"] = test["bits_per_byte"]
         summary["test_perplexity"] = test["perplexity"]
         summary["tokens_per_sec"] = (summary["examples_per_sec"] or 0) * source.input_shape[0] or None
+    if run.utilization is not None:
+        from hvdtrain import flops
+
+        u = run.utilization
+        peak = u["peak_flops_per_rank"] * distributed.size()
+        summary.update(model_flops_per_token=u["model_flops_per_token"], peak_flops=peak,
+                       peak_source=u["peak_source"],
+                       mfu=flops.utilization(summary.get("tokens_per_sec"), u["model_flops_per_token"], peak))
+        if cfg.parallel.recompute:
+            summary["hfu"] = flops.utilization(summary.get("tokens_per_sec"), u["hardware_flops_per_token"], peak)
     summary["wall_seconds"] = time.perf_counter() - run.started
     if cfg.distributed.timeline:
         distributed.stop_timeline()

@@ -252,11 +252,12 @@ def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, width=128, 
     vocabulary of the embedding and logits too; a pipeline cuts between blocks."""
     (context,) = input_shape
     units = [Unit("embed", "embed", (
-        Weight("embed/tokens/embeddings", (num_classes, width), EMBEDDING_INIT, split=0),
-        Weight("embed/positions/embeddings", (context, width), EMBEDDING_INIT)), ("embed",), pin="first")]
+        Weight("embed/tokens/embeddings", (num_classes, width), EMBEDDING_INIT, split=0, lookup=True),
+        Weight("embed/positions/embeddings", (context, width), EMBEDDING_INIT, lookup=True)), ("embed",), pin="first")]
     for i in range(num_layers):
         units.append(Unit(f"block_{i}", "block", tuple(block_weights(f"block_{i}", width, num_heads, mlp_ratio)),
-                          (f"block_{i}",), recompute=True, index=i + 1))
+                          (f"block_{i}",), recompute=True, index=i + 1,
+                          attention=width))
     last = num_layers + 1
     norm = (Weight("ln_final/gamma", (width,), "ones"), Weight("ln_final/beta", (width,), "zeros"))
     if tie_embeddings:

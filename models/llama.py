@@ -282,10 +282,11 @@ def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, kv_heads=2,
     (context,) = input_shape
     f = hidden_units(width, mlp_hidden)
     units = [Unit("embed", "embed", (Weight("embed/tokens/embeddings", (num_classes, width), EMBEDDING_INIT,
-                                            split=0),), ("embed",), pin="first")]
+                                            split=0, lookup=True),), ("embed",), pin="first")]
     for i in range(num_layers):
         units.append(Unit(f"block_{i}", "block", tuple(block_weights(f"block_{i}", width, num_heads, kv_heads, f)),
-                          (f"block_{i}",), recompute=True, index=i + 1))
+                          (f"block_{i}",), recompute=True, index=i + 1,
+                          attention=width))
     last = num_layers + 1
     norm = (Weight("norm/scale", (width,), "ones"),)
     if tie_embeddings:
@@ -315,5 +316,6 @@ def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, kv_heads=2,
     return Plan("llama", tuple(units), apply, (context, width), num_classes,
                 divisors={"model.params.num_heads": num_heads, "model.params.kv_heads": kv_heads,
                           "the MLP's hidden units": f, "the vocabulary (data's num_classes)": num_classes},
-                twin={"params": {"width": 2 * num_heads, "mlp_hidden": 1}, "restore": ("width", "mlp_hidden")},
+                twin={"params": {"width": 2 * num_heads, "mlp_hidden": 1},
+                      "restore": {"width": width, "mlp_hidden": f}},
                 decode=decode, cache=(num_layers, kv_heads, width // num_heads))

@@ -34,6 +34,7 @@ class Weight:
     shape: tuple[int, ...]
     initializer: Any  # a Keras initializer identifier: "glorot_uniform", "zeros", or a config dict
     split: int | None = None  # the axis split across a tensor-parallel group; None: every member holds it whole
+    lookup: bool = False  # read by index (an embedding table), not multiplied: no FLOPs unless a unit shares it
 
     def local_shape(self, parts: int) -> tuple[int, ...]:
         """The shape each of ``parts`` tensor-parallel members holds."""
@@ -65,6 +66,7 @@ class Unit:
         pin: ``"first"`` or ``"last"``: the pipeline stage it must sit on; None: any.
         recompute: whether recomputation in the backward pass applies to it.
         index: its position in the model (dropout sites are numbered by it, so they never repeat).
+        attention: the width of its attention's queries (heads x head size; 0: no attention), for the FLOPs count.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Unit:
     pin: str | None = None
     recompute: bool = False
     index: int = 0
+    attention: int = 0
 
     @property
     def parameters(self) -> int:
@@ -282,6 +285,24 @@ class Plan:
     def parameters(self) -> int:
         """Number of parameters of the whole model."""
         return sum(u.parameters for u in self.units)
+
+    def flops_per_token(self, recompute: bool = False) -> float:
+        """Model FLOPs of one token of a training step, forward and backward, by the PaLM paper's formula
+        (Chowdhery et al. 2022, appendix B): ``6 N + 12 L H Q T``, with ``N`` the parameters that are multiplied
+        (an embedding table read by index counts only where a unit shares it as a matrix, as tied logits do) and
+        ``12 L H Q T`` the attention's scores and weighted sum over the ``T`` positions of the context, counted
+        whole, not halved for the causal mask (as PaLM and Megatron-LM count it).
+
+        ``recompute=True`` gives the *hardware* FLOPs of a run that recomputes its recomputable units in the
+        backward pass (their forward pass twice: ``8 N + 16 L H Q T`` for them).
+        """
+        shared = {name for u in self.units for name in u.shared}
+        total = 0.0
+        for u in self.units:
+            n = sum(w.size for w in u.weights if not w.lookup or w.name in shared)
+            per = 6 * n + 12 * u.attention * self.activation[0]
+            total += per * (4 / 3 if recompute and u.recompute else 1)
+        return total
 
 
 def seed_of(seed: int, name: str) -> int:

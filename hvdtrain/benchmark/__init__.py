@@ -6,6 +6,7 @@ worker (``python -m hvdtrain.benchmark SPEC RESULT``) that times its part and re
 - :mod:`~hvdtrain.benchmark.layouts`: data, tensor and pipeline layouts of a language model at the same global
   batch, and the widest model each layout trains within a per-rank memory budget.
 - :mod:`~hvdtrain.benchmark.inference`: generation speed (full window, cached, speculative).
+- :mod:`~hvdtrain.benchmark.collectives`: the cost of one collective through Horovod against the MPI floor.
 
 Figures on a shared machine are noisy: every comparison is interleaved (the order rotates each repeat) and repeated,
 and reports medians and ratios.
@@ -42,7 +43,13 @@ def command(args) -> None:
     if bad or not modes or not nps or min(nps) < 1:
         raise UsageError("--scaling takes weak and/or strong; --np takes positive rank counts")
     launcher = args.launcher_args.split()
-    if args.inference:
+    if args.collectives is not None:
+        from hvdtrain.benchmark import collectives
+
+        settings = [s.strip() for s in (collectives.DEFAULT + ";mpi-floor" if args.collectives == "default"
+                                        else args.collectives).split(";") if s.strip()]
+        report = collectives.run(settings, max(nps), args.repeats, args.chain_length, args.windows, args.timeout)
+    elif args.inference:
         from hvdtrain.benchmark import inference as bench
 
         if not args.model:
@@ -82,7 +89,10 @@ def command(args) -> None:
                                  args.repeats, launcher, args.timeout)
     out = rundir.for_command(args.output)
     out.write_json("benchmark.json", report)
-    if report["kind"] == "inference":
+    if report["kind"] == "collectives":
+        written = collectives.plot(report, out)
+        collectives.print_report(report)
+    elif report["kind"] == "inference":
         written = bench.plot(report, out)
         bench.print_report(report)
     elif report["kind"] == "layouts":
@@ -113,10 +123,12 @@ def horovodrun_path() -> str:
     return found
 
 
-def launch(np_: int, command: list[str], launcher_args: list[str], timeout: float) -> None:
-    """Run ``command`` on ``np_`` local ranks; fail with the tail of its output."""
+def launch(np_: int, command: list[str], launcher_args: list[str], timeout: float,
+           env: dict[str, str] | None = None) -> None:
+    """Run ``command`` on ``np_`` local ranks (with ``env`` added to this process's environment); fail with the
+    tail of its output."""
     cmd = [horovodrun_path(), "-np", str(np_), "-H", f"localhost:{np_}", *launcher_args, *command]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         lines = (proc.stdout + proc.stderr).splitlines()
@@ -148,6 +160,8 @@ def worker_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     if spec.get("kind") == "layout":
         from hvdtrain.benchmark.layouts import worker
+    elif spec.get("kind") == "collectives":
+        from hvdtrain.benchmark.collectives import worker
     else:
         from hvdtrain.benchmark.scaling import worker
     result = worker(spec)

@@ -81,6 +81,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = config.from_dict(spec["config"])
     mesh = runtime.begin(cfg)
+    peak, peak_source = runtime.job_peak_flops(cfg.train.precision)  # every rank at once, before any model
     start_bytes = memory.resident_bytes()  # TensorFlow and Horovod loaded, no model yet
     per_replica = spec["global_batch_size"] // mesh.data
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_replica + 2)  # 10% held out
@@ -93,6 +94,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     pipe = layout.pipeline if isinstance(layout, parallel.Parallel) else None
     before = Traffic.snapshot()
     moved = (int(pipe.sent.numpy()), int(pipe.received.numpy())) if pipe else (0, 0)
+    clock = pipe.clock.numpy() if pipe else None
     times = []
     for _ in range(spec["windows"]):
         distributed.barrier()
@@ -113,7 +115,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     held = {**layout.memory(), "peak_memory_bytes": memory.peak_bytes(), "start_memory_bytes": start_bytes}
     held["peak_growth_bytes"] = held["peak_memory_bytes"] - start_bytes
     report = {"rank": mesh.rank, "stage": mesh.stage, "times": times, "memory": held, "traffic": traffic,
-              "timings": pipe.timings.numpy().tolist() if pipe else None}
+              "timings": pipe.timings.numpy().tolist() if pipe else None,
+              "clock": (pipe.clock.numpy() - clock).tolist() if pipe else None}
     ranks = distributed.allgather_object(report)
     if not distributed.is_chief():
         return {}
@@ -129,6 +132,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "traffic_per_rank_per_step": {k: {f: max((r["traffic"].get(k, {}).get(f) or 0) for r in ranks)
                                           for f in ("calls", "bytes")} for k in ranks[0]["traffic"]},
     }
+    plan = runtime.model_plan(cfg.model, source)
+    result.update(model_flops_per_token=plan.flops_per_token(), peak_flops=peak, peak_source=peak_source,
+                  mfu=result["tokens_per_sec"] * plan.flops_per_token() / peak,
+                  hfu=result["tokens_per_sec"] * plan.flops_per_token(cfg.parallel.recompute) / peak)
     if pipe:
         p, m = mesh.pipeline, cfg.parallel.microbatches
         table = pipeline.timetable(cfg.parallel.schedule, p, m)
@@ -138,10 +145,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = min(t[:, 0].min() for t in stages.values())
         span = max(t[:, 1].max() for t in stages.values()) - t0
         busy = {s: float((t[:, 1] - t[:, 0]).sum()) for s, t in stages.items()}
+        # over every timed step: each stage's busy time against the steps' length (the longest stage's: the stages
+        # start each step together, after the previous step's collectives)
+        longest = max(r["clock"][1] for r in ranks)
+        idle = [float(np.mean([1 - r["clock"][0] / longest for r in ranks if r["stage"] == q])) for q in range(p)]
         result["pipeline"] = {
             "stages": p, "microbatches": m, "schedule": cfg.parallel.schedule, "step_seconds": span,
             "busy_seconds": [busy[s] for s in range(p)],
             "idle_fraction_measured": 1 - sum(busy.values()) / (p * span),
+            "idle_fraction_all_steps": sum(idle) / p, "idle_fraction_all_steps_per_stage": idle,
+            "timed_steps": int(ranks[0]["clock"][2]),
             "idle_fraction_gpipe_theory": (p - 1) / (m + p - 1),
             "idle_fraction_timetable": pipeline.bubble_fraction(table),
             "peak_activations_per_stage": [pipeline.peak_activations(table, s) for s in range(p)],
@@ -203,6 +216,8 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
                      "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
                      "tokens_per_sec_all": [r["tokens_per_sec"] for r in runs],
                      "step_ms": statistics.median(r["step_ms"] for r in runs),
+                     **{k: statistics.median(r[k] for r in runs) for k in ("mfu", "hfu", "peak_flops")},
+                     "model_flops_per_token": base["model_flops_per_token"], "peak_source": base["peak_source"],
                      **({"pipeline": min((r["pipeline"] for r in runs), key=lambda p: p["step_seconds"])}
                         if "pipeline" in base else {})})
     one = next((r for r in rows if r["ranks"] == 1), rows[0])
@@ -232,6 +247,7 @@ def print_report(report: dict[str, Any]) -> None:
         calls = sum(v["calls"] or 0 for v in r["traffic_per_rank_per_step"].values())
         rows.append({"layout": r["label"], "controller": r["controller"], "ranks": r["ranks"],
                      "tokens/s": r["tokens_per_sec"], "ms/step": r["step_ms"], "vs 1 rank": r["speed_vs_one_rank"],
+                     "MFU": r["mfu"],
                      "param KB/rank": m["param_bytes_per_rank"] / 1024,
                      "optimizer KB/rank": m["optimizer_bytes_per_rank"] / 1024,
                      "peak growth MB/rank": m["peak_growth_bytes"] / 2**20,
@@ -240,11 +256,16 @@ def print_report(report: dict[str, Any]) -> None:
     console.say(artifacts.format_table(rows))
     pipes = [r for r in report["results"] if "pipeline" in r]
     if pipes:
-        console.say("\npipelines: idle fraction of the stages in one step (measured) against GPipe's (p-1)/(M+p-1)")
+        console.say("\npipelines: idle fraction of the stages, in the last step and over every timed step (measured), "
+                    "against GPipe's (p-1)/(M+p-1); activations held at the peak (timetable) and the measured peak "
+                    "memory growth of each rank")
         console.say(artifacts.format_table([{
-            "layout": r["label"], "controller": r["controller"], "measured": r["pipeline"]["idle_fraction_measured"],
+            "layout": r["label"], "controller": r["controller"], "last step": r["pipeline"]["idle_fraction_measured"],
+            "all steps": r["pipeline"]["idle_fraction_all_steps"],
             "theory": r["pipeline"]["idle_fraction_gpipe_theory"],
-            "peak activations per stage": str(r["pipeline"]["peak_activations_per_stage"])} for r in pipes]))
+            "peak activations per stage": str(r["pipeline"]["peak_activations_per_stage"]),
+            "peak growth MB per rank": " ".join(f"{b / 2**20:.0f}" for b in r["peak_growth_bytes_per_rank"])}
+            for r in pipes]))
 
 
 def plot(report: dict[str, Any], run_dir) -> list[str]:

@@ -170,6 +170,8 @@ class Pipeline:
             # start and end time (seconds) of each of this stage's operations in the last step
             self.timings = tf.Variable(np.zeros((2 * micro, 2)), dtype=tf.float64, trainable=False,
                                        name="pipeline_op_timings")
+            # over every step so far: seconds this stage was busy, seconds its steps lasted, steps
+            self.clock = tf.Variable(np.zeros(3), dtype=tf.float64, trainable=False, name="pipeline_clock")
 
     # ---- transfers
 
@@ -230,7 +232,7 @@ class Pipeline:
         sums = tf.zeros([3])
         self._link = None
         times = []
-        stamp = tf.timestamp()
+        stamp = began = tf.timestamp()
         for tick, row in enumerate(self.table):
             op = row[s]
             send_forward = send_backward = None
@@ -293,7 +295,10 @@ class Pipeline:
                                          like=send_forward if send_forward is not None else like)
                     if next_op is not None and next_op.kind == "B":
                         incoming[("B", next_op.micro)] = got
-        self.timings.assign(tf.stack(times))
+        ops = tf.stack(times)
+        self.timings.assign(ops)
+        self.clock.assign_add(tf.stack([tf.reduce_sum(ops[:, 1] - ops[:, 0]), stamp - began,
+                                        tf.constant(1.0, tf.float64)]))
         return sums, grads
 
     # ---- forward only (validation, evaluation)

@@ -81,6 +81,36 @@ def test_layouts_benchmark_compares_tensor_and_pipeline_layouts(tmp_path):
     busy = sum(b - a for ops in (first, second) for a, b in ops)
     assert p["idle_fraction_measured"] == pytest.approx(1 - busy / (2 * p["step_seconds"]), abs=1e-6)
     assert p["idle_fraction_measured"] >= p["idle_fraction_gpipe_theory"] - 0.02
+    # and over every timed step (3 here, the warm-up left out): each stage's busy time against its steps' length
+    assert p["timed_steps"] == 3 and len(p["idle_fraction_all_steps_per_stage"]) == 2
+    assert p["idle_fraction_all_steps"] == pytest.approx(sum(p["idle_fraction_all_steps_per_stage"]) / 2)
+    assert p["idle_fraction_gpipe_theory"] - 0.02 <= p["idle_fraction_all_steps"] < 1
     for name in ("benchmark.png", "benchmark_timeline.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "idle fraction" in proc.stdout
+    # model FLOPs utilization: PaLM's 6N + 12LHQT for this shape (N = 2 blocks of 12w^2 + 13w, the head's norm and
+    # logits; the embedding tables are read, not multiplied), against the peak the ranks measured together
+    n = 2 * (12 * 32**2 + 13 * 32) + 2 * 32 + 32 * 256 + 256
+    assert tp["model_flops_per_token"] == 6 * n + 12 * 2 * 32 * 16
+    for r in (tp, pp):
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"])
+        assert 0 < r["mfu"] < 1 and r["peak_source"].startswith("measured")
+
+
+def test_collectives_benchmark_puts_horovod_against_the_mpi_floor(tmp_path):
+    proc = run([str(BIN / "hvdtrain"), "benchmark", "--collectives", "gloo,cycle=0.5;mpi-floor", "--np", "2",
+                "--repeats", "1", "--windows", "2", "--chain-length", "20", "--output", str(tmp_path)], timeout=600)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["settings"] == ["gloo,cycle=0.5", "mpi-floor"] and report["ranks"] == 2
+    rows = {(r["setting"], r["pattern"], r["bytes"]): r for r in report["results"]}
+    assert {k[1:] for k in rows} == {("chain", 1024), ("chain", 65536), ("single", 1 << 20), ("single", 16 << 20)}
+    for key, r in rows.items():
+        floor = rows[("mpi-floor", *key[1:])]["seconds"]
+        assert r["seconds"] > 0 and r["x_floor"] == pytest.approx(r["seconds"] / floor)
+    # a dependent 1 KB allreduce through Horovod's background cycle costs far more than MPI's own (measured 2,000x)
+    assert rows[("gloo,cycle=0.5", "chain", 1024)]["x_floor"] > 10
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    assert "chain 1 KB" in proc.stdout and "mpi-floor" in proc.stdout
+    bad = run([str(BIN / "hvdtrain"), "benchmark", "--collectives", "nccl", "--output", str(tmp_path / "x")],
+              check=False)
+    assert bad.returncode == 2 and "must start with gloo or mpi" in bad.stderr and not (tmp_path / "x").exists()

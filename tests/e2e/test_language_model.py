@@ -27,6 +27,12 @@ def test_gpt_tiny_at_two_ranks_beats_the_unigram_entropy(gpt_run):
     assert summary["test_bits_per_byte"] < unigram - 1.0
     assert summary["test_perplexity"] == pytest.approx(2 ** summary["test_bits_per_byte"], rel=1e-6)
     assert summary["tokens_per_sec"] > 0
+    # model FLOPs utilization, every epoch and overall: gpt-tiny's 2.78 MFLOP per token (PaLM's count) at the
+    # tokens/s of the run, against the peak both ranks measured at once (a float32 matmul probe on the CPU)
+    assert summary["model_flops_per_token"] == 2_775_552 and summary["peak_source"].startswith("measured")
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_sec"] * 2_775_552 / summary["peak_flops"])
+    assert 0 < summary["mfu"] < 1 and "hfu" not in summary  # no recomputation: hardware FLOPs are the model's
+    assert rows[-1]["mfu"] == pytest.approx(rows[-1]["tokens_per_sec"] * 2_775_552 / summary["peak_flops"])
 
 
 def test_generate_gives_the_requested_bytes_deterministically(gpt_run):

@@ -31,6 +31,11 @@ LAYOUTS = {
     "dp2xpp2": (4, ["data.batch_size_per_rank=8", "parallel.pipeline=2", "parallel.microbatches=2",
                     "parallel.shard_optimizer=true"]),
 }
+# The second family through the same command: a llama (grouped-query attention, rotary positions, SwiGLU) over a
+# byte-level BPE of 384 tokens trained on the run's text, with dropout: the masks are the one-process masks at
+# every layout (seeded by the global example, the step and the site, not by the rank).
+SMALL_LLAMA = ["model.params={num_layers: 2, width: 32, num_heads: 4, kv_heads: 2, dropout: 0.1}",
+               "data.vocab_size=384", *SMALL_GPT[1:]]
 COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "bits_per_byte", "val_bits_per_byte", "lr")
 
 
@@ -44,10 +49,10 @@ def corpus(tmp_path_factory):
     return path
 
 
-def train(corpus, out, layout, *sets, failpoint=None, check=True):
+def train(corpus, out, layout, *sets, failpoint=None, check=True, recipe="gpt-tiny", model=SMALL_GPT):
     np_, layout_sets = LAYOUTS[layout]
-    args = [BIN / "hvdtrain", "train", "--recipe", "gpt-tiny", "--set", f"data.path={corpus}",
-            *(a for s in [*SMALL_GPT, *layout_sets, *sets] for a in ("--set", s)), "--output", out]
+    args = [BIN / "hvdtrain", "train", "--recipe", recipe, "--set", f"data.path={corpus}",
+            *(a for s in [*model, *layout_sets, *sets] for a in ("--set", s)), "--output", out]
     e = {**env(), **({"HVDTRAIN_FAILPOINT": failpoint} if failpoint else {})}
     if np_ == 1:
         return run([str(a) for a in args], timeout=600, check=check, env=e)
@@ -162,6 +167,25 @@ def test_pipeline_run_logs_the_one_process_metrics_and_can_keep_no_model_file(on
     proc = run([str(BIN / "hvdtrain"), "generate", "--model", str(out)], check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "cannot assemble the model of" in proc.stderr and "rank-00001" in proc.stderr
+
+
+def test_llama_with_dropout_killed_at_tensor_resumes_at_pipeline_equal_to_one_process(corpus, tmp_path):
+    """llama-tiny's family and tokenizer at tensor=2 (vocabulary-parallel embedding and logits over the BPE), with
+    dropout, SIGKILLed after its first checkpoint, resumed at pipeline=2: every logged metric is the one-process
+    run's, and the run's tokenizer is the one the first launch trained (not trained again on resume)."""
+    llama = {"recipe": "llama-tiny", "model": SMALL_LLAMA}
+    one, out = tmp_path / "one", tmp_path / "run"
+    train(corpus, one, "one", **llama)
+    proc = train(corpus, out, "tp2", failpoint="after-checkpoint@1", check=False, **llama)
+    assert proc.returncode != 0 and len(rows(out)) == 1
+    tokenizer = (out / "tokenizer.json").read_bytes()
+    assert tokenizer == (one / "tokenizer.json").read_bytes() and json.loads(tokenizer)["model"]["type"] == "BPE"
+    again = train(corpus, out, "pp2", **llama)
+    assert "resuming after epoch 1" in again.stdout
+    assert_same_metrics(out, one)
+    assert rows(one)[0]["loss"] != rows(one)[1]["loss"]  # it trained
+    assert (out / "tokenizer.json").read_bytes() == tokenizer
+    assert summary(out)["test_loss"] == pytest.approx(summary(one)["test_loss"], rel=1e-5)
 
 
 def test_a_failing_stage_stops_every_stage(tmp_path, corpus):

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # `evaluation` imports nothing above the distributed core. Every module of hvdtrain must be placed here.
 LAYERS = {
     "errors": 0, "console": 0, "s3": 0.5, "storage": 1, "artifacts": 2, "plan": 1, "schedule": 1, "memory": 1,
-    "distributed": 2, "config": 2, "data": 2, "rundir": 3, "evaluation": 3, "process": 3,
+    "flops": 1, "distributed": 2, "config": 2, "data": 2, "rundir": 3, "evaluation": 3, "process": 3,
     "checkpoint": 4, "parallel": 5, "modelfile": 5, "callbacks": 6, "runtime": 6, "modelio": 6,
     "serving": 6.5, "train": 7, "compression": 7, "benchmark": 9, "evaluate": 8,
     "cli": 10, "__init__": 11,

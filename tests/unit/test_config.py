@@ -78,3 +78,19 @@ def test_config_file_errors(tmp_path):
     code.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError):  # yaml.safe_load: configs are data, never code
         config.load(config_file=str(code))
+
+
+def test_model_parallel_layouts_get_a_short_horovod_cycle_unless_one_is_given():
+    """Tensor and pipeline layouts wait on a small collective per block: hvdtrain shortens Horovod's cycle time for
+    them (measured: a dependent 1 KB allreduce from 2.07 ms to 0.125 ms under MPI); data parallelism keeps
+    Horovod's default, and a cycle time the user gives is kept."""
+    from hvdtrain import runtime
+    from hvdtrain.distributed import horovod_environment
+
+    def cycle(*overrides):
+        knobs = runtime.horovod_knobs(config.load("gpt-tiny", overrides=list(overrides)))
+        return horovod_environment(knobs).get("HOROVOD_CYCLE_TIME")
+
+    assert cycle("parallel.tensor=2") == cycle("parallel.pipeline=2") == "0.001"
+    assert cycle() is None and cycle("parallel.shard_optimizer=true") is None
+    assert cycle("parallel.tensor=2", "distributed.cycle_time_ms=0.5") == "0.5"

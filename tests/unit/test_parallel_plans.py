@@ -81,6 +81,25 @@ def test_the_plan_names_every_weight_of_the_keras_model_with_its_shape():
         assert plan.parameters == sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
+def test_model_flops_per_token_are_palms_count():
+    """6N + 12LHQT: N the multiplied parameters (embedding tables are read by index, unless tied logits multiply by
+    the token table), attention over the whole context; recomputation runs the blocks' forward pass twice."""
+    import models
+
+    w, layers, context, vocab = 32, 2, 16, 256
+    gpt_block, llama_block = 12 * w * w + 13 * w, 4 * w * w + 3 * w * 96 + 2 * w  # llama: bias-free, SwiGLU of 96
+    attention = 12 * layers * w * context
+    for family, block, head, tied in (("gpt", gpt_block, 2 * w + w * vocab + vocab, False),
+                                      ("gpt", gpt_block, 2 * w + w * vocab, True),
+                                      ("llama", llama_block, w + w * vocab, False)):
+        params = dict(num_layers=layers, width=w, num_heads=4, tie_embeddings=tied,
+                      **({"mlp_hidden": 96, "kv_heads": 4} if family == "llama" else {}))
+        plan = models.parallel_plan(family, input_shape=(context,), num_classes=vocab, **params)
+        model_flops = 6 * (layers * block + head) + attention
+        assert plan.flops_per_token() == model_flops, family
+        assert plan.flops_per_token(recompute=True) == model_flops + (6 * layers * block + attention) / 3
+
+
 def test_per_variable_seeds_give_each_slice_the_one_process_values():
     """A rank makes one variable at a time from its own seed and keeps its slice: the slices of every rank
     put together are the one-process model's variable, and no two variables share a seed."""

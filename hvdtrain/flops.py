@@ -1,0 +1,113 @@
+"""Model FLOPs utilization (MFU): how much of the machine's arithmetic a run turns into its model's math.
+
+``MFU = tokens/s x model FLOPs per token / peak FLOP/s`` (the PaLM paper's definition). The model FLOPs per token
+come from the family's plan (:meth:`models.plan.Plan.flops_per_token`: ``6 N + 12 L H Q T``, attention counted
+whole). The peak is, on a GPU, the device's published dense peak for the run's precision (a table below; an
+unknown device falls back to the probe), and on the CPU a **measured** one: every rank multiplies float32
+matrices at once with its own threads (ranks on one host share its cores, as during training), and the job's peak
+is the sum over ranks. The probe runs once per machine, threads and ranks per host, and is kept in
+``~/.cache/hvdtrain/peak-flops.json`` (a shared machine's load moves one probe by 30%: a kept peak makes the
+utilization of two runs comparable; delete the file to measure again). With recomputation the
+hardware runs more than the model needs: the hardware FLOPs utilization (HFU) counts the recomputed forward passes
+too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+# Published dense peaks (FLOP/s, no sparsity) per device: (16-bit tensor cores, float32 as TensorFlow runs it:
+# TF32 on Ampere and later, where TensorFlow enables it by default).
+GPU_PEAKS = {
+    "H100": (989e12, 494e12), "A100": (312e12, 156e12), "A10": (125e12, 62.5e12), "L4": (121e12, 60e12),
+    "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12),
+}
+
+
+def matmul_probe(size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of float32 ``size x size`` matrix products on this process's threads: the best of repeated timings
+    over about ``seconds`` (one warm-up first)."""
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal([size, size], seed=[1, 2])
+    b = tf.random.stateless_normal([size, size], seed=[3, 4])
+    product = tf.function(lambda a, b: tf.linalg.matmul(a, b))
+    product(a, b).numpy()
+    best, began = 0.0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        start = time.perf_counter()
+        product(a, b).numpy()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+PROBE = "measured: float32 matmul probe (1024 x 1024) on this rank's threads, all ranks of a host at once"
+
+
+def published_peak(precision: str = "float32") -> tuple[float, str] | None:
+    """This rank's GPU's published peak FLOP/s and its name, or None (no GPU, or one not in the table)."""
+    import tensorflow as tf
+
+    if not tf.config.list_logical_devices("GPU"):
+        return None
+    name = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0]).get(
+        "device_name", "")
+    half = precision != "float32"
+    for key, (fast, full) in GPU_PEAKS.items():
+        if key in name:
+            return (fast if half else full), f"published: {name} {'16-bit' if half else 'float32/TF32'}"
+    return None
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvdtrain" / "peak-flops.json"
+
+
+def probe_key(ranks_on_host: int) -> str:
+    """What a CPU probe depends on: the processor, this rank's threads and how many ranks share the host."""
+    import platform
+
+    import tensorflow as tf
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or len(os.sched_getaffinity(0))
+    return f"{cpu} | {len(os.sched_getaffinity(0))} cores | {threads} threads | {ranks_on_host} ranks per host"
+
+
+def kept_peak(key: str) -> float | None:
+    """The probe kept for ``key`` on this machine, if any."""
+    try:
+        return float(json.loads(cache_file().read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_peak(key: str, value: float) -> None:
+    """Keep a probe's result (written atomically; ranks of one host may write at once)."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        kept[key] = value
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(kept, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: the next run probes again
+
+
+def utilization(tokens_per_sec: float | None, flops_per_token: float, peak: float) -> float | None:
+    """Model (or hardware) FLOPs utilization; None without a throughput or a peak."""
+    if not tokens_per_sec or not peak or not flops_per_token:
+        return None
+    return tokens_per_sec * flops_per_token / peak
