@@ -5,9 +5,9 @@ come from the family's plan (:meth:`models.plan.Plan.flops_per_token`: ``6 N + 1
 whole). The peak is, on a GPU, the device's published dense peak for the run's precision (a table below; an
 unknown device falls back to the probe), and on the CPU a **measured** one: every rank multiplies float32
 matrices at once with its own threads (ranks on one host share its cores, as during training), and the job's peak
-is the sum over ranks. The probe runs once per machine, threads and ranks per host, and is kept in
-``~/.cache/hvdtrain/peak-flops.json`` (a shared machine's load moves one probe by 30%: a kept peak makes the
-utilization of two runs comparable; delete the file to measure again). With recomputation the
+is the sum over ranks. A shared machine's load moves one probe by 2x, so the peak is the best probe this machine
+has given for the same processor, threads and ranks per host: every run probes for half a second and keeps the
+best in ``~/.cache/hvdtrain/peak-flops.json`` (delete it to start over). With recomputation the
 hardware runs more than the model needs: the hardware FLOPs utilization (HFU) counts the recomputed forward passes
 too.
 """
@@ -43,7 +43,7 @@ def matmul_probe(size: int = 1024, seconds: float = 0.5) -> float:
     return best
 
 
-PROBE = "measured: float32 matmul probe (1024 x 1024) on this rank's threads, all ranks of a host at once"
+PROBE = "measured: the best float32 matmul probe (1024 x 1024) on this machine, each rank on its threads at once"
 
 
 def published_peak(precision: str = "float32") -> tuple[float, str] | None:
@@ -82,7 +82,7 @@ def probe_key(ranks_on_host: int) -> str:
 
 
 def kept_peak(key: str) -> float | None:
-    """The probe kept for ``key`` on this machine, if any."""
+    """The best probe kept for ``key`` on this machine, if any."""
     try:
         return float(json.loads(cache_file().read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
@@ -90,7 +90,7 @@ def kept_peak(key: str) -> float | None:
 
 
 def keep_peak(key: str, value: float) -> None:
-    """Keep a probe's result (written atomically; ranks of one host may write at once)."""
+    """Keep ``value`` as the best probe for ``key`` (written atomically; ranks of one host may write at once)."""
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -237,24 +237,20 @@ def make_layout(cfg: Config, source, mesh):
 
 def job_peak_flops(precision: str, collective: bool = True) -> tuple[float, str]:
     """The job's peak FLOP/s and where it comes from (:mod:`hvdtrain.flops`): a GPU's published peak, or the
-    CPU probe every rank ran at once (ranks on one host share its cores, as in training; kept per machine after
-    the first run), summed over the ranks. ``collective=False`` (elastic start-up, where a late joiner runs no
-    collective): this rank's peak times the world size."""
+    CPU probe every rank runs at the same time (ranks on one host share its cores, as in training), the best this
+    machine has given so far, summed over the ranks. ``collective=False`` (elastic start-up, where a late joiner
+    runs no collective): this rank's peak times the world size."""
     from hvdtrain import flops
 
     published = flops.published_peak(precision)
     if published is not None:
         peak, source = published
     else:
-        key = flops.probe_key(distributed.local_size())
-        peak, source = flops.kept_peak(key), flops.PROBE
-        missing = peak is None
         if collective and distributed.size() > 1:
-            missing = any(distributed.allgather_object(missing))  # then every rank probes, at the same time
-            distributed.barrier()
-        if missing:
-            peak = flops.matmul_probe(seconds=1.0)
-            flops.keep_peak(key, peak)
+            distributed.barrier()  # every rank of the host probes at once
+        key = flops.probe_key(distributed.local_size())
+        peak, source = max(flops.matmul_probe(), flops.kept_peak(key) or 0.0), flops.PROBE
+        flops.keep_peak(key, peak)
     if collective and distributed.size() > 1:
         return sum(distributed.allgather_object(peak)), source
     return peak * distributed.size(), source
