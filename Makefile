@@ -1,6 +1,9 @@
 # Two commands for a newcomer: `make demo` (set up, then train digits-cnn at 2 ranks) and `make test`.
 # Both run scripts/setup.sh first, which is idempotent and takes seconds once everything is installed.
-VENV ?= $(CURDIR)/.venv
+# HVDTRAIN_STACK=current: TensorFlow 2.21 with tf-keras and a patched Horovod, in its own venv (README: stacks)
+HVDTRAIN_STACK ?= default
+export HVDTRAIN_STACK
+VENV ?= $(if $(filter current,$(HVDTRAIN_STACK)),$(CURDIR)/.venv-current,$(CURDIR)/.venv)
 BIN := $(VENV)/bin
 NP ?= 2
 PYTEST_ARGS ?=

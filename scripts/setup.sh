@@ -7,19 +7,24 @@
 #   HVDTRAIN_EXTRAS=s3,ray the package's optional extras (object storage, Ray); `make test` installs both
 #   HVDTRAIN_TEST_SERVERS=1  the Debian packages of the servers the tests start: Ceph's S3 gateway, Slurm
 #   PYTHON=python3.11      interpreter used to create the venv
+#   HVDTRAIN_STACK=current the current stack: TensorFlow 2.21 with tf-keras (Keras 2), Horovod 0.28.1 patched
+#                          (scripts/patches); default: TensorFlow 2.15.1 with its Keras 2.15, Horovod unchanged
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$here/.venv}
 PYTHON=${PYTHON:-python3}
 HVDTRAIN_GPU=${HVDTRAIN_GPU:-0}
+HVDTRAIN_STACK=${HVDTRAIN_STACK:-default}
 HOROVOD_VERSION=0.28.1
+case "$HVDTRAIN_STACK" in default|current) ;; *) echo "HVDTRAIN_STACK must be default or current" >&2; exit 2;; esac
 log() { printf '[setup] %s\n' "$*"; }
 
 # 1. Debian packages: compilers and cmake for the Horovod build, OpenMPI for mpirun and Horovod's MPI controller.
 # strace: the test that only rank 0 writes files traces what each rank opens for writing.
 # iproute2, openssh-server: the multi-host test runs two "hosts" in network namespaces, each with its own sshd.
-debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace iproute2 openssh-server)
+# patch: applies scripts/patches/ to Horovod's source on the current stack.
+debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace iproute2 openssh-server patch)
 # The real servers of the tests (scripts/s3_server.sh, scripts/slurm_cluster.sh): ~70 MB, for `make test` only.
 if [ "${HVDTRAIN_TEST_SERVERS:-0}" = 1 ]; then
   debs+=(ceph-mon ceph-osd radosgw slurmctld slurmd slurm-client munge)
@@ -50,19 +55,34 @@ else
   fi
   py=$VENV/bin/python
 fi
-"$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), "hvdtrain needs Python 3.11, found %s" % sys.version.split()[0]'
+if [ "$HVDTRAIN_STACK" = current ]; then
+  "$py" -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 13), "the current stack needs Python 3.10-3.13, found %s" % sys.version.split()[0]'
+  export TF_USE_LEGACY_KERAS=1
+  reqs_file=$here/requirements-current.txt
+else
+  "$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), "hvdtrain needs Python 3.11, found %s (or HVDTRAIN_STACK=current)" % sys.version.split()[0]'
+  reqs_file=$here/requirements.txt
+fi
 
-reqs=$here/requirements.txt
+reqs=$reqs_file
 if [ "$HVDTRAIN_GPU" = 1 ]; then
-  reqs=$(mktemp); sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' "$here/requirements.txt" > "$reqs"
+  reqs=$(mktemp); sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' "$reqs_file" > "$reqs"
 fi
 extras=${HVDTRAIN_EXTRAS:-}
+if [ "$HVDTRAIN_STACK" = current ] && [ -n "$extras" ]; then
+  # tensorflow-io (s3) has no release past TensorFlow 2.16, and Ray's extra pins protobuf below 5
+  log "the current stack installs no extras yet (asked: $extras)"
+  extras=
+fi
+nodeps=""
+[ "$HVDTRAIN_STACK" = current ] && nodeps=$here/requirements-current-nodeps.txt
 stamp=$("$py" -c 'import sys; print(sys.prefix)')/.hvdtrain-reqs
-want=$( (cat "$reqs" "$here/setup.cfg" "$here/pyproject.toml"; echo "extras=$extras") | sha256sum | cut -d' ' -f1)
+want=$( (cat "$reqs" ${nodeps:+"$nodeps"} "$here/setup.cfg" "$here/pyproject.toml"; echo "extras=$extras") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages${extras:+ (extras: $extras)}"
   "$py" -m pip install -q --upgrade pip 'setuptools<70' wheel
   "$py" -m pip install -q -r "$reqs"
+  if [ -n "$nodeps" ]; then "$py" -m pip install -q --no-deps -r "$nodeps"; fi
   "$py" -m pip install -q --no-deps -e "$here"
   if [ -n "$extras" ]; then
     # the extras' own requirements, pinned in setup.cfg, with TensorFlow's protobuf kept as it is
@@ -84,9 +104,24 @@ if ! "$py" -c "import horovod, horovod.tensorflow as h; assert horovod.__version
   # and a wheel built against another TF raises HorovodVersionMismatchError at import.
   tfver=$("$py" -c 'import tensorflow as tf; print(tf.__version__)')
   wheels=${HVDTRAIN_WHEEL_CACHE:-$HOME/.cache/hvdtrain}/horovod-$HOROVOD_VERSION-tf$tfver-gpu$HVDTRAIN_GPU
+  source="horovod==$HOROVOD_VERSION"
+  if [ "$HVDTRAIN_STACK" = current ]; then
+    # Horovod's source distribution with our patches (each says why at its top), the wheel keyed by them too
+    wheels=$wheels-patches$(cat "$here"/scripts/patches/*.patch | sha256sum | cut -c1-8)
+  fi
   if ! ls "$wheels"/horovod-*.whl >/dev/null 2>&1; then
     mkdir -p "$wheels.tmp"
-    "$py" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir -w "$wheels.tmp" "horovod==$HOROVOD_VERSION"
+    if [ "$HVDTRAIN_STACK" = current ]; then
+      src=$(mktemp -d)
+      "$py" -m pip download -q --no-deps --no-binary :all: -d "$src" "horovod==$HOROVOD_VERSION"
+      tar xzf "$src"/horovod-"$HOROVOD_VERSION".tar.gz -C "$src"
+      source=$src/horovod-$HOROVOD_VERSION
+      for patch in "$here"/scripts/patches/*.patch; do
+        log "patching Horovod: $(basename "$patch")"
+        patch -s -p1 -d "$source" < "$patch"
+      done
+    fi
+    "$py" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir -w "$wheels.tmp" "$source"
     rm -rf "$wheels"; mv "$wheels.tmp" "$wheels"
   else
     log "using the Horovod wheel built earlier in $wheels"
