@@ -49,6 +49,7 @@ def command(args) -> None:
         settings = [s.strip() for s in (collectives.DEFAULT + ";mpi-floor" if args.collectives == "default"
                                         else args.collectives).split(";") if s.strip()]
         report = collectives.run(settings, max(nps), args.repeats, args.chain_length, args.windows, args.timeout)
+        show = collectives.plot, collectives.print_report
     elif args.inference:
         from hvdtrain.benchmark import inference as bench
 
@@ -63,6 +64,7 @@ def command(args) -> None:
             raise UsageError(f"--batch '{args.batch}' must be batch sizes separated by commas, e.g. 1,8") from None
         report = bench.run(args.model, args.draft, batches, args.max_tokens, args.repeats, args.temperature, 4,
                            methods)
+        show = bench.plot, bench.print_report
     elif args.layouts is not None:
         from hvdtrain.benchmark import layouts
 
@@ -76,37 +78,26 @@ def command(args) -> None:
                 raise UsageError(f"--widths '{args.widths}' must be widths separated by commas, e.g. 512,1024") \
                     from None
             report = layouts.largest(cfg, chosen, int(args.budget_mb * 2**20), widths, args.global_batch, args.timeout)
+            show = layouts.plot_largest, layouts.print_largest
         else:
             report = layouts.run(cfg, chosen, [c.strip() for c in args.controllers.split(",") if c.strip()],
                                  args.repeats, args.steps, args.warmup_steps, args.windows, args.global_batch,
                                  args.timeout)
+            show = layouts.plot, layouts.print_report
     elif args.compare_baseline:
         report = scaling.compare_baseline(args.recipe or "digits-cnn", args.overrides, max(nps), args.repeats,
                                           launcher, args.timeout)
+        show = (lambda report, out: []), scaling.print_report
     else:
         cfg = config.load(args.recipe or "synthetic-resnet-small", args.config, args.overrides)
         report = scaling.scaling(cfg, nps, modes, cfg.data.batch_size_per_rank, args.steps, args.warmup_steps,
                                  args.repeats, launcher, args.timeout)
+        show = scaling.plot, scaling.print_report
     out = rundir.for_command(args.output)
     out.write_json("benchmark.json", report)
-    if report["kind"] == "collectives":
-        written = collectives.plot(report, out)
-        collectives.print_report(report)
-    elif report["kind"] == "inference":
-        written = bench.plot(report, out)
-        bench.print_report(report)
-    elif report["kind"] == "layouts":
-        written = layouts.plot(report, out)
-        layouts.print_report(report)
-    elif report["kind"] == "largest":
-        written = layouts.plot_largest(report, out)
-        layouts.print_largest(report)
-    else:
-        written = []
-        if report["kind"] == "scaling":
-            scaling.plot_scaling(report, out.path("benchmark.png"))
-            written = ["benchmark.png"]
-        scaling.print_report(report)
+    plot, print_report = show  # each benchmark's plots (under out; returns the file names) and tables
+    written = plot(report, out)
+    print_report(report)
     console.say("\nwritten: " + ", ".join(out.path(n) for n in ["benchmark.json", *written]))
 
 

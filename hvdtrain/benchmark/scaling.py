@@ -160,6 +160,12 @@ def compare_baseline(recipe: str | None, overrides: list[str], np_: int, repeats
     }
 
 
+def plot(report: dict[str, Any], run_dir) -> list[str]:
+    """``benchmark.png`` of a scaling report under ``run_dir``; returns the file names written."""
+    plot_scaling(report, run_dir.path("benchmark.png"))
+    return ["benchmark.png"]
+
+
 def plot_scaling(report: dict[str, Any], path: str) -> None:
     """Throughput against ranks (with ideal scaling) and allreduce bus bandwidth against message size."""
     plt = artifacts.pyplot()
