@@ -65,20 +65,23 @@ def cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvdtrain" / "peak-flops.json"
 
 
-def probe_key(ranks_on_host: int) -> str:
-    """What a CPU probe depends on: the processor, this rank's threads and how many ranks share the host."""
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
     import platform
 
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def probe_key(ranks_on_host: int) -> str:
+    """What a CPU probe depends on: the processor, this rank's threads and how many ranks share the host."""
     import tensorflow as tf
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     threads = tf.config.threading.get_intra_op_parallelism_threads() or len(os.sched_getaffinity(0))
-    return f"{cpu} | {len(os.sched_getaffinity(0))} cores | {threads} threads | {ranks_on_host} ranks per host"
+    return f"{cpu_name()} | {len(os.sched_getaffinity(0))} cores | {threads} threads | {ranks_on_host} ranks per host"
 
 
 def kept_peak(key: str) -> float | None:

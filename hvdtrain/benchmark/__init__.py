@@ -129,15 +129,9 @@ def launch(np_: int, command: list[str], launcher_args: list[str], timeout: floa
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+    from hvdtrain.flops import cpu_name
+
+    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
 
 
 def progress(msg: str) -> None:
