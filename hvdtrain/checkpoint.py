@@ -48,6 +48,17 @@ def inner_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
+def build_optimizer(optimizer, variables) -> None:
+    """Create the optimizer's state for ``variables`` now, named as Keras names it in a first step. Built before
+    training, the first step creates no variable, and TensorFlow traces the train function once instead of twice
+    (a second trace of the whole step: about 3 s of every start on a CPU)."""
+    import tensorflow as tf
+
+    inner = inner_optimizer(optimizer)
+    with tf.name_scope(inner.name):
+        inner.build(variables)
+
+
 @dataclass(frozen=True)
 class Piece:
     """A flat range of one tensor-parallel part of one variable's weights (``kind="param"``) or optimizer slot."""

@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from hvdtrain import distributed
-from hvdtrain.checkpoint import CheckpointError, Piece, Reader, inner_optimizer, is_sharded, read_legacy
+from hvdtrain.checkpoint import (CheckpointError, Piece, Reader, build_optimizer, inner_optimizer, is_sharded,
+                                 read_legacy)
 from hvdtrain.distributed.mesh import Group, Mesh
 from hvdtrain.distributed.sharded import Entry, KerasModule, ShardedModule, bytes_of, keras_name
 from hvdtrain.errors import ConfigError
@@ -103,7 +104,7 @@ class DataParallel:
 
     def build_optimizer(self) -> None:
         """Create the optimizer state now (it exists only after a first step otherwise)."""
-        inner_optimizer(self.model.optimizer).build(self.model.trainable_variables)
+        build_optimizer(self.model.optimizer, self.model.trainable_variables)
 
     def _state_variables(self) -> dict[str, tf.Variable]:
         """The optimizer's scalars a checkpoint keeps: its step, the loss scale, the elastic schedule's state."""

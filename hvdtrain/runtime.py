@@ -145,6 +145,10 @@ def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, 
     model.compile(optimizer=optimizer, loss=loss or default_loss,
                   metrics=default_metrics if metrics is None else metrics,
                   steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
+    if model.built:  # the optimizer's state before the first step: the train function is traced once, not twice
+        from hvdtrain.checkpoint import build_optimizer
+
+        build_optimizer(optimizer, model.trainable_variables)
     return model
 
 
@@ -160,20 +164,23 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
     )
 
 
-# Horovod's cycle time (ms) when tensor or pipeline parallelism puts collectives on the critical path and the config
-# leaves it unset (distributed.cycle_time_ms=0; a HOROVOD_CYCLE_TIME in the environment wins over both). Measured
-# (docs/performance.md, `hvdtrain benchmark --collectives`): a dependent 1 KB allreduce under MPI costs 2.07 ms at
-# Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of 2.9 us), with no loss in the layouts'
-# steps; under Gloo it stays about 5 ms at any cycle time.
+# Horovod's cycle time (ms) when tensor or pipeline parallelism puts collectives on the critical path, the controller
+# is MPI and the config leaves it unset (distributed.cycle_time_ms=0; a HOROVOD_CYCLE_TIME in the environment wins
+# over both). Measured (docs/performance.md, `hvdtrain benchmark --collectives`): a dependent 1 KB allreduce under MPI
+# costs 2.07 ms at Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of 2.9 us), with no loss in
+# the layouts' steps. Under Gloo it stays about 5 ms at any cycle time, and the background thread's polling costs
+# CPU the ranks need (41 s of CPU in 98 for 5 small layout cases at 2 ranks on 2 cores): Gloo keeps the default.
 MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
 
 
 def horovod_knobs(cfg: Config):
-    """``cfg.distributed``, with the cycle time hvdtrain chooses for a tensor or pipeline layout when unset."""
+    """``cfg.distributed``, with the cycle time hvdtrain chooses for a tensor or pipeline layout under MPI when
+    unset."""
     import dataclasses
 
     knobs = cfg.distributed
-    if not knobs.cycle_time_ms and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
+    split = cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1
+    if not knobs.cycle_time_ms and split and not distributed.launched_with_gloo():
         knobs = dataclasses.replace(knobs, cycle_time_ms=MODEL_PARALLEL_CYCLE_TIME_MS)
     return knobs
 

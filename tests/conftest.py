@@ -56,6 +56,45 @@ def read_env(path: Path) -> dict[str, str]:
     return out
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills once per test session, whichever pytest worker asks first; a worker that
+    asks while another builds waits for it (a file lock), then reuses what it built."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the folder the workers share
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").write_text("")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's main job (digits-cnn, 60 epochs at 2 ranks, Gloo), each rank under strace to see what it writes:
+    ``(output folder, strace folder, horovodrun's stdout)``. The train CLI's tests check the run; compression's use
+    its model (trained once for both)."""
+    from tests.helpers import BIN, horovodrun
+
+    def build(base):
+        out, traces = base / "run", base / "traces"
+        traces.mkdir()
+        calls = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,rmdir"
+        wrapped = (f"exec strace -f -qq -e trace={calls} -o {traces}/rank$HOROVOD_RANK.txt "
+                   f"{BIN}/hvdtrain train --recipe digits-cnn --output {out}")
+        proc = horovodrun(["sh", "-c", wrapped], extra=["--gloo"], timeout=600)
+        (base / "stdout.txt").write_text(proc.stdout)
+
+    base = shared_once(tmp_path_factory, "demo-run", build)
+    return base / "run", base / "traces", (base / "stdout.txt").read_text()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server on 127.0.0.1 (Ceph's radosgw on a one-OSD, memory-backed cluster) and its environment."""

@@ -53,6 +53,12 @@ def launched() -> bool:
     return any(k in os.environ for k in keys)
 
 
+def launched_with_gloo() -> bool:
+    """True when Horovod will run this process with Gloo (horovodrun --gloo or Ray set ``HOROVOD_CONTROLLER``, or a
+    plain process); known before ``hvd.init()``, from the launcher's environment."""
+    return os.environ.get("HOROVOD_CONTROLLER", "").lower() == "gloo" or not launched()
+
+
 def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, enable_xla_ops: bool = False,
          autotune_log: str = "", dynamic_process_sets: bool = False) -> None:
     """Initialise Horovod once per process.
@@ -366,7 +372,7 @@ __all__ = [
     "REDUCE_OPS", "agree", "allgather_object", "allreduce", "allreduce_tensor", "barrier", "broadcast_callback",
     "broadcast_object", "broadcast_variables",
     "controller", "elastic_callbacks", "gradient_tape", "horovod_environment", "init", "is_chief", "launched",
-    "local_rank",
+    "launched_with_gloo", "local_rank",
     "local_size", "metric_average_callback", "rank", "run_elastic", "shutdown", "size", "extremes", "start_timeline",
     "stop_timeline",
     "wrap_optimizer",

@@ -52,22 +52,33 @@ class Traffic:
 
     counters: dict[str, tuple] = {}
 
+    KINDS = ("allreduce", "allgather", "reducescatter", "alltoall")
+
+    @classmethod
+    def create(cls, group: str) -> None:
+        """The counters of ``group``'s collectives, made when the group is (eagerly): a variable first made while a
+        train function is traced makes TensorFlow trace it again."""
+        import tensorflow as tf
+
+        for kind in (f"{group}_{k}" for k in cls.KINDS):
+            if kind not in cls.counters:
+                with tf.init_scope():
+                    cls.counters[kind] = (tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{kind}_calls"),
+                                          tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{kind}_bytes"))
+
     @classmethod
     def count(cls, kind: str, tensors) -> None:
         import tensorflow as tf
 
-        if kind not in cls.counters:
-            with tf.init_scope():
-                cls.counters[kind] = (tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{kind}_calls"),
-                                      tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{kind}_bytes"))
         calls, nbytes = cls.counters[kind]
         calls.assign_add(1)
         nbytes.assign_add(tf.add_n([tf.cast(tf.size(t), tf.int64) * t.dtype.size for t in tensors]))
 
     @classmethod
     def snapshot(cls) -> dict[str, dict[str, int]]:
-        """``{kind: {"calls": n, "bytes": b}}`` so far."""
-        return {k: {"calls": int(c.numpy()), "bytes": int(b.numpy())} for k, (c, b) in cls.counters.items()}
+        """``{kind: {"calls": n, "bytes": b}}`` so far (the kinds that ran)."""
+        return {k: {"calls": int(c.numpy()), "bytes": int(b.numpy())} for k, (c, b) in cls.counters.items()
+                if int(c.numpy())}
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class Group:
     name: str
     ranks: tuple[int, ...]
     process_set: Any = field(default=None, compare=False, repr=False)  # None for a group of one
+
+    def __post_init__(self):
+        if len(self.ranks) > 1:
+            Traffic.create(self.name)
 
     @property
     def size(self) -> int:

@@ -10,11 +10,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The recipe's digits CNN (60 epochs), trained in one process: the teacher / model to compress."""
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--output", str(out)], timeout=900)
-    return out
+def trained(demo_run):
+    """The model to compress (and the teacher to distill): the README's main job, digits-cnn trained 60 epochs at 2
+    ranks (tests/conftest.py; shared with the train CLI's tests, trained once per test session)."""
+    return demo_run[0]
 
 
 def compress(trained, tmp_path, method, *sets):

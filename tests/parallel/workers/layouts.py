@@ -1,6 +1,6 @@
-"""Train a small gpt for a few steps at a parallel layout, several cases per launch (one mesh), and (rank 0) the
-same model in one process with plain Keras on the same global batches; report the weights of both and what each
-rank held.
+"""Train a small gpt for a few steps at a parallel layout, several cases per launch (one mesh), then the same
+models in one process with plain Keras on the same global batches (the distinct ones shared out over the ranks);
+report the weights of both and what each rank held.
 
 Usage: layouts.py OUTDIR CASES
   CASES   name:key=value&key=value;name2:...   parallel.* (the layout), train.* and model.* overrides per case,
@@ -71,7 +71,7 @@ def negative(kind: str) -> None:
 
 
 results = {}
-references = {}  # one reference per distinct one-process run (negative controls share their case's)
+pending = {}  # one reference per distinct one-process run (negative controls share their case's): key -> its cases
 mesh = None
 for name, settings in cases:
     began = time.perf_counter()
@@ -85,11 +85,10 @@ for name, settings in cases:
     tf.keras.mixed_precision.set_global_policy(cfg.train.precision)
     source = data.load(cfg.data, seed=0, model_name=cfg.model.name)
     per_replica, global_batch = cfg.data.batch_size_per_rank, cfg.data.batch_size_per_rank * mesh.data
-    lr = cfg.train.learning_rate
     layout = runtime.make_layout(cfg, source, mesh)
     if kind == "clip_twice":  # every tensor rank counts the replicated weights in the norm
         layout.entries[:] = [dataclasses.replace(e, counted=True) for e in layout.entries]
-    model = runtime.prepare(layout.training_model, cfg, lr, layout=layout)
+    model = runtime.prepare(layout.training_model, cfg, cfg.train.learning_rate, layout=layout)
     ds = source.train_dataset(mesh.data_rank, mesh.data, per_replica, cfg.train.seed, 0)
     cbs = [c for c in [layout.broadcast_callback()] if c is not None]
     model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=cbs)
@@ -109,36 +108,47 @@ for name, settings in cases:
         result["sent"] = int(layout.pipeline.sent.numpy())
         result["received"] = int(layout.pipeline.received.numpy())
         result["busy_seconds"] = float(np.sum(np.diff(layout.pipeline.timings.numpy(), axis=1)))
+    plan = runtime.model_plan(cfg.model, source)
     if mesh.rank == 0:
-        negative("")
         reader = checkpoint.Reader(checkpoint.latest(str(run)))
-        plan = runtime.model_plan(cfg.model, source)
         result["parallel"] = [reader.read(w.name).ravel().tolist() for w in plan.weights]
-        # the reference: the same model in one process, plain Keras, the whole global batch per step
-        reference_precision = "float32" if kind == "reference_fp32" else cfg.train.precision
-        # the one-process run depends on neither the layout nor the distributed settings, and its precision is its own
-        same = dataclasses.replace(cfg, parallel=config.ParallelConfig(), distributed=config.DistributedConfig(),
-                                   train=dataclasses.replace(cfg.train, precision=reference_precision))
-        key = (config.to_yaml(same), global_batch)
-        if key not in references:
-            tf.keras.mixed_precision.set_global_policy(reference_precision)
-            reference = runtime.build_model(cfg.model, source)
-            from models.plan import initialize, keras_variables
-
-            initialize(reference, plan, cfg.train.seed)
-            variables = keras_variables(reference, plan)
-            initial = [variables[w.name].numpy().ravel().tolist() for w in plan.weights]
-            optimizer = runtime.make_optimizer(cfg.train, lr)
-            if reference_precision == "mixed_float16":
-                optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
-            reference.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            reference.fit(source.train_dataset(0, 1, global_batch, cfg.train.seed, 0), epochs=1,
-                          steps_per_epoch=steps, verbose=0)
-            references[key] = (initial, [variables[w.name].numpy().ravel().tolist() for w in plan.weights])
-        result["initial"], result["reference"] = references[key]
         result["reference_param_bytes"] = 4 * plan.parameters
         result["names"] = [w.name for w in plan.weights]
-    distributed.barrier()
+    # the one-process run depends on neither the layout nor the distributed settings, and its precision is its own
+    reference_precision = "float32" if kind == "reference_fp32" else cfg.train.precision
+    same = dataclasses.replace(cfg, parallel=config.ParallelConfig(), distributed=config.DistributedConfig(),
+                               train=dataclasses.replace(cfg.train, precision=reference_precision))
+    pending.setdefault((config.to_yaml(same), global_batch), (same, global_batch, []))[2].append(name)
     result["seconds"] = time.perf_counter() - began
     results[name] = result
+
+# The references: the same models in one process, plain Keras, the whole global batch per step; the distinct ones
+# shared out over the ranks (each trains its share while the others train theirs), then gathered on rank 0.
+negative("")
+mine = {}
+for i, (same, global_batch, names) in enumerate(pending.values()):
+    if i % distributed.size() != distributed.rank():
+        continue
+    from models.plan import initialize, keras_variables
+
+    tf.keras.mixed_precision.set_global_policy(same.train.precision)
+    source = data.load(same.data, seed=0, model_name=same.model.name)
+    plan = runtime.model_plan(same.model, source)
+    reference = runtime.build_model(same.model, source)
+    initialize(reference, plan, same.train.seed)
+    variables = keras_variables(reference, plan)
+    initial = [variables[w.name].numpy().ravel().tolist() for w in plan.weights]
+    optimizer = runtime.make_optimizer(same.train, same.train.learning_rate)
+    if same.train.precision == "mixed_float16":
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    reference.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    reference.fit(source.train_dataset(0, 1, global_batch, same.train.seed, 0), epochs=1, steps_per_epoch=steps,
+                  verbose=0)
+    trained = [variables[w.name].numpy().ravel().tolist() for w in plan.weights]
+    mine.update({n: (initial, trained) for n in names})
+gathered = distributed.allgather_object(mine)
+if distributed.rank() == 0:
+    for part in gathered:
+        for n, (initial, trained) in part.items():
+            results[n]["initial"], results[n]["reference"] = initial, trained
 common.report(outdir, distributed.rank(), **results)
