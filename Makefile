@@ -11,8 +11,14 @@ PYTEST_ARGS ?=
 # about half of 2 cores idle (Horovod's negotiation, servers starting, polling), which the second worker uses.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+TESTS ?= tests
+# What CI runs on the current stack besides the whole suite on the default one: data-parallel, tensor and pipeline
+# equivalence at 2 and 4 ranks, elastic training that loses a worker, compression (TFLite int8, QAT, pruning,
+# distillation), the unit tests
+CURRENT_TESTS := tests/unit tests/parallel/test_core.py tests/parallel/test_layouts.py tests/e2e/test_compression.py \
+	tests/e2e/test_fault_tolerance.py::test_elastic_job_survives_a_killed_worker
 
-.PHONY: setup setup-test demo test test-unit test-parallel test-e2e lint clean
+.PHONY: setup setup-test demo test test-current test-unit test-parallel test-e2e lint clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -26,7 +32,11 @@ demo: setup
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo
 
 test: setup-test
-	$(PYTEST) tests $(PYTEST_ARGS)
+	$(PYTEST) $(TESTS) $(PYTEST_ARGS)
+
+# CI's check of the current stack (its own venv, set up first)
+test-current:
+	$(MAKE) test HVDTRAIN_STACK=current VENV=$(CURDIR)/.venv-current TESTS="$(CURRENT_TESTS)"
 
 test-unit: setup-test
 	$(PYTEST) tests/unit $(PYTEST_ARGS)

@@ -56,7 +56,7 @@ else
   py=$VENV/bin/python
 fi
 if [ "$HVDTRAIN_STACK" = current ]; then
-  "$py" -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 13), "the current stack needs Python 3.10-3.13, found %s" % sys.version.split()[0]'
+  "$py" -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), "the current stack needs Python 3.11-3.13, found %s" % sys.version.split()[0]'
   export TF_USE_LEGACY_KERAS=1
   reqs_file=$here/requirements-current.txt
 else
