@@ -14,10 +14,11 @@ import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS on the current sta
 # Seconds each of the slowest test files took in a run of the whole suite (JUnit times, 2 cores). `make test` runs
 # two workers that take whole files; the longest start first, so that no worker is left alone with one at the end.
 FILE_SECONDS = {
-    "tests/e2e/test_compression.py": 353, "tests/e2e/test_parallel_cli.py": 320, "tests/parallel/test_layouts.py": 223,
-    "tests/e2e/test_fault_tolerance.py": 173, "tests/e2e/test_serving.py": 157, "tests/e2e/test_benchmark.py": 137,
-    "tests/e2e/test_object_storage.py": 136, "tests/e2e/test_train_cli.py": 119, "tests/e2e/test_ray.py": 104,
-    "tests/e2e/test_language_model.py": 101, "tests/parallel/test_memory.py": 93, "tests/parallel/test_core.py": 74,
+    "tests/e2e/test_compression.py": 724, "tests/parallel/test_layouts.py": 719, "tests/e2e/test_parallel_cli.py": 682,
+    "tests/e2e/test_fault_tolerance.py": 465, "tests/e2e/test_serving.py": 427, "tests/e2e/test_benchmark.py": 395,
+    "tests/e2e/test_object_storage.py": 328, "tests/e2e/test_train_cli.py": 272, "tests/e2e/test_ray.py": 174,
+    "tests/e2e/test_language_model.py": 154, "tests/parallel/test_memory.py": 139, "tests/parallel/test_core.py": 139,
+    "tests/e2e/test_launchers.py": 134, "tests/e2e/test_bad_input.py": 118, "tests/e2e/test_multihost.py": 106,
 }
 
 

@@ -100,6 +100,13 @@ def test_tensor_parallel_matches_one_process(two):
     assert equal(two[0]["tp2"])
 
 
+def test_every_layout_traces_its_train_step_once(two, four):
+    """No variable is made in a first step (optimizer slots, ZeRO's slices, the collectives' counters), so
+    TensorFlow never traces a train step a second time (each trace of a layout's step takes seconds)."""
+    assert {name: r[name]["traces"] for r in two + four for name in r} == {
+        name: 1 for r in two + four for name in r}
+
+
 def test_tensor_parallel_ranks_hold_half_of_each_split_weight_and_of_the_vocabulary(two):
     r0, r1 = two[0]["tp2"], two[1]["tp2"]
     assert (r0["tensor_rank"], r1["tensor_rank"]) == (0, 1) and r0["data_rank"] == r1["data_rank"] == 0

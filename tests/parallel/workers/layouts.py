@@ -103,6 +103,7 @@ for name, settings in cases:
     result = {"global_rank": mesh.rank, "stage": mesh.stage, "tensor_rank": mesh.tensor_rank,
               "data_rank": mesh.data_rank, "memory": layout.memory(),
               "loss": float(model.history.history["loss"][-1]),
+              "traces": model.train_function.experimental_get_tracing_count(),
               "module_variables": [e.name for e in getattr(layout, "entries", [])]}
     if getattr(layout, "pipeline", None) is not None:
         result["sent"] = int(layout.pipeline.sent.numpy())
