@@ -33,10 +33,11 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw) -> subpr
 
 
 def horovodrun(args: list, np: int = 2, timeout: float = 300, check: bool = True,
-               extra: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``horovodrun -np N -H localhost:N [EXTRA] ARGS``, as a user runs it."""
+               extra: list[str] | None = None, cwd: Path | None = None,
+               environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``horovodrun -np N -H localhost:N [EXTRA] ARGS``, as a user runs it (``environment``: added to the ranks')."""
     cmd = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", *(extra or []), *map(str, args)]
-    return run(cmd, timeout=timeout, check=check, cwd=cwd)
+    return run(cmd, timeout=timeout, check=check, cwd=cwd, env={**env(), **(environment or {})})
 
 
 def mpirun(args: list, np: int = 2, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,14 +50,14 @@ def mpirun(args: list, np: int = 2, timeout: float = 300, check: bool = True) ->
 
 
 def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: float = 300,
-                 launcher: str = "horovodrun") -> list[dict]:
+                 launcher: str = "horovodrun", environment: dict[str, str] | None = None) -> list[dict]:
     """Run ``tests/parallel/workers/SCRIPT`` at ``np`` ranks; each rank writes ``rank{r}.json``; return them."""
     outdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, ROOT / "tests" / "parallel" / "workers" / script, outdir, *args]
     if launcher == "mpirun":
         mpirun(command, np=np, timeout=timeout)
     else:
-        horovodrun(command, np=np, timeout=timeout)
+        horovodrun(command, np=np, timeout=timeout, environment=environment)
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(np)]
 
 
