@@ -168,8 +168,8 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
 # is MPI and the config leaves it unset (distributed.cycle_time_ms=0; a HOROVOD_CYCLE_TIME in the environment wins
 # over both). Measured (docs/performance.md, `hvdtrain benchmark --collectives`): a dependent 1 KB allreduce under MPI
 # costs 2.07 ms at Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of 2.9 us), with no loss in
-# the layouts' steps. Under Gloo it stays about 5 ms at any cycle time, and the background thread's polling costs
-# CPU the ranks need (41 s of CPU in 98 for 5 small layout cases at 2 ranks on 2 cores): Gloo keeps the default.
+# the layouts' steps. Under Gloo it stays about 5 ms at any cycle time, so Gloo keeps the default: the polling
+# thread only costs CPU there (under MPI on 2 cores it took 31 s of 106 s of CPU from 5 short layout cases).
 MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
 
 
