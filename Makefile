@@ -26,7 +26,7 @@ setup:
 # The tests also need the optional extras (object storage, Ray) and the Debian packages of the real servers they
 # start (Ceph's S3 gateway, Slurm).
 setup-test:
-	VENV=$(VENV) HVDTRAIN_EXTRAS=s3,ray HVDTRAIN_TEST_SERVERS=1 bash scripts/setup.sh
+	VENV=$(VENV) HVDTRAIN_EXTRAS=ray HVDTRAIN_TEST_SERVERS=1 bash scripts/setup.sh
 
 demo: setup
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo

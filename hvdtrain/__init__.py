@@ -54,9 +54,9 @@ def shard(dataset: "tf.data.Dataset", batch_size: int | None = None, num_example
     return shard_dataset(dataset, rank(), size(), batch_size=batch_size, num_examples=num_examples)
 
 
-def exit(code: int = 0) -> None:  # noqa: A001 - the one way a script should end after using S3
-    """End a script that used object storage: flush, shut Horovod down, and leave without the interpreter's
-    teardown, during which tensorflow-io 0.36 aborts (see :func:`hvdtrain.process.exit_process`)."""
+def exit(code: int = 0) -> None:  # noqa: A001 - the one way a script should end after using tensorflow-io
+    """End a script: flush, shut Horovod down, and (after tensorflow-io's ``hdfs://`` was used) leave without the
+    interpreter's teardown, during which tensorflow-io 0.36 aborts (see :func:`hvdtrain.process.exit_process`)."""
     from hvdtrain.process import exit_process
 
     exit_process(code)

@@ -432,4 +432,6 @@ def default_callbacks(
     if run_dir is not None:
         if tensorboard:
             cbs.append(tf.keras.callbacks.TensorBoard(log_dir=run_dir.tensorboard, profile_batch=0))
+            if run_dir.tensorboard_staged:
+                cbs.append(tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: run_dir.publish()))
     return cbs

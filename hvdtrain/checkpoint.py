@@ -155,6 +155,20 @@ class Reader:
         self.scalars: dict[str, Any] = self.manifest.get("scalars", {})
         self.layout: dict[str, Any] = self.manifest.get("layout", {})
         self._files: dict[str, Any] = {}
+        self._downloads: tempfile.TemporaryDirectory | None = None
+
+    def _bundle(self, file: str) -> str:
+        """Where TensorFlow's reader opens bundle ``file``: in place, or for ``s3://`` (which TensorFlow cannot
+        read) a local copy of its index and data files, made when first needed and removed with the reader."""
+        uri = storage.join(self.uri, file)
+        if not storage.is_s3(uri):
+            return uri
+        if self._downloads is None:
+            self._downloads = tempfile.TemporaryDirectory(prefix="hvdtrain-ckpt-")
+        local = Path(self._downloads.name)
+        for part in [uri + ".index", *storage.glob(uri + ".data-*")]:
+            storage.download(part, local / storage.basename(part))
+        return str(local / file)
 
     def kinds(self, name: str) -> list[str]:
         """What the checkpoint holds of ``name``: ``param`` and the optimizer's slot kinds."""
@@ -166,9 +180,9 @@ class Reader:
 
         try:
             if file not in self._files:
-                self._files[file] = tf.train.load_checkpoint(storage.join(self.uri, file))
+                self._files[file] = tf.train.load_checkpoint(self._bundle(file))
             return self._files[file].get_tensor(key)
-        except (tf.errors.OpError, ValueError) as exc:
+        except (tf.errors.OpError, ValueError, OSError) as exc:
             reason = str(getattr(exc, "message", exc)).strip().splitlines()[0][:120]
             raise CheckpointError(f"{self.uri}: cannot read {file} ({reason})") from None
 

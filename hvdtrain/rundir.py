@@ -11,7 +11,8 @@ A training run's directory::
     metrics.jsonl       one line per epoch, rewritten whole at each epoch's end
     checkpoints/epoch-NNNN/   the writers' bundles and manifest.json, then state.json: a checkpoint is complete only
                         once its state.json exists (hvdtrain.checkpoint)
-    tensorboard/        TensorBoard event files
+    tensorboard/        TensorBoard event files (on s3://, written to a local folder and uploaded after every epoch:
+                        TensorFlow has no S3 file system)
     summary.json, model.keras, curves.png, and files written by code that knows only local paths (Horovod's
                         timeline and autotune log), staged locally and uploaded when the directory is remote
 
@@ -62,6 +63,7 @@ class RunDir:
         self.uri = str(uri)
         self._staged: dict[str, Path] = {}
         self._staging: tempfile.TemporaryDirectory | None = None
+        self._uploaded: dict[Path, tuple[int, int]] = {}  # staged file -> (size, mtime) at its last upload
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
@@ -124,8 +126,15 @@ class RunDir:
 
     @property
     def tensorboard(self) -> str:
-        """The TensorBoard log folder."""
-        return self.path("tensorboard")
+        """The TensorBoard log folder: the directory's own, or on ``s3://`` a local folder that :meth:`publish`
+        uploads (the training callbacks publish after every epoch)."""
+        target = self.path("tensorboard")
+        return str(self.local("tensorboard")) if self.tensorboard_staged else target
+
+    @property
+    def tensorboard_staged(self) -> bool:
+        """Whether TensorBoard writes to a local folder that :meth:`publish` uploads (``s3://``)."""
+        return storage.is_s3(self.uri)
 
     # ---- files written by code that knows only local files (Horovod's C++, the TFLite converter, the report)
 
@@ -151,10 +160,18 @@ class RunDir:
         self._staged[self.resolve(name)] = Path(local)
 
     def publish(self) -> None:
-        """Upload what was written to staging files (files already in place stay)."""
+        """Upload what was written to staging files and folders since the last call (files already in place
+        stay)."""
         for target, local in self._staged.items():
-            if local.exists() and str(local) != target:
-                storage.upload(local, target)
+            if str(local) == target or not local.exists():
+                continue
+            files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+            for file in files:
+                stat = file.stat()
+                if self._uploaded.get(file) != (stat.st_size, stat.st_mtime_ns):
+                    relative = file.relative_to(local).as_posix() if local.is_dir() else ""
+                    storage.upload(file, storage.join(target, relative) if relative else target)
+                    self._uploaded[file] = (stat.st_size, stat.st_mtime_ns)
 
     # ---- checkpoints
 

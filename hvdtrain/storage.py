@@ -5,13 +5,21 @@ folder and is renamed into place. Object stores have no rename (a "rename" is a 
 so a remote write is one upload to the final name (an object appears whole or not at all), and a *group* of files
 (a checkpoint) is complete only when its marker file, written last, exists (see :mod:`hvdtrain.rundir`).
 
-Remote URIs go through ``tf.io.gfile``; schemes other than ``gs://`` need tensorflow-io's file systems
-(``pip install 'hvdtrain[s3]'``), imported here on first use.
+``s3://`` goes through hvdtrain's own S3 client (:mod:`hvdtrain.s3`: the standard library only, so it works the
+same on every TensorFlow version); other remote URIs through ``tf.io.gfile`` (``gs://`` built in; ``hdfs://`` and
+``az://`` need tensorflow-io's file systems, ``pip install 'hvdtrain[hdfs]'``, imported here on first use).
+
+Code that only TensorFlow reads or writes (TFRecord shards, TensorBoard logs) gets local files for ``s3://``:
+:func:`local_copy` downloads an object once into a cache, and a run's TensorBoard folder is staged and uploaded
+(:mod:`hvdtrain.rundir`).
 """
 from __future__ import annotations
 
+import fnmatch
 import glob as globbing
+import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,10 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hvdtrain import s3
 from hvdtrain.errors import HvdtrainError, UsageError
 
-# Schemes that tensorflow-io registers (TensorFlow 2.15 itself has only local files, gs:// and ram://).
-IO_SCHEMES = ("s3", "hdfs", "viewfs", "har", "az", "http", "https")
+# Schemes that tensorflow-io registers (TensorFlow itself has only local files, gs:// and ram://); s3:// is
+# hvdtrain's own.
+IO_SCHEMES = ("hdfs", "viewfs", "har", "az", "http", "https")
 
 
 def scheme(uri: str | Path) -> str:
@@ -63,6 +73,11 @@ def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
+def is_s3(uri: str | Path) -> bool:
+    """True for an ``s3://`` URI (served by :mod:`hvdtrain.s3`)."""
+    return scheme(uri) == "s3"
+
+
 def gfile():
     """``tf.io.gfile``, with tensorflow-io's file systems registered when installed."""
     import tensorflow as tf
@@ -77,7 +92,7 @@ def gfile():
 def require_scheme(uri: str | Path) -> None:
     """Fail with one line when nothing on this machine can read ``uri``'s scheme."""
     s = scheme(uri)
-    if s in ("", "file", "gs", "ram"):
+    if s in ("", "file", "gs", "ram", "s3"):
         return
     if s not in IO_SCHEMES:
         raise UsageError(f"'{uri}': unknown storage scheme '{s}://'; use a local path, s3://, gs:// or hdfs://")
@@ -85,20 +100,41 @@ def require_scheme(uri: str | Path) -> None:
         import tensorflow_io  # noqa: F401
     except ImportError:
         raise UsageError(f"'{uri}' needs tensorflow-io for {s}:// URIs; install the extra: "
-                         "pip install 'hvdtrain[s3]'") from None
+                         "pip install 'hvdtrain[hdfs]'") from None
 
 
 def glob(pattern: str) -> list[str]:
     """Files and folders matching ``pattern`` (``*``, ``?``; locally also ``**``), sorted."""
     if is_local(pattern):
         return sorted(globbing.glob(str(local_path(pattern)), recursive=True))
+    if is_s3(pattern):
+        return _s3_glob(str(pattern))
     return sorted(gfile().glob(str(pattern)))
+
+
+def _s3_glob(pattern: str) -> list[str]:
+    """``glob`` on S3: list under the pattern's literal prefix, match each component (``*`` stays within one)."""
+    bucket, key = s3.split(pattern)
+    literal = re.split(r"[*?\[]", key, maxsplit=1)[0]
+    keys, _ = s3.list_objects(bucket, literal)
+    parts = key.split("/")
+    found = set()
+    for k in keys:
+        names = k.split("/")
+        if len(names) >= len(parts) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts)):
+            found.add("/".join(names[:len(parts)]))  # a folder when the key goes deeper
+    return sorted(f"s3://{bucket}/{k}" for k in found)
 
 
 def size(uri: str) -> int:
     """Bytes in the file at ``uri``."""
     if is_local(uri):
         return local_path(uri).stat().st_size
+    if is_s3(uri):
+        found = s3.head(str(uri))
+        if found is None:
+            raise FileNotFoundError(f"no object at {uri}")
+        return found
     return int(gfile().stat(str(uri)).length)
 
 
@@ -106,6 +142,8 @@ def exists(uri: str) -> bool:
     """Whether a file or folder exists at ``uri``."""
     if is_local(uri):
         return local_path(uri).exists()
+    if is_s3(uri):
+        return s3.head(str(uri)) is not None or is_dir(uri)
     return gfile().exists(str(uri))
 
 
@@ -113,14 +151,30 @@ def is_dir(uri: str) -> bool:
     """Whether ``uri`` is a folder (on object stores: a prefix with objects under it)."""
     if is_local(uri):
         return local_path(uri).is_dir()
+    if is_s3(uri):
+        bucket, key = s3.split(str(uri))
+        if not key.strip("/"):
+            return s3.bucket_exists(bucket)
+        return bool(_s3_children(str(uri)))
     return gfile().isdir(str(uri))
+
+
+def _s3_children(uri: str) -> list[str]:
+    """Names directly under the S3 prefix ``uri``."""
+    bucket, key = s3.split(uri)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    try:
+        keys, prefixes = s3.list_objects(bucket, prefix, delimiter="/")
+    except FileNotFoundError:  # no such bucket
+        return []
+    return sorted({name[len(prefix):].rstrip("/") for name in keys + prefixes} - {""})
 
 
 def makedirs(uri: str) -> None:
     """Create a folder and its parents (object stores need none; a marker object is not written)."""
     if is_local(uri):
         local_path(uri).mkdir(parents=True, exist_ok=True)
-    else:
+    elif not is_s3(uri):
         gfile().makedirs(str(uri))
 
 
@@ -129,6 +183,8 @@ def listdir(uri: str) -> list[str]:
     if is_local(uri):
         p = local_path(uri)
         return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+    if is_s3(uri):
+        return _s3_children(str(uri))
     g = gfile()
     folder = str(uri) if str(uri)[len(scheme(uri)) + 3:].strip("/").count("/") else str(uri).rstrip("/") + "/"
     if not g.exists(folder):
@@ -140,6 +196,8 @@ def read_bytes(uri: str) -> bytes:
     """The bytes of a file."""
     if is_local(uri):
         return local_path(uri).read_bytes()
+    if is_s3(uri):
+        return s3.get(str(uri))
     with gfile().GFile(str(uri), "rb") as f:
         return f.read()
 
@@ -197,6 +255,8 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_local(uri):
         with atomic_local(local_path(uri)) as tmp:
             tmp.write_bytes(data)
+    elif is_s3(uri):
+        s3.put(str(uri), data)
     else:
         with gfile().GFile(str(uri), "wb") as f:
             f.write(data)
@@ -219,6 +279,8 @@ def upload(local: str | Path, uri: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_local(target) as tmp:
             shutil.copyfile(local, tmp)
+    elif is_s3(uri):
+        s3.upload(local, str(uri))
     else:
         gfile().copy(str(local), str(uri), overwrite=True)
 
@@ -234,6 +296,8 @@ def download(uri: str, local: str | Path) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     if is_local(uri):
         shutil.copyfile(local_path(uri), local)
+    elif is_s3(uri):
+        s3.download(str(uri), local)
     else:
         gfile().copy(str(uri), str(local), overwrite=True)
 
@@ -246,6 +310,14 @@ def remove(uri: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
             p.unlink()
+        return
+    if is_s3(uri):
+        bucket, key = s3.split(str(uri))
+        if s3.head(str(uri)) is not None:
+            s3.delete(str(uri))
+        keys, _ = s3.list_objects(bucket, key.strip("/") + "/")
+        for k in keys:
+            s3.delete(f"s3://{bucket}/{k}")
         return
     g = gfile()
     if g.isdir(str(uri)):
@@ -266,7 +338,7 @@ def check(uri: str | Path) -> None:
         return
     from hvdtrain.s3 import s3_endpoint, s3_request
 
-    bucket = str(uri)[len("s3://"):].split("/", 1)[0]
+    bucket = s3.split(str(uri))[0]
     endpoint = s3_endpoint()
     try:
         status = s3_request("HEAD", bucket)
@@ -285,3 +357,31 @@ def check(uri: str | Path) -> None:
 def used_object_storage() -> bool:
     """Whether this process loaded tensorflow-io's file systems (see :func:`exit_process`)."""
     return "tensorflow_io" in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local copies of remote files, for readers that only open local files (TFRecord shards read by tf.data)
+
+
+def cache_dir() -> Path:
+    """Where :func:`local_copy` keeps downloads: ``HVDTRAIN_CACHE`` (default ``~/.cache/hvdtrain``)/``objects``."""
+    return Path(os.environ.get("HVDTRAIN_CACHE") or Path.home() / ".cache" / "hvdtrain") / "objects"
+
+
+def local_copy(uri: str) -> str:
+    """A local path with the content of ``uri``: the path itself when local or when TensorFlow reads the scheme;
+    for ``s3://`` a download kept in :func:`cache_dir`, named after the URI and the object's ETag, so that ranks
+    on one machine and later runs share it (written under a temporary name, renamed when whole)."""
+    if not is_s3(uri):
+        return str(local_path(uri)) if is_local(uri) else str(uri)
+    found = s3.stat(uri)
+    if found is None:
+        raise FileNotFoundError(f"no object at {uri}")
+    length, etag = found
+    name = hashlib.sha256(f"{uri}\n{etag}\n{length}".encode()).hexdigest()[:24] + "-" + basename(uri)
+    target = cache_dir() / name
+    if not (target.exists() and target.stat().st_size == length):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_local(target) as tmp:
+            s3.download(uri, tmp)
+    return str(target)

@@ -4,7 +4,7 @@
 #
 #   VENV=.venv             where to create the virtual environment ("system" installs into the current Python)
 #   HVDTRAIN_GPU=1         GPU flavour: tensorflow instead of tensorflow-cpu, Horovod with NCCL operations
-#   HVDTRAIN_EXTRAS=s3,ray the package's optional extras (object storage, Ray); `make test` installs both
+#   HVDTRAIN_EXTRAS=ray,hdfs the package's optional extras (Ray; tensorflow-io for hdfs://); `make test` installs ray
 #   HVDTRAIN_TEST_SERVERS=1  the Debian packages of the servers the tests start: Ceph's S3 gateway, Slurm
 #   PYTHON=python3.11      interpreter used to create the venv
 #   HVDTRAIN_STACK=current the current stack: TensorFlow 2.21 with tf-keras (Keras 2), Horovod 0.28.1 patched
@@ -70,9 +70,10 @@ if [ "$HVDTRAIN_GPU" = 1 ]; then
 fi
 extras=${HVDTRAIN_EXTRAS:-}
 if [ "$HVDTRAIN_STACK" = current ] && [ -n "$extras" ]; then
-  # tensorflow-io (s3) has no release past TensorFlow 2.16, and Ray's extra pins protobuf below 5
-  log "the current stack installs no extras yet (asked: $extras)"
-  extras=
+  # tensorflow-io (hdfs) has no release past TensorFlow 2.16
+  kept=$(echo "$extras" | tr ',' '\n' | grep -vx hdfs | paste -sd, - || true)
+  [ "$kept" != "$extras" ] && log "the current stack has no hdfs extra (tensorflow-io stops at TensorFlow 2.16)"
+  extras=$kept
 fi
 nodeps=""
 [ "$HVDTRAIN_STACK" = current ] && nodeps=$here/requirements-current-nodeps.txt
@@ -85,8 +86,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ -n "$nodeps" ]; then "$py" -m pip install -q --no-deps -r "$nodeps"; fi
   "$py" -m pip install -q --no-deps -e "$here"
   if [ -n "$extras" ]; then
-    # the extras' own requirements, pinned in setup.cfg, with TensorFlow's protobuf kept as it is
-    "$py" -m pip install -q -e "${here}[$extras]" "protobuf<5"
+    # the extras' own requirements as setup.cfg pins them, with TensorFlow's protobuf kept as it is (not through
+    # `pip install .[extras]`, which would resolve tf-keras' `tensorflow` over `tensorflow-cpu` on the current stack)
+    protobuf=$("$py" -c 'import google.protobuf as p; print(p.__version__)')
+    mapfile -t extra_reqs < <("$py" - "$here/setup.cfg" "$extras" <<'PY'
+import configparser, sys
+cfg = configparser.ConfigParser(interpolation=None)
+cfg.read(sys.argv[1])
+for name in sys.argv[2].split(","):
+    for line in cfg["options.extras_require"].get(name, "").splitlines():
+        if line.strip():
+            print(line.strip())
+PY
+)
+    "$py" -m pip install -q "${extra_reqs[@]}" "protobuf==$protobuf"
   fi
   echo "$want" > "$stamp"
 fi

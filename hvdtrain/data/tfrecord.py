@@ -5,6 +5,10 @@ Each record is a ``tf.train.Example`` with ``image/encoded`` (JPEG or PNG bytes)
 ImageNet conversion scripts), or a glob of training shards. Labels of that layout start at 1 (0 was
 "background"): set ``data.label_offset=-1`` for them.
 
+Local shards (and ``gs://``) are streamed by ``tf.data``; ``s3://`` shards are downloaded once into hvdtrain's cache
+(:func:`hvdtrain.storage.local_copy`: each rank fetches the files it reads, ranks on one machine share them), as
+TensorFlow itself has no S3 file system.
+
 Training reads this rank's files (by file when there are at least as many files as ranks, else by example),
 interleaved in parallel, shuffled with a per-rank seed, augmented (crop and flip) and normalised; evaluation
 resizes and centre-crops only. The training stream repeats, so every rank runs the same number of steps per epoch
@@ -28,7 +32,7 @@ CACHE_LIMIT_BYTES = 512 * 1024 * 1024  # cache the raw records in memory below t
 
 def find_files(path: str) -> tuple[list[str], list[str]]:
     """Training and validation shards under ``path`` (a directory, or a glob of training shards), local or on
-    object storage (streamed by ``tf.data``, never copied first)."""
+    object storage."""
     if storage.is_dir(path):
         train = storage.glob(storage.join(path, "train*"))
         val = sorted(storage.glob(storage.join(path, "validation*")) + storage.glob(storage.join(path, "val-*")))
@@ -45,7 +49,7 @@ def find_files(path: str) -> tuple[list[str], list[str]]:
 def check_features(path: str) -> None:
     """Fail clearly when the first record lacks the expected features (instead of deep inside tf.data)."""
     try:
-        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+        first = next(iter(tf.data.TFRecordDataset(storage.local_copy(path)).take(1)), None)
     except tf.errors.DataLossError:
         raise DataError(f"'{path}' is not a TFRecord file (or is corrupt)") from None
     if first is None:
@@ -63,7 +67,7 @@ def check_features(path: str) -> None:
 
 def count_records(files: list[str]) -> int:
     """Number of records in ``files`` (one pass over the data)."""
-    return sum(int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files)
+    return sum(int(tf.data.TFRecordDataset(storage.local_copy(f)).reduce(0, lambda n, _: n + 1)) for f in files)
 
 
 class TFRecordSource(Source):
@@ -113,13 +117,13 @@ class TFRecordSource(Source):
 
     def _records(self, files: list[str], rank: int, size: int, seed: int | None) -> tf.data.Dataset:
         if len(files) >= size:
-            mine = shard_files(files, rank, size)
+            mine = [storage.local_copy(f) for f in shard_files(files, rank, size)]
             ds = tf.data.Dataset.from_tensor_slices(mine)
             if seed is not None:
                 ds = ds.shuffle(len(mine), seed=seed + rank, reshuffle_each_iteration=True)
             return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(mine)),
                                  num_parallel_calls=AUTOTUNE)
-        return tf.data.TFRecordDataset(files).shard(size, rank)
+        return tf.data.TFRecordDataset([storage.local_copy(f) for f in files]).shard(size, rank)
 
     def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
         """This rank's endless, shuffled, augmented, batched training stream."""

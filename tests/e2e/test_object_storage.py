@@ -1,8 +1,14 @@
 """Data, checkpoints and every artifact on S3, against a real S3 server (Ceph's radosgw on 127.0.0.1, started by
-scripts/s3_server.sh through the session fixture in tests/conftest.py)."""
+scripts/s3_server.sh through the session fixture in tests/conftest.py).
+
+Every process here runs with a ``tensorflow_io`` that cannot be imported: s3:// is hvdtrain's own client on every
+TensorFlow version, and these tests would fail if any path still went through tensorflow-io.
+"""
 import json
 import os
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +19,15 @@ from tests.unit.test_data_sources import write_shard
 pytestmark = pytest.mark.e2e
 
 
+NO_IO = Path(tempfile.mkdtemp(prefix="no-tensorflow-io-"))
+(NO_IO / "tensorflow_io").mkdir(exist_ok=True)
+(NO_IO / "tensorflow_io" / "__init__.py").write_text("raise ImportError('tensorflow-io is not installed')\n")
+
+
 def s3_env(s3_server, **extra):
-    return {**env(), **s3_server["env"], **extra}
+    base = env()
+    return {**base, **s3_server["env"], "PYTHONPATH": f"{NO_IO}{os.pathsep}{base['PYTHONPATH']}",
+            "HVDTRAIN_CACHE": str(NO_IO / "cache"), **extra}
 
 
 def s3(s3_server, code: str) -> str:
@@ -117,7 +130,8 @@ print(json.dumps([storage.listdir({bucket + '/small'!r}), storage.listdir({bucke
     ("missing bucket", "bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
     ("wrong credentials", "refused access to bucket"),
     ("unreachable endpoint", "cannot reach the S3 endpoint http://127.0.0.1:1"),
-    ("no tensorflow-io", "needs tensorflow-io for s3:// URIs; install the extra: pip install 'hvdtrain[s3]'"),
+    ("hdfs without tensorflow-io", "needs tensorflow-io for hdfs:// URIs; install the extra: "
+                                   "pip install 'hvdtrain[hdfs]'"),
 ])
 def test_object_storage_errors_are_one_line_and_write_nothing(s3_server, bucket, tmp_path, case, message):
     overrides = {}
@@ -128,14 +142,55 @@ def test_object_storage_errors_are_one_line_and_write_nothing(s3_server, bucket,
         overrides["AWS_SECRET_ACCESS_KEY"] = "wrong"
     elif case == "unreachable endpoint":
         overrides["S3_ENDPOINT"] = "http://127.0.0.1:1"
-    else:  # a tensorflow_io that cannot be imported, as on a machine without the extra
-        fake = tmp_path / "no_io" / "tensorflow_io"
-        fake.mkdir(parents=True)
-        (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
-        overrides["PYTHONPATH"] = f"{fake.parent}{os.pathsep}{env()['PYTHONPATH']}"
+    else:  # s3_env's tensorflow_io cannot be imported, as on a machine without the extra
+        output = "hdfs://namenode:8020/run"
     proc = run([str(BIN / "hvdtrain"), "train", "--recipe", "digits-mlp", "--set", "train.epochs=1",
                 "--output", output], env=s3_env(s3_server, **overrides), check=False, timeout=300)
     assert proc.returncode in (1, 2), proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not re.match(r"^\d{4}-\d\d-\d\d \d", ln)]
     assert len(lines) == 1 and message in lines[0] and output in lines[0], proc.stderr
     assert "run" not in s3(s3_server, f"print(storage.listdir({bucket!r}))")  # nothing written
+
+
+def test_s3_client_lists_in_pages_globs_uploads_in_parts_and_caches_downloads(s3_server, bucket, tmp_path):
+    """hvdtrain.s3 and storage's s3:// paths at the edges a training run rarely reaches: listings longer than a
+    page, glob patterns, a multipart upload, the download cache, and missing objects and buckets."""
+    out = json.loads(s3(s3_server, f"""import hashlib, json
+from pathlib import Path
+from hvdtrain import s3
+b = {bucket!r}
+s3.LIST_PAGE = 2  # every listing below takes several pages
+s3.PART_BYTES = 5 * 1024 * 1024  # S3's smallest part
+for i in range(5):
+    storage.write_bytes(f"{{b}}/a/d{{i}}/f.bin", bytes([i]) * (i + 1))
+storage.write_text(b + "/a/x.txt", "hello")
+big = Path({str(tmp_path / 'big.bin')!r})
+big.write_bytes(hashlib.sha256(b"seed").digest() * (11 * 1024 * 1024 // 32 + 3))
+storage.upload(big, b + "/big.bin")
+storage.download(b + "/big.bin", big.with_name("back.bin"))
+first = storage.local_copy(b + "/big.bin")
+stamp = Path(first).stat().st_mtime_ns
+again = storage.local_copy(b + "/big.bin")
+result = {{"listdir": storage.listdir(b + "/a"), "dirs": storage.glob(b + "/a/d*"),
+    "files": storage.glob(b + "/a/d[13]/*.bin"), "txt": storage.glob(b + "/a/*.txt"),
+    "is_dir": [storage.is_dir(b + "/a"), storage.is_dir(b + "/a/x.txt"), storage.is_dir(b)],
+    "exists": [storage.exists(b + "/a/x.txt"), storage.exists(b + "/a"), storage.exists(b + "/nope"),
+               storage.exists("s3://no-such-bucket-here/k")],
+    "roundtrip": big.with_name("back.bin").read_bytes() == big.read_bytes(),
+    "size": storage.size(b + "/big.bin") == big.stat().st_size,
+    "cached": [first == again, Path(first).stat().st_mtime_ns == stamp, Path(first).read_bytes() == big.read_bytes()]}}
+storage.remove(b + "/a")
+result["after_remove"] = storage.listdir(b)
+try:
+    storage.read_bytes(b + "/missing")
+except FileNotFoundError as exc:
+    result["missing"] = str(exc)
+print(json.dumps(result))""").strip().splitlines()[-1])
+    b = bucket
+    assert out["listdir"] == ["d0", "d1", "d2", "d3", "d4", "x.txt"]
+    assert out["dirs"] == [f"{b}/a/d{i}" for i in range(5)]
+    assert out["files"] == [f"{b}/a/d1/f.bin", f"{b}/a/d3/f.bin"] and out["txt"] == [f"{b}/a/x.txt"]
+    assert out["is_dir"] == [True, False, True] and out["exists"] == [True, True, False, False]
+    assert out["roundtrip"] and out["size"] and out["cached"] == [True, True, True]
+    assert out["after_remove"] == ["big.bin"]
+    assert out["missing"] == f"read {b}/missing: HTTP 404 NoSuchKey"
