@@ -14,9 +14,11 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 TESTS ?= tests
 # What CI runs on the current stack besides the whole suite on the default one: data-parallel, tensor and pipeline
 # equivalence at 2 and 4 ranks, elastic training that loses a worker, compression (TFLite int8, QAT, pruning,
-# distillation), the unit tests
+# distillation), S3 against the Ceph gateway, one-line errors, the unit tests. The whole suite on it:
+# `make test HVDTRAIN_STACK=current` (README: Two stacks).
 CURRENT_TESTS := tests/unit tests/parallel/test_core.py tests/parallel/test_layouts.py tests/e2e/test_compression.py \
-	tests/e2e/test_fault_tolerance.py::test_elastic_job_survives_a_killed_worker
+	tests/e2e/test_fault_tolerance.py::test_elastic_job_survives_a_killed_worker tests/e2e/test_object_storage.py \
+	tests/e2e/test_bad_input.py
 
 .PHONY: setup setup-test demo test test-current test-unit test-parallel test-e2e lint clean
 

@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HVDTRAIN_DEBUG"] = "1"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        console.import_tensorflow_quietly()
     try:
         return COMMANDS[args.command](args)
     except HvdtrainError as exc:

@@ -7,7 +7,10 @@ its newline in one call keeps every forwarded line whole.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
+import threading
 
 
 def say(text: str = "", stream=None) -> None:
@@ -25,3 +28,48 @@ def warn(text: str) -> None:
 def error(text: str) -> None:
     """An error line on stderr."""
     say(f"hvdtrain: error: {text}", sys.stderr)
+
+
+# TensorFlow >= 2.16 logs "oneDNN custom operations are on" while its libraries load, through absl before absl's
+# logging is set up: each time with "WARNING: All log messages before absl::InitializeLog() is called are written to
+# STDERR", ignoring TF_CPP_MIN_LOG_LEVEL (only TF_ENABLE_ONEDNN_OPTS=0, which turns oneDNN off, stops it). Four
+# lines on every start would bury a one-line error, so the CLI drops exactly these lines while TensorFlow loads.
+_LOAD_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+                         rb"|I\d{4} [\d:.]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on\..*)$")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its load-time absl lines (above) dropped from stderr; every other line passes."""
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to keep clean
+        import tensorflow  # noqa: F401
+        return
+    read_end, write_end = os.pipe()
+    kept: list[bytes] = []
+    reader = threading.Thread(target=lambda: kept.append(_drain(read_end)), daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer is gone: the reader sees its end
+        os.close(saved)
+        reader.join()
+        os.close(read_end)
+        lines = b"".join(kept).splitlines(keepends=True)
+        rest = b"".join(line for line in lines if not _LOAD_NOISE.match(line.rstrip(b"\r\n")))
+        if rest:
+            os.write(2, rest)
+
+
+def _drain(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
