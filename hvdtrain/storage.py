@@ -336,12 +336,10 @@ def check(uri: str | Path) -> None:
     require_scheme(uri)
     if scheme(uri) != "s3":
         return
-    from hvdtrain.s3 import s3_endpoint, s3_request
-
     bucket = s3.split(str(uri))[0]
-    endpoint = s3_endpoint()
+    endpoint = s3.s3_endpoint()
     try:
-        status = s3_request("HEAD", bucket)
+        status = s3.s3_request("HEAD", bucket)
     except OSError as exc:
         raise HvdtrainError(f"cannot reach the S3 endpoint {endpoint} for '{uri}' ({exc}); check S3_ENDPOINT "
                             "and that the server is running") from None
