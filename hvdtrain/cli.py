@@ -89,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="prune, quantize or distill a trained model; report size/accuracy/latency")
     p.add_argument("--model", required=True, help="a trained model.keras (or its run directory)")
     p.add_argument("--method", required=True,
-                   help="prune | qat | ptq-dynamic | ptq-fp16 | ptq-int8 | distill | pipeline")
+                   help="prune | qat | ptq-dynamic | ptq-fp16 | ptq-int8 | distill | pipeline, or several side by "
+                        "side, comma-separated (e.g. ptq-int8,ptq-fp16,qat): each from the trained model, one report")
     _config_args(p)
     p.add_argument("--output", required=True, help="directory for the artifacts and compression_report.json")
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
@@ -172,11 +173,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from hvdtrain import compression, modelio
 
-    if args.method not in compression.METHODS:
-        from hvdtrain.errors import UsageError, closest
-
-        raise UsageError(f"unknown method '{args.method}'{closest(args.method, compression.METHODS)}; "
-                         f"methods: {', '.join(compression.METHODS)}")
+    compression.parse_methods(args.method)  # a wrong name fails before the model is loaded
     cfg = modelio.run_config(args.model, args.recipe, args.config, args.overrides)
     compression.run(args.method, args.model, cfg, args.output, allow_unsafe=args.allow_unsafe)
     return 0
@@ -265,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HVDTRAIN_DEBUG"] = "1"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        console.import_tensorflow_quietly()
+        console.quiet_tensorflow_on_import()
     try:
         return COMMANDS[args.command](args)
     except HvdtrainError as exc:

@@ -423,9 +423,12 @@ def validate_parallel(cfg: Config) -> None:
     if cfg.train.elastic:
         raise ConfigError("elastic training runs data parallelism only; set parallel.tensor=1, pipeline=1, "
                           "shard_optimizer=false and recompute=false, or drop --elastic")
-    if cfg.distributed.backward_passes_per_step > 1 or cfg.distributed.grad_compression != "none":
-        raise ConfigError("parallel layouts average gradients themselves: use distributed.backward_passes_per_step=1 "
-                          "and distributed.grad_compression=none")
+    d = cfg.distributed
+    if d.backward_passes_per_step > 1 or d.grad_compression != "none" or d.reduce_op != "average":
+        # they configure Horovod's DistributedOptimizer, which these layouts do not use: ignored, they would
+        # silently train something else than asked (a sum of gradients, found by a negative control)
+        raise ConfigError("parallel layouts average gradients themselves: use distributed.backward_passes_per_step=1, "
+                          "distributed.grad_compression=none and distributed.reduce_op=average")
     if cfg.train.jit_compile:
         raise ConfigError("parallel layouts do not compile with XLA; set train.jit_compile=false")
     if p.pipeline == 1 and p.microbatches > 1:

@@ -68,6 +68,34 @@ def import_tensorflow_quietly() -> None:
             os.write(2, rest)
 
 
+class _QuietOnImport:
+    """A finder that makes the process's first ``import tensorflow``, wherever it happens, go through
+    :func:`import_tensorflow_quietly`: commands that stop before they need TensorFlow (a usage error, a listing)
+    do not pay its 4-5 s start-up at all."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        import_tensorflow_quietly()
+        import importlib.util
+
+        self.spec = sys.modules["tensorflow"].__spec__
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return sys.modules["tensorflow"]  # already imported, quietly: the import system keeps this module
+
+    def exec_module(self, module):
+        module.__spec__ = self.spec  # the import system set ours; TensorFlow's own describes where it lives
+
+
+def quiet_tensorflow_on_import() -> None:
+    """Have the first import of TensorFlow drop its load-time lines (:func:`import_tensorflow_quietly`)."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietOnImport())
+
+
 def _drain(fd: int) -> bytes:
     chunks = []
     while chunk := os.read(fd, 65536):

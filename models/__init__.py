@@ -8,7 +8,8 @@ import os
 
 # TensorFlow >= 2.16 gives Keras 3 as tf.keras unless TF_USE_LEGACY_KERAS is set before TensorFlow is imported;
 # hvdtrain (and Horovod's Keras layer) need Keras 2, which is then the tf-keras package. Set where tf-keras is
-# installed (the current stack); TensorFlow 2.15 has Keras 2 of its own and would look for tf-keras if it were set.
+# installed (the default stack, TensorFlow 2.21); TensorFlow 2.15 has Keras 2 of its own and would look for
+# tf-keras if it were set.
 if importlib.util.find_spec("tf_keras") is not None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 

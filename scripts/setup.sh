@@ -2,22 +2,27 @@
 # One install path for everyone: `make demo`, `make test`, CI and the Docker images all run this.
 # Idempotent: each step checks whether it is already done, so a second run takes seconds.
 #
-#   VENV=.venv             where to create the virtual environment ("system" installs into the current Python)
+#   VENV=.venv             where to create the virtual environment ("system" installs into the current Python);
+#                          default .venv, or .venv-tf2.15 for HVDTRAIN_STACK=tf2.15
 #   HVDTRAIN_GPU=1         GPU flavour: tensorflow instead of tensorflow-cpu, Horovod with NCCL operations
 #   HVDTRAIN_EXTRAS=ray,hdfs the package's optional extras (Ray; tensorflow-io for hdfs://); `make test` installs ray
 #   HVDTRAIN_TEST_SERVERS=1  the Debian packages of the servers the tests start: Ceph's S3 gateway, Slurm
 #   PYTHON=python3.11      interpreter used to create the venv
-#   HVDTRAIN_STACK=current the current stack: TensorFlow 2.21 with tf-keras (Keras 2), Horovod 0.28.1 patched
-#                          (scripts/patches); default: TensorFlow 2.15.1 with its Keras 2.15, Horovod unchanged
+#   HVDTRAIN_STACK=tf2.15  the second stack: TensorFlow 2.15.1 with its Keras 2.15, Horovod unchanged (Python 3.11);
+#                          default (current): TensorFlow 2.21 with tf-keras (Keras 2), Horovod 0.28.1 patched
+#                          (scripts/patches; Python 3.11-3.13)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$here/.venv}
 PYTHON=${PYTHON:-python3}
 HVDTRAIN_GPU=${HVDTRAIN_GPU:-0}
-HVDTRAIN_STACK=${HVDTRAIN_STACK:-default}
+HVDTRAIN_STACK=${HVDTRAIN_STACK:-current}
 HOROVOD_VERSION=0.28.1
-case "$HVDTRAIN_STACK" in default|current) ;; *) echo "HVDTRAIN_STACK must be default or current" >&2; exit 2;; esac
+case "$HVDTRAIN_STACK" in
+  current) VENV=${VENV:-$here/.venv}; reqs_file=$here/requirements.txt ;;
+  tf2.15) VENV=${VENV:-$here/.venv-tf2.15}; reqs_file=$here/requirements-tf2.15.txt ;;
+  *) echo "HVDTRAIN_STACK must be current (the default) or tf2.15" >&2; exit 2;;
+esac
 log() { printf '[setup] %s\n' "$*"; }
 
 # 1. Debian packages: compilers and cmake for the Horovod build, OpenMPI for mpirun and Horovod's MPI controller.
@@ -49,6 +54,19 @@ fi
 if [ "$VENV" = system ]; then
   py=$PYTHON
 else
+  # a venv made for the other stack (before TensorFlow 2.21 became the default, .venv held TensorFlow 2.15): made
+  # again, rather than upgraded in place under a Horovod built for the other TensorFlow
+  want_tf=$(sed -n 's/^tensorflow-cpu==\([0-9.]*\).*/\1/p' "$reqs_file")
+  have_tf=$("$VENV/bin/python" -c 'import importlib.metadata as m
+for name in ("tensorflow-cpu", "tensorflow"):
+    try:
+        print(m.version(name)); break
+    except m.PackageNotFoundError:
+        pass' 2>/dev/null || true)
+  if [ -n "$have_tf" ] && [ "$have_tf" != "$want_tf" ] && [ -f "$VENV/pyvenv.cfg" ]; then
+    log "$VENV has TensorFlow $have_tf, the $HVDTRAIN_STACK stack needs $want_tf: making it again"
+    rm -rf "$VENV"
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"
     "$PYTHON" -m venv "$VENV"
@@ -56,12 +74,10 @@ else
   py=$VENV/bin/python
 fi
 if [ "$HVDTRAIN_STACK" = current ]; then
-  "$py" -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), "the current stack needs Python 3.11-3.13, found %s" % sys.version.split()[0]'
+  "$py" -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), "the default stack needs Python 3.11-3.13, found %s" % sys.version.split()[0]'
   export TF_USE_LEGACY_KERAS=1
-  reqs_file=$here/requirements-current.txt
 else
-  "$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), "hvdtrain needs Python 3.11, found %s (or HVDTRAIN_STACK=current)" % sys.version.split()[0]'
-  reqs_file=$here/requirements.txt
+  "$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), "the tf2.15 stack needs Python 3.11, found %s (the default stack takes 3.11-3.13)" % sys.version.split()[0]'
 fi
 
 reqs=$reqs_file
@@ -76,7 +92,7 @@ if [ "$HVDTRAIN_STACK" = current ] && [ -n "$extras" ]; then
   extras=$kept
 fi
 nodeps=""
-[ "$HVDTRAIN_STACK" = current ] && nodeps=$here/requirements-current-nodeps.txt
+[ "$HVDTRAIN_STACK" = current ] && nodeps=$here/requirements-nodeps.txt
 stamp=$("$py" -c 'import sys; print(sys.prefix)')/.hvdtrain-reqs
 want=$( (cat "$reqs" ${nodeps:+"$nodeps"} "$here/setup.cfg" "$here/pyproject.toml"; echo "extras=$extras") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS on the current stack, for workers that import TF first
+import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS (TF 2.21), for workers that import TF first
 
 # Seconds each of the slowest test files took in a run of the whole suite (JUnit times, 2 cores). `make test` runs
 # two workers that take whole files; the longest start first, so that no worker is left alone with one at the end.

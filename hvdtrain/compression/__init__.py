@@ -125,35 +125,26 @@ def _distill(s: _Session):
     return student
 
 
-def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
-        allow_unsafe: bool = False) -> dict[str, Any] | None:
-    """Compress the model at ``model_path`` with ``method``; returns the report on the chief (None elsewhere)."""
-    from hvdtrain import data, modelio, rundir, runtime
-    from hvdtrain.compression import report as rep
-    from hvdtrain.config import to_yaml
+def parse_methods(text: str) -> list[str]:
+    """``prune`` or several methods side by side, ``ptq-int8,ptq-fp16,qat``: each from the trained model, in one
+    report (the model, the data and the float32 baseline are loaded and measured once)."""
+    from hvdtrain.errors import closest
 
-    if method not in METHODS:
-        from hvdtrain.errors import closest
+    methods = [m.strip() for m in text.split(",")]
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"unknown method '{m}'{closest(m, METHODS)}; methods: {', '.join(METHODS)} "
+                             "(several: comma-separated, e.g. ptq-int8,ptq-fp16)")
+    if len(set(methods)) < len(methods):
+        raise UsageError(f"method list '{text}' names a method twice")
+    if {"distill", "pipeline"} <= set(methods):
+        raise UsageError("'distill' and 'pipeline' both train the student: run them one at a time")
+    return methods
 
-        raise UsageError(f"unknown method '{method}'{closest(method, METHODS)}; methods: {', '.join(METHODS)}")
-    runtime.begin(cfg)
-    import tensorflow as tf
 
-    # compression makes float32 models whatever the teacher trained in (TFLite converts from float32)
-    tf.keras.mixed_precision.set_global_policy("float32")
-    teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
-    source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
-    modelio.check_fit(teacher, source, f"'{model_path}'")
-    run_dir, error = rundir.prepare(output_dir, to_yaml(cfg), distributed.is_chief())
-    distributed.agree(error)
-    if run_dir is not None and source.tokenizer is not None:  # the compressed models read text as the teacher did
-        from hvdtrain.data import tokenizer
-
-        tokenizer.save(source.tokenizer, run_dir)
-    s = _Session(cfg, source, teacher, run_dir)
-
-    s.keras("float32", teacher, "none")
-    s.tflite("float32-tflite", teacher, "none", "float32", "float32")
+def _apply(s: _Session, method: str, teacher) -> None:
+    """One method, from the trained model (``teacher``); its artifacts are added to the session."""
+    cfg = s.cfg
     if method == "prune":
         # the dense model guides its own pruned copy (self-distillation) unless asked for labels alone
         _prune(s, teacher, teacher=teacher if cfg.compression.prune_with_teacher else None)
@@ -174,11 +165,43 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         else:
             _ptq(s, pruned, "ptq-int8", "student-pruned", "pipeline-int8")
 
+
+def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
+        allow_unsafe: bool = False) -> dict[str, Any] | None:
+    """Compress the model at ``model_path`` with ``method`` (one, or several comma-separated: see
+    :func:`parse_methods`); returns the report on the chief (None elsewhere)."""
+    from hvdtrain import data, modelio, rundir, runtime
+    from hvdtrain.compression import report as rep
+    from hvdtrain.config import to_yaml
+
+    methods = parse_methods(method)
+    runtime.begin(cfg)
+    import tensorflow as tf
+
+    # compression makes float32 models whatever the teacher trained in (TFLite converts from float32)
+    tf.keras.mixed_precision.set_global_policy("float32")
+    teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
+    modelio.check_fit(teacher, source, f"'{model_path}'")
+    run_dir, error = rundir.prepare(output_dir, to_yaml(cfg), distributed.is_chief())
+    distributed.agree(error)
+    if run_dir is not None and source.tokenizer is not None:  # the compressed models read text as the teacher did
+        from hvdtrain.data import tokenizer
+
+        tokenizer.save(source.tokenizer, run_dir)
+    s = _Session(cfg, source, teacher, run_dir)
+
+    s.keras("float32", teacher, "none")
+    s.tflite("float32-tflite", teacher, "none", "float32", "float32")
+    for name in methods:
+        _apply(s, name, teacher)
+        s.cfg = cfg  # the pipeline narrows it for its own pruning
+
     if run_dir is None:
         return None
     c = cfg.compression
     report = rep.build_report(s.artifacts, source, c.latency_rounds, c.latency_calls, reference="float32")
-    report.update({"method": method, "model": str(model_path), **s.extra})
+    report.update({"method": ",".join(methods), "methods": methods, "model": str(model_path), **s.extra})
     run_dir.write_json("compression_report.json", report)
     rep.plot(report, run_dir)
     run_dir.publish()

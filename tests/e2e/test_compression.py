@@ -26,8 +26,17 @@ def compress(trained, tmp_path, method, *sets):
     return out, {a["artifact"]: a for a in report["artifacts"]}, report
 
 
-def test_ptq_int8_is_really_int8_smaller_and_as_accurate(trained, tmp_path):
-    out, arts, _ = compress(trained, tmp_path, "ptq-int8")
+@pytest.fixture(scope="module")
+def post_training(trained, tmp_path_factory):
+    """The three post-training modes side by side in one run and one report (one comma-separated --method)."""
+    return compress(trained, tmp_path_factory.mktemp("ptq"), "ptq-int8,ptq-dynamic,ptq-fp16")
+
+
+def test_ptq_int8_is_really_int8_smaller_and_as_accurate(post_training):
+    out, arts, report = post_training
+    assert report["methods"] == ["ptq-int8", "ptq-dynamic", "ptq-fp16"]
+    assert [a for a in arts] == ["float32", "float32-tflite", "float32-ptq-int8", "float32-ptq-dynamic",
+                                 "float32-ptq-fp16"]  # the float32 baseline once, then each method's artifact
     ref, f32, int8 = arts["float32"], arts["float32-tflite"], arts["float32-ptq-int8"]
     assert f32["value"] == pytest.approx(ref["value"], abs=0.003)  # TFLite float32 matches Keras
     assert f32["size_kb"] / int8["size_kb"] >= 3.5
@@ -47,9 +56,9 @@ def test_ptq_int8_with_integer_io(trained, tmp_path):
     assert arts["float32-ptq-int8"]["value"] >= arts["float32"]["value"] - 0.02
 
 
-@pytest.mark.parametrize("method, name", [("ptq-dynamic", "float32-ptq-dynamic"), ("ptq-fp16", "float32-ptq-fp16")])
-def test_other_post_training_modes(trained, tmp_path, method, name):
-    _, arts, _ = compress(trained, tmp_path, method)
+@pytest.mark.parametrize("name", ["float32-ptq-dynamic", "float32-ptq-fp16"])
+def test_other_post_training_modes(post_training, name):
+    _, arts, _ = post_training
     assert arts[name]["size_kb"] < arts["float32-tflite"]["size_kb"] / 1.8
     assert arts[name]["value"] >= arts["float32"]["value"] - 0.01
 
@@ -65,10 +74,19 @@ def test_prune_reaches_the_target_in_every_layer(trained, tmp_path):
     assert pruned["value"] >= arts["float32"]["value"] - 0.03
 
 
-def test_qat_exports_int8(trained, tmp_path):
-    _, arts, _ = compress(trained, tmp_path, "qat", "compression.fine_tune_epochs=1")
+def test_qat_exports_int8_and_structured_2_4_pruning(trained, tmp_path):
+    """Two training-based methods side by side, each fine-tuned from the trained model for one epoch."""
+    out, arts, _ = compress(trained, tmp_path, "qat,prune", "compression.fine_tune_epochs=1",
+                            "compression.structured_2_4=true")
     assert arts["qat-int8"]["size_ratio"] >= 3.5
     assert arts["qat-int8"]["value"] >= arts["float32"]["value"] - 0.02
+    from hvdtrain.compression.prune import is_2_4_sparse
+
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(out / "pruned.keras")
+    assert is_2_4_sparse(model.get_layer("dense").get_weights()[0])
+    assert not is_2_4_sparse(tf.keras.models.load_model(trained / "model.keras").get_layer("dense").get_weights()[0])
 
 
 def test_distilled_student_beats_the_same_student_without_teacher(trained, tmp_path):
@@ -96,25 +114,13 @@ def test_pipeline_distills_prunes_and_quantizes(trained, tmp_path):
     assert final["value"] >= arts["float32"]["value"] - 0.04  # shorter than the defaults; docs give the full run
 
 
-def test_evaluate_keras_and_tflite(trained, tmp_path):
-    out, arts, _ = compress(trained, tmp_path, "ptq-dynamic")
+def test_evaluate_keras_and_tflite(trained, post_training):
+    out, arts, _ = post_training
     for path, key in ((trained / "model.keras", "float32"),
                       (out / "float32-ptq-dynamic.tflite", "float32-ptq-dynamic")):
         proc = run([str(BIN / "hvdtrain"), "evaluate", "--model", str(path)])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["accuracy"] == pytest.approx(arts[key]["value"], abs=1e-6)
-
-
-def test_structured_2_4(trained, tmp_path):
-    from hvdtrain.compression.prune import is_2_4_sparse
-
-    out, arts, _ = compress(trained, tmp_path, "prune", "compression.structured_2_4=true",
-                            "compression.fine_tune_epochs=1")
-    import tensorflow as tf
-
-    model = tf.keras.models.load_model(out / "pruned.keras")
-    assert is_2_4_sparse(model.get_layer("dense").get_weights()[0])
-    assert not is_2_4_sparse(tf.keras.models.load_model(trained / "model.keras").get_layer("dense").get_weights()[0])
 
 
 def test_gpt_ptq_dynamic_works_and_qat_names_the_unsupported_layers(tmp_path):
@@ -139,6 +145,12 @@ def test_compress_errors(trained, tmp_path):
     proc = run([str(BIN / "hvdtrain"), "compress", "--model", str(trained), "--method", "prun", "--output",
                 str(tmp_path / "x")], check=False)
     assert proc.returncode == 2 and "did you mean 'prune'" in proc.stderr
+    for methods, message in (("ptq-int8,prun", "did you mean 'prune'"), ("qat,qat", "names a method twice"),
+                             ("distill,pipeline", "both train the student")):
+        proc = run([str(BIN / "hvdtrain"), "compress", "--model", str(trained), "--method", methods, "--output",
+                    str(tmp_path / "x")], check=False)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
     tflite = tmp_path / "m.tflite"
     tflite.write_bytes(b"TFL3")
     proc = run([str(BIN / "hvdtrain"), "compress", "--model", str(tflite), "--method", "prune", "--recipe",

@@ -25,7 +25,7 @@ def test_dockerfiles_pass_hadolint_and_install_through_the_ci_script():
     run([str(BIN / "hadolint"), *map(str, dockerfiles)])
     for d in dockerfiles:
         assert "bash scripts/setup.sh" in d.read_text()  # the same install logic that `make test` runs
-        assert "ARG HVDTRAIN_STACK=default" in d.read_text()  # either stack, as setup.sh chooses it
+        assert "ARG HVDTRAIN_STACK=current" in d.read_text()  # either stack, as setup.sh chooses it
     assert "HVDTRAIN_GPU=1" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
     assert "HOROVOD_GPU_OPERATIONS=NCCL" in (ROOT / "scripts" / "setup.sh").read_text()
 

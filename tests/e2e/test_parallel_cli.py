@@ -111,7 +111,8 @@ def test_a_killed_tensor_x_pipeline_run_wrote_a_sharded_checkpoint_and_the_one_p
     assert rows(out)[0]["val_loss"] == pytest.approx(rows(one)[0]["val_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "one"])
+# (at data=2 every rank reads each variable whole, as the one process does; data=2 x pipeline=2 resumes below)
+@pytest.mark.parametrize("layout", ["tp2", "one"])
 def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_tp2xpp2, one, corpus, tmp_path,
                                                                          layout):
     out = tmp_path / "run"

@@ -48,11 +48,13 @@ def prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def draft_run(lm_run, tmp_path_factory):
-    """The family's default llama student distilled from it at 2 ranks (`hvdtrain compress --method distill`)."""
+    """The family's default llama student distilled from it at 2 ranks (`hvdtrain compress --method distill`), one
+    seed against the same student without the teacher: a draft for speculative decoding, not an accuracy claim (that
+    one is digits-cnn's, tests/e2e/test_compression.py)."""
     out = tmp_path_factory.mktemp("draft") / "distill"
     proc = horovodrun([BIN / "hvdtrain", "compress", "--model", lm_run, "--method", "distill", "--set",
                        "compression.latency_rounds=1", "--set", "compression.latency_calls=3", "--set",
-                       "compression.distill_epochs=15", "--output", out],
+                       "compression.distill_epochs=10", "--set", "compression.baseline_seeds=1", "--output", out],
                       extra=["--gloo"], timeout=900)
     return out, proc
 
@@ -67,11 +69,11 @@ def models_(lm_run, draft_run):
 def test_distilling_a_llama_reports_bits_per_byte_with_and_without_the_teacher(draft_run, lm_run):
     out, proc = draft_run
     d = json.loads((out / "compression_report.json").read_text())["distillation"]
-    assert d["metric"] == "bits_per_byte" and len(d["distilled"]) == len(d["without_teacher"]) == 2
+    assert d["metric"] == "bits_per_byte" and len(d["distilled"]) == len(d["without_teacher"]) == 1
     assert d["student_params"] * 4 < d["teacher_params"]
     # the report says by how much the teacher helped (or not), for each seed and on average
     assert all(0 < v < 8 for v in d["distilled"] + d["without_teacher"])
-    assert "distillation (bits_per_byte, mean over seeds [0, 1]): with teacher" in proc.stdout
+    assert "distillation (bits_per_byte, mean over seeds [0]): with teacher" in proc.stdout
     # 2 ranks trained one student: the divergence guard (on in fine-tuning) would have stopped a drift
     assert "ranks diverged" not in proc.stdout + proc.stderr
     # the compressed models read text as the teacher does: the same tokenizer beside them

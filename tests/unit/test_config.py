@@ -98,3 +98,14 @@ def test_model_parallel_layouts_get_a_short_horovod_cycle_under_mpi_unless_one_i
     assert cycle("parallel.tensor=2", "distributed.cycle_time_ms=0.5") == "0.5"
     monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")  # horovodrun --gloo, Ray
     assert cycle("parallel.tensor=2") is None
+
+
+@pytest.mark.parametrize("setting", ["distributed.reduce_op=sum", "distributed.grad_compression=fp16",
+                                     "distributed.backward_passes_per_step=2"])
+def test_parallel_layouts_refuse_the_data_parallel_optimizers_settings(setting):
+    """They configure Horovod's DistributedOptimizer, which tensor, pipeline, recompute and ZeRO layouts do not use:
+    ignored, a run would silently average where it was asked to sum (a negative control found it)."""
+    assert config.load("gpt-tiny", overrides=[setting]).distributed  # data parallelism takes them
+    for layout in ("parallel.tensor=2", "parallel.recompute=true", "parallel.shard_optimizer=true"):
+        with pytest.raises(ConfigError, match="parallel layouts average gradients themselves"):
+            config.load("gpt-tiny", overrides=[setting, layout])

