@@ -123,7 +123,7 @@ fi
 # 3. Horovod, compiled against the TensorFlow above (needs no build isolation to see it).
 if ! "$py" -c "import horovod, horovod.tensorflow as h; assert horovod.__version__ == '$HOROVOD_VERSION'; h.init" 2>/dev/null \
    || ! "$py" -c "import horovod.tensorflow as h; import sys; sys.exit(0 if h.mpi_built() and h.gloo_built() else 1)" 2>/dev/null; then
-  log "installing Horovod $HOROVOD_VERSION (built from source once: 2-3 minutes on 2 cores)"
+  log "installing Horovod $HOROVOD_VERSION (built from source once: 3-6 minutes on 2 cores)"
   export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
   export HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
   # Debian's cmake 3.x: PyPI's cmake 4 fails Horovod's `cmake --version` check.

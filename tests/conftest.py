@@ -14,11 +14,12 @@ import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS (TF 2.21), for wor
 # Seconds each of the slowest test files took in a run of the whole suite (JUnit times, 2 cores). `make test` runs
 # two workers that take whole files; the longest start first, so that no worker is left alone with one at the end.
 FILE_SECONDS = {
-    "tests/e2e/test_compression.py": 724, "tests/parallel/test_layouts.py": 719, "tests/e2e/test_parallel_cli.py": 682,
-    "tests/e2e/test_fault_tolerance.py": 465, "tests/e2e/test_serving.py": 427, "tests/e2e/test_benchmark.py": 395,
-    "tests/e2e/test_object_storage.py": 328, "tests/e2e/test_train_cli.py": 272, "tests/e2e/test_ray.py": 174,
-    "tests/e2e/test_language_model.py": 154, "tests/parallel/test_memory.py": 139, "tests/parallel/test_core.py": 139,
-    "tests/e2e/test_launchers.py": 134, "tests/e2e/test_bad_input.py": 118, "tests/e2e/test_multihost.py": 106,
+    "tests/parallel/test_layouts.py": 930, "tests/e2e/test_compression.py": 787, "tests/e2e/test_parallel_cli.py": 726,
+    "tests/e2e/test_train_cli.py": 551, "tests/e2e/test_serving.py": 508, "tests/e2e/test_fault_tolerance.py": 372,
+    "tests/e2e/test_benchmark.py": 326, "tests/e2e/test_object_storage.py": 281, "tests/e2e/test_ray.py": 192,
+    "tests/e2e/test_launchers.py": 158, "tests/parallel/test_core.py": 157, "tests/e2e/test_bad_input.py": 152,
+    "tests/parallel/test_memory.py": 139, "tests/parallel/test_precision_communication.py": 132,
+    "tests/e2e/test_data_cli.py": 105, "tests/e2e/test_language_model.py": 100, "tests/e2e/test_multihost.py": 88,
 }
 
 
