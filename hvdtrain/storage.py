@@ -7,7 +7,7 @@ so a remote write is one upload to the final name (an object appears whole or no
 
 ``s3://`` goes through hvdtrain's own S3 client (:mod:`hvdtrain.s3`: the standard library only, so it works the
 same on every TensorFlow version); other remote URIs through ``tf.io.gfile`` (``gs://`` built in; ``hdfs://`` and
-``az://`` need tensorflow-io's file systems, ``pip install 'hvdtrain[hdfs]'``, imported here on first use).
+``az://`` need tensorflow-io's file systems, the ``hdfs`` extra on the tf2.15 stack, imported here on first use).
 
 Code that only TensorFlow reads or writes (TFRecord shards, TensorBoard logs) gets local files for ``s3://``:
 :func:`local_copy` downloads an object once into a cache, and a run's TensorBoard folder is staged and uploaded
@@ -99,8 +99,9 @@ def require_scheme(uri: str | Path) -> None:
     try:
         import tensorflow_io  # noqa: F401
     except ImportError:
-        raise UsageError(f"'{uri}' needs tensorflow-io for {s}:// URIs; install the extra: "
-                         "pip install 'hvdtrain[hdfs]'") from None
+        raise UsageError(f"'{uri}' needs tensorflow-io for {s}:// URIs, which exists for TensorFlow 2.15 only: "
+                         "the tf2.15 stack (HVDTRAIN_STACK=tf2.15 HVDTRAIN_EXTRAS=hdfs make setup; README: Two "
+                         "stacks)") from None
 
 
 def glob(pattern: str) -> list[str]:

@@ -130,8 +130,8 @@ print(json.dumps([storage.listdir({bucket + '/small'!r}), storage.listdir({bucke
     ("missing bucket", "bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
     ("wrong credentials", "refused access to bucket"),
     ("unreachable endpoint", "cannot reach the S3 endpoint http://127.0.0.1:1"),
-    ("hdfs without tensorflow-io", "needs tensorflow-io for hdfs:// URIs; install the extra: "
-                                   "pip install 'hvdtrain[hdfs]'"),
+    ("hdfs without tensorflow-io", "needs tensorflow-io for hdfs:// URIs, which exists for TensorFlow 2.15 only: "
+                                   "the tf2.15 stack (HVDTRAIN_STACK=tf2.15 HVDTRAIN_EXTRAS=hdfs make setup"),
 ])
 def test_object_storage_errors_are_one_line_and_write_nothing(s3_server, bucket, tmp_path, case, message):
     overrides = {}
