@@ -164,6 +164,7 @@ def _apply(s: _Session, method: str, teacher) -> None:
             _qat(s, pruned, "pipeline-qat")
         else:
             _ptq(s, pruned, "ptq-int8", "student-pruned", "pipeline-int8")
+        s.cfg = cfg  # the next method starts from the run's settings
 
 
 def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
@@ -195,7 +196,6 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
     s.tflite("float32-tflite", teacher, "none", "float32", "float32")
     for name in methods:
         _apply(s, name, teacher)
-        s.cfg = cfg  # the pipeline narrows it for its own pruning
 
     if run_dir is None:
         return None
