@@ -120,8 +120,13 @@ PY
   echo "$want" > "$stamp"
 fi
 
-# 3. Horovod, compiled against the TensorFlow above (needs no build isolation to see it).
-if ! "$py" -c "import horovod, horovod.tensorflow as h; assert horovod.__version__ == '$HOROVOD_VERSION'; h.init" 2>/dev/null \
+# 3. Horovod, compiled against the TensorFlow above (needs no build isolation to see it); on the current stack
+# with our patches (each says why at its top), built again when they change.
+patches=""
+[ "$HVDTRAIN_STACK" = current ] && patches=$(cat "$here"/scripts/patches/*.patch | sha256sum | cut -c1-8)
+horovod_stamp=$("$py" -c 'import sys; print(sys.prefix)')/.hvdtrain-horovod-patches
+if [ "$(cat "$horovod_stamp" 2>/dev/null)" != "$patches" ] \
+   || ! "$py" -c "import horovod, horovod.tensorflow as h; assert horovod.__version__ == '$HOROVOD_VERSION'; h.init" 2>/dev/null \
    || ! "$py" -c "import horovod.tensorflow as h; import sys; sys.exit(0 if h.mpi_built() and h.gloo_built() else 1)" 2>/dev/null; then
   log "installing Horovod $HOROVOD_VERSION (built from source once: 3-6 minutes on 2 cores)"
   export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
@@ -134,10 +139,7 @@ if ! "$py" -c "import horovod, horovod.tensorflow as h; assert horovod.__version
   tfver=$("$py" -c 'import tensorflow as tf; print(tf.__version__)')
   wheels=${HVDTRAIN_WHEEL_CACHE:-$HOME/.cache/hvdtrain}/horovod-$HOROVOD_VERSION-tf$tfver-gpu$HVDTRAIN_GPU
   source="horovod==$HOROVOD_VERSION"
-  if [ "$HVDTRAIN_STACK" = current ]; then
-    # Horovod's source distribution with our patches (each says why at its top), the wheel keyed by them too
-    wheels=$wheels-patches$(cat "$here"/scripts/patches/*.patch | sha256sum | cut -c1-8)
-  fi
+  wheels=$wheels${patches:+-patches$patches}  # the wheel keyed by the patches too
   if ! ls "$wheels"/horovod-*.whl >/dev/null 2>&1; then
     mkdir -p "$wheels.tmp"
     if [ "$HVDTRAIN_STACK" = current ]; then
@@ -157,5 +159,6 @@ if ! "$py" -c "import horovod, horovod.tensorflow as h; assert horovod.__version
   fi
   "$py" -m pip uninstall -q -y horovod 2>/dev/null || true
   "$py" -m pip install -q --no-deps "$wheels"/horovod-*.whl
+  echo "$patches" > "$horovod_stamp"
 fi
 log "ready: $("$py" -c 'import tensorflow as tf, horovod; print("tensorflow", tf.__version__, "horovod", horovod.__version__)' 2>/dev/null)"
