@@ -64,7 +64,9 @@ def test_other_post_training_modes(post_training, name):
 
 
 def test_prune_reaches_the_target_in_every_layer(trained, tmp_path):
-    _, arts, _ = compress(trained, tmp_path, "prune")
+    # 6 epochs of fine-tuning, not the default 20: the schedule reaches 80% by its end either way, and accuracy is
+    # then 0.6 points below the dense model's (measured; the test allows 3)
+    _, arts, _ = compress(trained, tmp_path, "prune", "compression.fine_tune_epochs=6")
     pruned = arts["pruned"]
     sizes = {"conv_0": 288, "conv_1": 18432, "dense": 131072, "logits": 1280}
     for layer, sparsity in pruned["notes"]["pruned_layers"].items():

@@ -54,7 +54,7 @@ def draft_run(lm_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("draft") / "distill"
     proc = horovodrun([BIN / "hvdtrain", "compress", "--model", lm_run, "--method", "distill", "--set",
                        "compression.latency_rounds=1", "--set", "compression.latency_calls=3", "--set",
-                       "compression.distill_epochs=10", "--set", "compression.baseline_seeds=1", "--output", out],
+                       "compression.distill_epochs=5", "--set", "compression.baseline_seeds=1", "--output", out],
                       extra=["--gloo"], timeout=900)
     return out, proc
 
