@@ -7,8 +7,14 @@ from tests.helpers import run_parallel
 pytestmark = pytest.mark.parallel
 
 
-def test_ranks_end_with_identical_weights_after_training_on_different_data(tmp_path):
-    r0, r1 = run_parallel("train_identical.py", tmp_path / "wrapped")
+@pytest.fixture(scope="module")
+def identical_run(tmp_path_factory):
+    """The wrapped run and, in the same launch, the plain one (the negative control)."""
+    return run_parallel("train_identical.py", tmp_path_factory.mktemp("identical"), "--plain")
+
+
+def test_ranks_end_with_identical_weights_after_training_on_different_data(identical_run):
+    r0, r1 = identical_run
     assert r0["size"] == r1["size"] == 2
     assert r0["first_labels"] != r1["first_labels"]  # each rank saw its own shard
     assert not np.allclose(r0["init"], r1["init"])  # and started from its own random init
@@ -17,9 +23,10 @@ def test_ranks_end_with_identical_weights_after_training_on_different_data(tmp_p
     np.testing.assert_array_equal(final0, final1)
 
 
-def test_negative_control_without_horovod_the_ranks_diverge(tmp_path):
-    """The same script with a plain optimizer and no broadcast: proves the test above can fail."""
-    r0, r1 = run_parallel("train_identical.py", tmp_path / "plain", "--plain")
+def test_negative_control_without_horovod_the_ranks_diverge(identical_run):
+    """The same training with a plain optimizer and no broadcast: proves the test above can fail."""
+    r0, r1 = (r["plain"] for r in identical_run)
+    assert not np.allclose(r0["init"], r1["init"])
     assert np.abs(np.array(r0["final"]) - np.array(r1["final"])).max() > 1e-3
 
 
