@@ -9,10 +9,20 @@ from tests.helpers import BIN, horovodrun, run_parallel
 pytestmark = pytest.mark.parallel
 
 
-def test_fp16_overflow_on_one_rank_is_skipped_by_every_rank(tmp_path):
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    """tests/parallel/workers/mixed_precision.py, then communication.py, in one launch: {script: [rank0, rank1]}."""
+    base = tmp_path_factory.mktemp("precision_communication")
+    run_parallel("in_sequence.py", base, "mixed_precision.py", str(base / "mixed_precision"), "communication.py",
+                 str(base / "communication"))
+    return {name: [json.loads((base / name / f"rank{r}.json").read_text()) for r in range(2)]
+            for name in ("mixed_precision", "communication")}
+
+
+def test_fp16_overflow_on_one_rank_is_skipped_by_every_rank(worker_runs):
     r0, r1 = (
         {k: (np.array(v) if isinstance(v, list) and k != "scales" else v) for k, v in r.items()}
-        for r in run_parallel("mixed_precision.py", tmp_path)
+        for r in worker_runs["mixed_precision"]
     )
     for r in (r0, r1):
         assert r["wrapper"] == "LossScaleOptimizerV3"  # loss scaling outside the Horovod optimizer
@@ -23,8 +33,8 @@ def test_fp16_overflow_on_one_rank_is_skipped_by_every_rank(tmp_path):
     np.testing.assert_array_equal(r0["after_overflow"], r1["after_overflow"])
 
 
-def test_accumulation_matches_a_k_times_larger_batch_and_fp16_compression_stays_close(tmp_path):
-    ranks = [{k: np.array(v) for k, v in r.items()} for r in run_parallel("communication.py", tmp_path)]
+def test_accumulation_matches_a_k_times_larger_batch_and_fp16_compression_stays_close(worker_runs):
+    ranks = [{k: np.array(v) for k, v in r.items()} for r in worker_runs["communication"]]
     for r in ranks:
         moved = np.abs(r["large_batch"] - r["init"]).max()
         assert moved > 1e-2
