@@ -1,4 +1,6 @@
 """The distributed core at 2 real Horovod ranks (horovodrun), checking what each rank did."""
+import json
+
 import numpy as np
 import pytest
 
@@ -8,9 +10,19 @@ pytestmark = pytest.mark.parallel
 
 
 @pytest.fixture(scope="module")
-def identical_run(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The workers of this file one after another in one launch: {script: [rank0, rank1]}."""
+    base = tmp_path_factory.mktemp("core")
+    scripts = {"train_identical": "--plain", "callbacks_behaviour": "", "divergence": "minimize,apply_gradients"}
+    run_parallel("in_sequence.py", base, *(a for name, arg in scripts.items()
+                                           for a in (f"{name}.py" + (f":{arg}" if arg else ""), str(base / name))))
+    return {name: [json.loads((base / name / f"rank{r}.json").read_text()) for r in range(2)] for name in scripts}
+
+
+@pytest.fixture(scope="module")
+def identical_run(runs):
     """The wrapped run and, in the same launch, the plain one (the negative control)."""
-    return run_parallel("train_identical.py", tmp_path_factory.mktemp("identical"), "--plain")
+    return runs["train_identical"]
 
 
 def test_ranks_end_with_identical_weights_after_training_on_different_data(identical_run):
@@ -31,8 +43,8 @@ def test_negative_control_without_horovod_the_ranks_diverge(identical_run):
 
 
 @pytest.fixture(scope="module")
-def callbacks_run(tmp_path_factory):
-    return run_parallel("callbacks_behaviour.py", tmp_path_factory.mktemp("callbacks"))
+def callbacks_run(runs):
+    return runs["callbacks_behaviour"]
 
 
 def test_metric_average_reports_the_mean_over_ranks(callbacks_run):
@@ -64,9 +76,9 @@ def test_learning_rate_is_scaled_by_world_size_and_warmed_up(callbacks_run):
 
 
 @pytest.fixture(scope="module")
-def divergence_run(tmp_path_factory):
+def divergence_run(runs):
     """A custom train step that averages (minimize), then one that falls in the trap (apply_gradients)."""
-    return run_parallel("divergence.py", tmp_path_factory.mktemp("divergence"), "minimize,apply_gradients")
+    return runs["divergence"]
 
 
 def test_divergence_guard_stops_every_rank_on_the_apply_gradients_trap(divergence_run):
