@@ -14,6 +14,17 @@ if importlib.util.find_spec("tf_keras") is not None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 
+from models.registry import (ModelParamError, build, builder, check_params, has_plan, language_models, names, params_of,
+                             parallel_plan, plan_of, register, register_plan)
+
+# The families register their builders and plans, and their custom layers with Keras' serialization registry, when
+# their modules are imported: `import models` is then all a process needs before `tf.keras.models.load_model`.
+from models import cnn, gpt, llama, mlp, resnet  # noqa: E402,F401  isort: skip
+
+__all__ = ["ModelParamError", "build", "builder", "check_params", "has_plan", "language_models", "names", "params_of",
+           "parallel_plan", "plan_of", "register", "register_plan"]
+
+
 def _written_for_graphs(*packages: str) -> None:
     """Leave these packages' functions to TensorFlow as they are written: their control flow on tensors is explicit
     (tf.while_loop, tf.cond) and their Python branches are on Python values, so AutoGraph's rewrite of each function
@@ -28,13 +39,3 @@ def _written_for_graphs(*packages: str) -> None:
 
 
 _written_for_graphs("models", "hvdtrain", "horovod")
-
-from models.registry import (ModelParamError, build, builder, check_params, has_plan, language_models, names, params_of,
-                             parallel_plan, plan_of, register, register_plan)
-
-# The families register their builders and plans, and their custom layers with Keras' serialization registry, when
-# their modules are imported: `import models` is then all a process needs before `tf.keras.models.load_model`.
-from models import cnn, gpt, llama, mlp, resnet  # noqa: E402,F401  isort: skip
-
-__all__ = ["ModelParamError", "build", "builder", "check_params", "has_plan", "language_models", "names", "params_of",
-           "parallel_plan", "plan_of", "register", "register_plan"]
