@@ -14,11 +14,11 @@ import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS (TF 2.21), for wor
 # Seconds each of the slowest test files took in a run of the whole suite (JUnit times, 2 cores). `make test` runs
 # two workers that take whole files; the longest start first, so that no worker is left alone with one at the end.
 FILE_SECONDS = {
-    "tests/parallel/test_layouts.py": 463, "tests/e2e/test_compression.py": 420, "tests/e2e/test_parallel_cli.py": 418,
+    "tests/parallel/test_layouts.py": 560, "tests/e2e/test_compression.py": 420, "tests/e2e/test_parallel_cli.py": 418,
     "tests/e2e/test_serving.py": 260, "tests/e2e/test_ray.py": 248, "tests/e2e/test_object_storage.py": 237,
     "tests/e2e/test_fault_tolerance.py": 228, "tests/e2e/test_train_cli.py": 200, "tests/e2e/test_benchmark.py": 205,
     "tests/e2e/test_language_model.py": 113, "tests/e2e/test_data_cli.py": 97, "tests/e2e/test_bad_input.py": 90,
-    "tests/parallel/test_memory.py": 89, "tests/e2e/test_slurm.py": 81, "tests/e2e/test_multihost.py": 81,
+    "tests/e2e/test_slurm.py": 81, "tests/e2e/test_multihost.py": 81,
     "tests/e2e/test_launchers.py": 80, "tests/parallel/test_precision_communication.py": 50,
     "tests/parallel/test_core.py": 45,
 }

@@ -7,6 +7,8 @@ each rank must hold only its part. Each launch runs several cases on one rank gr
 each check fails when an operator is wrong. Plain SGD (not only Adam, which hides a uniform scale of the gradient)
 where a sum or a scale could be wrong: clipping, the vocabulary-parallel loss, tied embeddings, bf16.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -70,15 +72,26 @@ FOUR_RANKS = {
 }
 
 
-def launch(tmp_path, np_, cases):
+def corpus(folder):
     from hvdtrain.data import text
 
-    (tmp_path / "corpus.txt").write_bytes(text.embedded_corpus()[:20_000])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_bytes(text.embedded_corpus()[:20_000])
+    return folder
+
+
+def launch(tmp_path, np_, cases, before=()):
+    """The cases at ``np_`` ranks in one launch, after the ``before`` workers ((script, argument, folder) each, in
+    the same ranks: tests/parallel/workers/in_sequence.py)."""
+    cases_folder = corpus(tmp_path / "cases")
     # Horovod's default cycle: hvdtrain's 0.001 ms under MPI (docs/performance.md) has the background thread poll
     # all the time, which on 2 cores shared by up to 4 ranks slowed these short, tracing-bound cases by 30%
     # (measured); the equivalence does not depend on it
-    ranks = run_parallel("layouts.py", tmp_path, ";".join(f"{n}:{c}" for n, c in cases.items()), np=np_,
-                         timeout=1100, environment={"HOROVOD_CYCLE_TIME": "1"})
+    layouts = "layouts.py:" + ";".join(f"{n}:{c}" for n, c in cases.items())
+    steps = [a for script, arg, folder in before for a in (f"{script}:{arg}", str(corpus(folder)))]
+    run_parallel("in_sequence.py", tmp_path, *steps, layouts, str(cases_folder), np=np_, timeout=1100,
+                 environment={"HOROVOD_CYCLE_TIME": "1"})
+    ranks = [json.loads((cases_folder / f"rank{r}.json").read_text()) for r in range(np_)]
     return [{name: r[name] for name in cases} for r in ranks]
 
 
@@ -99,9 +112,21 @@ def two(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("two"), 2, TWO_RANKS)
 
 
+MEMORY_LAYOUT = "parallel.tensor=2,parallel.pipeline=2"
+
+
 @pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("four"), 4, FOUR_RANKS)
+def four_ranks(tmp_path_factory):
+    """The 4-rank cases, after the peak-memory worker at tensor=2 x pipeline=2 in the same ranks (first: a peak
+    resident set is a high-water mark): (cases, memory), each a list over the ranks."""
+    base = tmp_path_factory.mktemp("four")
+    cases = launch(base / "layouts", 4, FOUR_RANKS, before=[("memory.py", MEMORY_LAYOUT, base / "memory")])
+    return cases, [json.loads((base / "memory" / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.fixture(scope="module")
+def four(four_ranks):
+    return four_ranks[0]
 
 
 def test_tensor_parallel_matches_one_process(two):
@@ -269,3 +294,24 @@ def test_llama_bf16_at_tensor_2(two):
     bf16_error, _ = apart(two[0]["llama_tp2_bf16_vs_fp32"])
     assert moved > 0.1 and diff < 1.5 * bf16_error and diff < 0.05 * moved
 
+
+
+def test_each_rank_grows_by_at_most_half_of_one_process_at_tensor_2_x_pipeline_2(four_ranks, tmp_path):
+    """No rank builds or keeps the whole model: measured peak memory (resident set), not counted bytes.
+
+    tests/parallel/workers/memory.py trains a small gpt and then a larger one (26M parameters) in one process,
+    writes a sharded checkpoint, reads it back as a resume does and streams model.keras on the chief; the larger
+    model's growth of the peak resident set over the small one's is what its size costs each rank (at 4 ranks: the
+    first worker of the 4-rank launch, before any layout case). At tensor=2 x pipeline=2 each rank should hold about
+    a quarter of the weights, gradients and optimizer state; the test allows half of the one-process growth, so it
+    fails if any rank ever holds a whole copy (weights alone of the larger gpt are 100 MB, with Adam's state 300 MB).
+    """
+    (one_process,) = run_parallel("memory.py", corpus(tmp_path / "one"), "", np=1, timeout=900)
+    one, parameters = one_process["large"] - one_process["small"], one_process["large_parameters"]
+    split = [r["large"] - r["small"] for r in four_ranks[1]]
+    assert parameters > 20_000_000 and four_ranks[1][0]["large_parameters"] == parameters
+    assert one > 3 * 4 * parameters  # one process: weights, gradients and Adam's two slots at least
+    worst = max(split)
+    print(f"peak growth: one process {one / 2**20:.0f} MB; tensor=2 x pipeline=2 per rank "
+          f"{', '.join(f'{g / 2**20:.0f}' for g in split)} MB ({worst / one:.2f} of one process)")
+    assert worst <= one / 2
