@@ -61,6 +61,21 @@ def run_parallel(script: str, outdir: Path, *args: str, np: int = 2, timeout: fl
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(np)]
 
 
+def run_in_sequence(base: Path, scripts: dict[str, str], np: int = 2, timeout: float = 300,
+                    environment: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Several ``tests/parallel/workers`` scripts one after another in the same ranks of one launch
+    (workers/in_sequence.py), each given its argument (``""``: none) and its folder ``base/STEM`` (made if missing;
+    a caller may fill it first); return ``{stem: [rank0, rank1, ...]}`` from each folder's ``rank{r}.json``."""
+    folders = {Path(script).stem: base / Path(script).stem for script in scripts}
+    steps = []
+    for script, arg in scripts.items():
+        folders[Path(script).stem].mkdir(parents=True, exist_ok=True)
+        steps += [f"{script}:{arg}" if arg else script, str(folders[Path(script).stem])]
+    run_parallel("in_sequence.py", base, *steps, np=np, timeout=timeout, environment=environment)
+    return {stem: [json.loads((folder / f"rank{r}.json").read_text()) for r in range(np)]
+            for stem, folder in folders.items()}
+
+
 def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until ``out/metrics.jsonl`` has ``epochs`` lines, failing if ``proc`` ends first or time runs out."""
     import time

@@ -7,12 +7,10 @@ each rank must hold only its part. Each launch runs several cases on one rank gr
 each check fails when an operator is wrong. Plain SGD (not only Adam, which hides a uniform scale of the gradient)
 where a sum or a scale could be wrong: clipping, the vocabulary-parallel loss, tied embeddings, bf16.
 """
-import json
-
 import numpy as np
 import pytest
 
-from tests.helpers import run_parallel
+from tests.helpers import run_in_sequence, run_parallel
 
 # Each launch runs many cases (the two-rank one about 9 minutes on a busy 2-core machine): longer than pytest's
 # default per-test timeout, which counts a module fixture's setup in the first test that asks for it.
@@ -80,19 +78,17 @@ def corpus(folder):
     return folder
 
 
-def launch(tmp_path, np_, cases, before=()):
-    """The cases at ``np_`` ranks in one launch, after the ``before`` workers ((script, argument, folder) each, in
-    the same ranks: tests/parallel/workers/in_sequence.py)."""
-    cases_folder = corpus(tmp_path / "cases")
+def launch(tmp_path, np_, cases, before=None):
+    """The cases at ``np_`` ranks in one launch (tests/parallel/workers/layouts.py), after the ``before`` workers
+    ({script: argument}) in the same ranks; returns (cases per rank, {before's stem: its ranks' reports})."""
     # Horovod's default cycle: hvdtrain's 0.001 ms under MPI (docs/performance.md) has the background thread poll
     # all the time, which on 2 cores shared by up to 4 ranks slowed these short, tracing-bound cases by 30%
     # (measured); the equivalence does not depend on it
-    layouts = "layouts.py:" + ";".join(f"{n}:{c}" for n, c in cases.items())
-    steps = [a for script, arg, folder in before for a in (f"{script}:{arg}", str(corpus(folder)))]
-    run_parallel("in_sequence.py", tmp_path, *steps, layouts, str(cases_folder), np=np_, timeout=1100,
-                 environment={"HOROVOD_CYCLE_TIME": "1"})
-    ranks = [json.loads((cases_folder / f"rank{r}.json").read_text()) for r in range(np_)]
-    return [{name: r[name] for name in cases} for r in ranks]
+    scripts = {**(before or {}), "layouts.py": ";".join(f"{n}:{c}" for n, c in cases.items())}
+    for script in scripts:
+        corpus(tmp_path / script.removesuffix(".py"))
+    reports = run_in_sequence(tmp_path, scripts, np=np_, timeout=1100, environment={"HOROVOD_CYCLE_TIME": "1"})
+    return [{name: r[name] for name in cases} for r in reports.pop("layouts")], reports
 
 
 def apart(case) -> tuple[float, float]:
@@ -109,7 +105,7 @@ def equal(case, relative=None) -> bool:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("two"), 2, TWO_RANKS)
+    return launch(tmp_path_factory.mktemp("two"), 2, TWO_RANKS)[0]
 
 
 MEMORY_LAYOUT = "parallel.tensor=2,parallel.pipeline=2"
@@ -119,9 +115,8 @@ MEMORY_LAYOUT = "parallel.tensor=2,parallel.pipeline=2"
 def four_ranks(tmp_path_factory):
     """The 4-rank cases, after the peak-memory worker at tensor=2 x pipeline=2 in the same ranks (first: a peak
     resident set is a high-water mark): (cases, memory), each a list over the ranks."""
-    base = tmp_path_factory.mktemp("four")
-    cases = launch(base / "layouts", 4, FOUR_RANKS, before=[("memory.py", MEMORY_LAYOUT, base / "memory")])
-    return cases, [json.loads((base / "memory" / f"rank{r}.json").read_text()) for r in range(4)]
+    cases, reports = launch(tmp_path_factory.mktemp("four"), 4, FOUR_RANKS, before={"memory.py": MEMORY_LAYOUT})
+    return cases, reports["memory"]
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +288,6 @@ def test_llama_bf16_at_tensor_2(two):
     diff, moved = apart(two[0]["llama_tp2_bf16"])
     bf16_error, _ = apart(two[0]["llama_tp2_bf16_vs_fp32"])
     assert moved > 0.1 and diff < 1.5 * bf16_error and diff < 0.05 * moved
-
 
 
 def test_each_rank_grows_by_at_most_half_of_one_process_at_tensor_2_x_pipeline_2(four_ranks, tmp_path):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, horovodrun, run_parallel
+from tests.helpers import BIN, horovodrun, run_in_sequence
 
 pytestmark = pytest.mark.parallel
 
@@ -12,11 +12,8 @@ pytestmark = pytest.mark.parallel
 @pytest.fixture(scope="module")
 def worker_runs(tmp_path_factory):
     """tests/parallel/workers/mixed_precision.py, then communication.py, in one launch: {script: [rank0, rank1]}."""
-    base = tmp_path_factory.mktemp("precision_communication")
-    run_parallel("in_sequence.py", base, "mixed_precision.py", str(base / "mixed_precision"), "communication.py",
-                 str(base / "communication"))
-    return {name: [json.loads((base / name / f"rank{r}.json").read_text()) for r in range(2)]
-            for name in ("mixed_precision", "communication")}
+    return run_in_sequence(tmp_path_factory.mktemp("precision_communication"),
+                           {"mixed_precision.py": "", "communication.py": ""})
 
 
 def test_fp16_overflow_on_one_rank_is_skipped_by_every_rank(worker_runs):
