@@ -83,5 +83,8 @@ def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen, timeout: flo
     deadline = time.time() + timeout
     metrics = out / "metrics.jsonl"
     while not metrics.exists() or len(metrics.read_text().splitlines()) < epochs:
-        assert proc.poll() is None and time.time() < deadline, f"the job ended before epoch {epochs}"
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before epoch {epochs}:\n{output[-4000:]}")
+        assert time.time() < deadline, f"epoch {epochs} not reached in {timeout:.0f} s"
         time.sleep(0.1)
