@@ -2,7 +2,8 @@
 # A Ray cluster of two nodes on this machine, for trying `hvdtrain train --ray` and for the tests: a head node on
 # 127.0.0.1 and a second node on 127.0.0.2 (both loopback), each with CPUS slots, usage statistics and token
 # authentication off. Two node addresses, because Horovod's elastic mode blacklists a failed worker's whole host:
-# with two "hosts" a job can lose the workers of one and go on with the other.
+# with two "hosts" a job can lose the workers of one and go on with the other. Workers run at normal priority
+# (RAY_worker_niceness=0): at Ray's default of nice 15 any other busy process on the machine starves them.
 #
 #   scripts/ray_cluster.sh start DIR [PORT] [CPUS]   start it (state and logs in DIR); prints the address
 #   scripts/ray_cluster.sh stop DIR                  stop it
@@ -13,7 +14,7 @@ dir=${2:?usage: ray_cluster.sh start|stop DIR [PORT] [CPUS]}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ray=${RAY:-${VENV:-$here/.venv}/bin/ray}
 [ -x "$ray" ] || ray=ray
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_worker_niceness=${RAY_worker_niceness:-0}
 mkdir -p "$dir"
 
 case "$cmd" in

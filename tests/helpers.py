@@ -1,8 +1,10 @@
 """Helpers for the tests: running commands, and scripts at 2 ranks under horovodrun."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,15 +78,33 @@ def run_in_sequence(base: Path, scripts: dict[str, str], np: int = 2, timeout: f
             for stem, folder in folders.items()}
 
 
-def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+@contextlib.contextmanager
+def job(cmd: list[str], log: Path, environment: dict[str, str]):
+    """A long job started in its own session with its output going to ``log``; killed on leaving if still running.
+
+    The output goes to a file and not a pipe: nobody reads a pipe while the test waits on the job, and a chatty job
+    (Ray forwards every worker's warnings) fills the pipe's 64 KB and stops at its next write.
+    """
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=environment, start_new_session=True, stdout=f, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     """Wait until ``out/metrics.jsonl`` has ``epochs`` lines, failing if ``proc`` ends first or time runs out."""
     import time
 
     deadline = time.time() + timeout
     metrics = out / "metrics.jsonl"
     while not metrics.exists() or len(metrics.read_text().splitlines()) < epochs:
-        if proc.poll() is not None:
-            output = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"the job ended (exit {proc.returncode}) before epoch {epochs}:\n{output[-4000:]}")
-        assert time.time() < deadline, f"epoch {epochs} not reached in {timeout:.0f} s"
+        ended = proc.poll() is not None
+        if ended or time.time() > deadline:
+            what = f"the job ended (exit {proc.returncode})" if ended else f"{timeout:.0f} s passed"
+            raise AssertionError(f"{what} before epoch {epochs}:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)

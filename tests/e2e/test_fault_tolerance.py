@@ -3,13 +3,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import BIN, ROOT, env, horovodrun, run, wait_for_epochs
+from tests.helpers import BIN, ROOT, env, horovodrun, job, run, wait_for_epochs
 
 pytestmark = pytest.mark.e2e
 
@@ -121,19 +120,16 @@ def test_elastic_job_survives_a_killed_worker(tmp_path):
            str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--elastic", "--set", "train.epochs=5",
            "--set", "data.batch_size_per_rank=8", "--set", "train.steps_per_execution=1",
            "--set", "train.commit_every_batches=5", "--output", str(out)]
-    proc = subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_epochs(out, 2, proc)
+    log = tmp_path / "output.log"
+    with job(cmd, log, env()) as proc:
+        wait_for_epochs(out, 2, proc, log)
         time.sleep(0.3)  # into epoch 3
         victims = rank_pids(str(out), 1)
         assert victims, "rank 1 not found"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=300)
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     resumed = re.search(r"elastic: 1 rank\(s\), from epoch (\d+) batch (\d+)", output)
     assert resumed and int(resumed.group(1)) >= 3  # went on alone from the last commit, after epoch 2
@@ -154,15 +150,12 @@ def test_elastic_job_grows_when_a_host_is_added(tmp_path):
            str(BIN / "hvdtrain"), "train", "--recipe", "digits-cnn", "--elastic", "--set", "train.epochs=5",
            "--set", "data.batch_size_per_rank=8", "--set", "train.steps_per_execution=1",
            "--set", "train.commit_every_batches=5", "--output", str(out)]
-    proc = subprocess.Popen(cmd, env={**env(), "HOSTS_FILE": str(hosts)}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_epochs(out, 1, proc)
+    log = tmp_path / "output.log"
+    with job(cmd, log, {**env(), "HOSTS_FILE": str(hosts)}) as proc:
+        wait_for_epochs(out, 1, proc, log)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")  # a second host joins after epoch 1
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=300)
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert re.search(r"elastic: 1 rank\(s\), from epoch 1 batch 0", output)
     grown = re.search(r"elastic: 2 rank\(s\), from epoch (\d+) batch (\d+)", output)

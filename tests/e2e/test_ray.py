@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, ROOT, env, run, wait_for_epochs
+from tests.helpers import BIN, ROOT, env, job, run, wait_for_epochs
 
 pytestmark = pytest.mark.e2e
 
@@ -87,18 +87,15 @@ def test_elastic_ray_job_goes_on_when_a_worker_is_killed(two_node_cluster, tmp_p
            "--min-np", "1", "--max-np", "2", "--recipe", "digits-cnn", "--set", "train.epochs=8",
            "--set", "data.batch_size_per_rank=8", "--set", "train.steps_per_execution=1",
            "--set", "train.commit_every_batches=5", "--output", str(out)]
-    proc = subprocess.Popen(cmd, env=ray_env(), start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_epochs(out, 2, proc)
+    log = tmp_path / "output.log"
+    with job(cmd, log, ray_env()) as proc:
+        wait_for_epochs(out, 2, proc, log)
         workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"ray::BaseHorovodWorker" in
                    open(f"/proc/{p}/cmdline", "rb").read()]
         assert len(workers) == 2
         os.kill(max(workers), signal.SIGKILL)
-        output, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=400)
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert re.search(r"elastic: 1 rank\(s\), from epoch \d+ batch \d+", output), output[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
