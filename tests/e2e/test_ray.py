@@ -32,10 +32,11 @@ def test_train_on_a_local_ray_cluster_with_the_usual_artifacts(tmp_path):
 
 
 def test_a_users_function_on_ray_workers_ends_with_identical_weights(tmp_path):
-    """hvdtrain.ray.run: each worker trains on its own shard from its own random init; both end equal."""
+    """hvdtrain.ray.run: each worker trains on its own shard from its own random init; both end equal. The local
+    cluster it starts runs them at normal priority (Ray's default nice 15 lets any busy process starve them)."""
     script = tmp_path / "on_ray.py"
     script.write_text(f"""
-import json, sys
+import json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import hvdtrain
 
@@ -52,15 +53,15 @@ def train():
                   tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(ds, epochs=2, steps_per_epoch=10, verbose=0,
               callbacks=hvdtrain.callbacks.default_callbacks(steps_per_epoch=10))
-    return hvdtrain.rank(), np.concatenate([w.ravel() for w in model.get_weights()]).tolist()
+    return hvdtrain.rank(), os.nice(0), np.concatenate([w.ravel() for w in model.get_weights()]).tolist()
 
 results = hvdtrain.ray.run(train, num_workers=2)
 print(json.dumps(results))
 """)
     proc = run([sys.executable, str(script)], env=ray_env(), timeout=600)
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r[0] for r in results] == [0, 1]
-    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert [r[0] for r in results] == [0, 1] and [r[1] for r in results] == [0, 0]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
 
 
 @pytest.fixture
@@ -93,6 +94,8 @@ def test_elastic_ray_job_goes_on_when_a_worker_is_killed(two_node_cluster, tmp_p
         workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"ray::BaseHorovodWorker" in
                    open(f"/proc/{p}/cmdline", "rb").read()]
         assert len(workers) == 2
+        # scripts/ray_cluster.sh runs them at normal priority: /proc/PID/stat's 19th field is the nice value
+        assert [open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[16] for p in workers] == ["0", "0"]
         os.kill(max(workers), signal.SIGKILL)
         proc.wait(timeout=400)
     output = log.read_text()
