@@ -83,7 +83,7 @@ def job(cmd: list[str], log: Path, environment: dict[str, str]):
     """A long job started in its own session with its output going to ``log``; killed on leaving if still running.
 
     The output goes to a file and not a pipe: nobody reads a pipe while the test waits on the job, and a chatty job
-    (Ray forwards every worker's warnings) fills the pipe's 64 KB and stops at its next write.
+    (Ray forwards every worker's warnings and stack traces) can fill the pipe's 64 KB and stop at its next write.
     """
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=environment, start_new_session=True, stdout=f, stderr=subprocess.STDOUT,

@@ -51,14 +51,14 @@ def run(fn: Callable[[], Any], *, num_workers: int | None = None, address: str |
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # A cluster started here runs its training workers at normal priority, not Ray's nice 15 (under which any
-        # other busy process on the machine starves them: a job that trains in 9 s an epoch stalled for minutes).
-        os.environ.setdefault("RAY_worker_niceness", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
                                   "runtime_env": {"env_vars": dict(env or {})}}
         if address:
             ray.init(address=address, **kwargs)
         else:
+            # A cluster started here runs its training workers at normal priority, not Ray's nice 15 (under which
+            # any other busy process on the machine starves them: an epoch of 9 s had not ended after 300 s).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             cpus = max(os.cpu_count() or 1, (max_workers or num_workers or 1) * cpus_per_worker)
             ray.init(num_cpus=cpus, **kwargs)
         started = True
