@@ -89,7 +89,9 @@ def demo_run(tmp_path_factory):
         out, traces = base / "run", base / "traces"
         traces.mkdir()
         calls = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,rmdir"
-        wrapped = (f"exec strace -f -qq -e trace={calls} -o {traces}/rank$HOROVOD_RANK.txt "
+        # --seccomp-bpf: the kernel stops a rank only at the traced calls, not at every system call (the run took
+        # 60 s under strace without it, 44 s with it, 38 s without strace; measured alone)
+        wrapped = (f"exec strace --seccomp-bpf -f -qq -e trace={calls} -o {traces}/rank$HOROVOD_RANK.txt "
                    f"{BIN}/hvdtrain train --recipe digits-cnn --output {out}")
         proc = horovodrun(["sh", "-c", wrapped], extra=["--gloo"], timeout=600)
         (base / "stdout.txt").write_text(proc.stdout)
