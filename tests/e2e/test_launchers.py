@@ -71,9 +71,10 @@ def test_train_sh_runs_at_two_ranks(tmp_path):
     e = env()
     e["NP"] = "2"
     run([str(ROOT / "scripts" / "train.sh"), "--recipe", "digits-mlp", "--set", "train.epochs=2",
-         "--output", str(out)], env=e, timeout=300)
+         "--set", "train.precision=mixed_bfloat16", "--output", str(out)], env=e, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["controller"] == "gloo"
+    assert summary["precision"] == "mixed_bfloat16" and summary["test_accuracy"] > 0.5  # the CLI's bfloat16 run
 
 
 def test_mpirun_script_trains_at_two_ranks_with_the_mpi_controller(tmp_path):
