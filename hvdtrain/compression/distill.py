@@ -50,7 +50,8 @@ class Distiller(tf.keras.Model):
         return self.student(x, training=training)
 
     def distillation_loss(self, y, student_logits, teacher_logits):
-        """The weighted sum of the hard-label loss and the softened KL term."""
+        """The weighted sum of the hard-label loss and the softened KL term (``teacher_logits`` is None when
+        ``alpha`` is 1: labels alone)."""
         t = self.temperature
         hard = self.hard_loss(y, student_logits)
         if self.alpha >= 1.0:
@@ -62,7 +63,8 @@ class Distiller(tf.keras.Model):
 
     def train_step(self, data):
         x, y = data
-        teacher_logits = self.teacher(x, training=False)
+        # the no-teacher baseline (alpha=1) does not run the teacher: its forward pass is most of a step's work
+        teacher_logits = self.teacher(x, training=False) if self.alpha < 1.0 else None
         with tf.GradientTape() as tape:
             student_logits = self.student(x, training=True)
             loss = self.distillation_loss(y, student_logits, teacher_logits)
