@@ -63,12 +63,13 @@ def command(model_path: str, prompts: list[str], max_tokens: int, temperature: f
     """``hvdtrain generate``: load the model (and draft), check them and the run's tokenizer, generate a text for
     every prompt; returns the texts (prompt included), what the run did and the method used."""
     from hvdtrain import modelio
-    from hvdtrain.data import tokenizer as tokenizers
     from hvdtrain.errors import UsageError
 
     if draft_path and full_window:
         raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
-    model = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    model = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)  # a missing or wrong file: before TensorFlow
+    from hvdtrain.data import tokenizer as tokenizers
+
     _, vocab = decoding.check_model(model, f"--model {model_path}")
     draft = modelio.load_keras(draft_path, allow_unsafe=allow_unsafe) if draft_path else None
     if draft is not None:
