@@ -28,9 +28,8 @@ def train(optimizer, steps: int = 4, graph: bool = False):
     return np.concatenate([table.numpy().ravel(), kernel.numpy().ravel()]), step
 
 
-def ours(name: str, **train_settings):
-    cfg = config.load("gpt-tiny", overrides=[f"train.optimizer={name}"])
-    return runtime.make_optimizer(dataclasses.replace(cfg.train, **train_settings), 0.01)
+def ours(name: str):
+    return runtime.make_optimizer(dataclasses.replace(config.load("gpt-tiny").train, optimizer=name), 0.01)
 
 
 @pytest.mark.parametrize("name, graph", [("adam", False), ("adam", True), ("adamw", True)])
