@@ -378,6 +378,13 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
+    if cfg.distributed.reduce_op == "adasum":
+        raise ConfigError("distributed.reduce_op=adasum is not supported with Keras optimizers by Horovod 0.28; "
+                          "use average or sum")
+    if cfg.train.precision == "mixed_float16" and cfg.distributed.backward_passes_per_step > 1:
+        raise ConfigError("train.precision=mixed_float16 with distributed.backward_passes_per_step > 1 lets ranks' "
+                          "loss scales disagree; use mixed_bfloat16, or backward_passes_per_step=1")
+    # the checks above need no TensorFlow (a usage error stops in half a second); the model's need its family
     import models  # the builders' signatures are the schema of model.params
 
     try:

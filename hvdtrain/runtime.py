@@ -15,7 +15,8 @@ from hvdtrain.errors import ConfigError
 
 
 def check_options(cfg: Config) -> None:
-    """Reject option combinations that this machine or Horovod cannot run, before anything is written."""
+    """Reject options that this machine cannot run, before anything is written (the combinations Horovod cannot run
+    are config errors: :func:`hvdtrain.config.validate`)."""
     import tensorflow as tf
 
     if cfg.train.jit_compile and not tf.config.list_physical_devices("GPU"):
@@ -23,12 +24,6 @@ def check_options(cfg: Config) -> None:
             "train.jit_compile=true needs a GPU: Horovod's allreduce has XLA kernels for GPUs only "
             "(HOROVOD_ENABLE_XLA_OPS, set by hvdtrain); set train.jit_compile=false on CPUs"
         )
-    if cfg.distributed.reduce_op == "adasum":
-        raise ConfigError("distributed.reduce_op=adasum is not supported with Keras optimizers by Horovod 0.28; "
-                          "use average or sum")
-    if cfg.train.precision == "mixed_float16" and cfg.distributed.backward_passes_per_step > 1:
-        raise ConfigError("train.precision=mixed_float16 with distributed.backward_passes_per_step > 1 lets ranks' "
-                          "loss scales disagree; use mixed_bfloat16, or backward_passes_per_step=1")
 
 
 def build_model(cfg: ModelConfig, source):

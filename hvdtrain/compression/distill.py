@@ -10,10 +10,14 @@ small student reaches only slowly. ``standardize_logits=false`` is Hinton's loss
 
 The custom ``train_step`` goes through ``optimizer.minimize(loss, vars, tape=tape)``: Horovod averages gradients
 inside the optimizer's gradient computation, which ``apply_gradients`` alone would skip (each rank would then
-train its own student; see ../shared/STACK.md). The teacher is frozen and only run in inference mode.
+train its own student; see ../shared/STACK.md). The teacher is frozen and only run in inference mode, so its
+outputs are a function of the example: over in-memory data (:class:`~hvdtrain.data.source.ArraySource`) they are
+computed once per training example before fine-tuning (:func:`with_teacher_outputs`) and gathered with each batch,
+instead of running the teacher's forward pass in every step of every epoch.
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 import models
@@ -63,8 +67,11 @@ class Distiller(tf.keras.Model):
 
     def train_step(self, data):
         x, y = data
-        # the no-teacher baseline (alpha=1) does not run the teacher: its forward pass is most of a step's work
-        teacher_logits = self.teacher(x, training=False) if self.alpha < 1.0 else None
+        if isinstance(y, (tuple, list)):  # the teacher's outputs, computed once (with_teacher_outputs)
+            y, teacher_logits = y
+        else:
+            # the no-teacher baseline (alpha=1) does not run the teacher: its forward pass is most of a step's work
+            teacher_logits = self.teacher(x, training=False) if self.alpha < 1.0 else None
         with tf.GradientTape() as tape:
             student_logits = self.student(x, training=True)
             loss = self.distillation_loss(y, student_logits, teacher_logits)
@@ -80,6 +87,49 @@ class Distiller(tf.keras.Model):
         self.loss_tracker.update_state(self.hard_loss(y, logits))
         self.accuracy.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics}
+
+
+# the most memory the cached teacher outputs may take (a language model's are context x vocabulary per example)
+TEACHER_CACHE_BYTES = 256 * 2**20
+
+
+class TeacherOutputs:
+    """A training source whose batches carry the frozen teacher's outputs beside the labels: ``(x, (y, logits))``.
+
+    The outputs are computed once for the whole training split (every rank computes them all: a rank's batches
+    come from anywhere in the split), then gathered by the same indices as the examples, so the batches are those
+    of the source itself (same order, any number of ranks).
+    """
+
+    def __init__(self, source, logits: np.ndarray):
+        self.source, self.logits = source, logits
+
+    @property
+    def num_train(self) -> int:
+        return self.source.num_train
+
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+        x, y = tf.constant(self.source.x_train), tf.constant(self.source.y_train)
+        t = tf.constant(self.logits)
+        return self.source.train_indices(rank, size, batch_size, seed).map(
+            lambda idx: (tf.gather(x, idx), (tf.gather(y, idx), tf.gather(t, idx))),
+            num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def with_teacher_outputs(teacher, source, epochs: int, ranks: int, batch_size: int = 256):
+    """``source`` with the teacher's outputs cached (:class:`TeacherOutputs`) when that costs less than running the
+    teacher in every step: the source is in memory, the outputs fit :data:`TEACHER_CACHE_BYTES`, and ``epochs``
+    passes over a rank's share of the split (``1 / ranks`` of it) are more than the one pass over the whole split
+    that computing them takes. Otherwise ``source`` unchanged (the teacher runs in each step)."""
+    if not hasattr(source, "train_indices") or epochs <= ranks:
+        return source
+    x = source.x_train
+    per_example = int(np.prod(teacher.outputs[0].shape[1:])) * 4
+    if per_example * len(x) > TEACHER_CACHE_BYTES:
+        return source
+    logits = np.concatenate([np.asarray(teacher(x[i: i + batch_size], training=False), np.float32)
+                             for i in range(0, len(x), batch_size)])
+    return TeacherOutputs(source, logits)
 
 
 def make_distiller(student, teacher, cfg: Config, source, alpha: float | None = None) -> Distiller:
@@ -108,7 +158,12 @@ def distill(teacher, source, cfg: Config, seed: int | None = None, alpha: float 
     """Train a student from ``teacher`` (``alpha=1`` trains it on labels alone, the no-teacher baseline)."""
     from hvdtrain.config import student_of
 
+    from hvdtrain import distributed
+
     student = build_student(cfg, source, cfg.train.seed if seed is None else seed)
     distiller = make_distiller(student, teacher, cfg, source, alpha)
-    fine_tune(distiller, source, cfg, epochs or student_of(cfg)[2], cfg.train.learning_rate, loss=None)
+    epochs = epochs or student_of(cfg)[2]
+    if distiller.alpha < 1.0:
+        source = with_teacher_outputs(teacher, source, epochs, distributed.size())
+    fine_tune(distiller, source, cfg, epochs, cfg.train.learning_rate, loss=None)
     return student

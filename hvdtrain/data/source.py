@@ -122,21 +122,25 @@ class ArraySource(Source):
         global batches, and the training, are those of one process with the global batch, at any number of
         data-parallel replicas (tested). ``shuffle_buffer`` is not needed: the whole split is permuted.
         """
+        x, y = tf.constant(self.x_train), tf.constant(self.y_train)
+        return self.train_indices(rank, size, batch_size, seed).map(
+            lambda idx: (tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+    def train_indices(self, rank: int, size: int, batch_size: int, seed: int) -> tf.data.Dataset:
+        """The training examples' indices in :meth:`train_dataset`'s batches (endless), for pipelines that gather
+        more per example (distillation's cached teacher outputs)."""
         n, glob = self.num_train, size * batch_size
         steps = n // glob
         if steps < 1:
             raise DataError(f"{n} training examples are fewer than one global batch of {glob}; lower "
                             "data.batch_size_per_rank or use fewer ranks")
-        x, y = tf.constant(self.x_train), tf.constant(self.y_train)
 
         def epoch(e):
             order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), e]))
             return tf.data.Dataset.from_tensor_slices(
                 tf.reshape(order[: steps * glob], [steps, size, batch_size])[:, rank])
 
-        ds = tf.data.Dataset.range(2**62).flat_map(epoch)
-        return ds.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=AUTOTUNE).prefetch(
-            AUTOTUNE)
+        return tf.data.Dataset.range(2**62).flat_map(epoch)
 
     def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
         """This rank's shard of ``val`` or ``test``, batched; None when the split is empty.

@@ -10,16 +10,20 @@ then every backward; 1F1B (PipeDream-Flush, Narayanan et al., 2021; Megatron-LM'
 forwards, then alternates one forward and one backward, then drains, so a stage keeps at most ``p - s``
 micro-batches' activations instead of M. :func:`timetable` places those operations on a clock of *ticks* (a
 stage does at most one operation per tick, and an operation waits for its input from the neighbouring stage at an
-earlier tick); the executor follows it exactly, so the idle ticks are GPipe's bubble, ``(p - 1) / (M + p - 1)``.
+earlier tick): its idle ticks are GPipe's bubble, ``(p - 1) / (M + p - 1)``, when a backward costs what a forward
+does. The executor keeps each stage's order of operations and nothing else: an operation starts as soon as the
+previous one on its stage is done and its input has arrived, so with a backward about twice a forward the stages
+are not held in lock-step ticks.
 
 **Transfers.** Horovod has no send or receive. Between stages s and s+1, a 2-rank alltoall on the process set
-``[s, s+1]`` moves a tensor one way with ``splits=[0, n]`` / ``[n, 0]`` (zero rows the other way), and one call
-carries an activation forward and a gradient backward at once. Inside a ``tf.function`` Horovod's collectives are
-not stateful ops, so (seen here) TensorFlow can merge two with identical inputs, fold one with a constant input
-(constant folding *runs* it once, at graph optimization, instead of once per call), or prune one whose output is
-unused, and the peer then waits forever. So every transfer has an explicit name that both sides share, an input
-that is distinct and computed in the step (never from static shapes), its output is counted into a variable, and
-each collective's input depends on the previous one's run-time output (:meth:`Pipeline.fence`).
+``[s, s+1]`` moves a tensor one way with ``splits=[0, n]`` / ``[n, 0]`` (zero rows the other way): one transfer
+per micro-batch and direction. Each is ordered by its data alone: the sender's when its tensor is computed, the
+receiver's at the step's start (it sends nothing); a stage's next operation starts once its send is taken. Inside a
+``tf.function`` Horovod's collectives are not stateful ops, so (seen here) TensorFlow can merge two with identical
+inputs, fold one with a constant input (constant folding *runs* it once, at graph optimization, instead of once per
+call), or prune one whose output is unused, and the peer then waits forever. So every transfer has an explicit name
+that both sides share, an input that is distinct and computed in the step (never from static shapes), and its
+output is counted into a variable; collectives that must come after the transfers take :meth:`Pipeline.fence`.
 """
 from __future__ import annotations
 
@@ -162,7 +166,7 @@ class Pipeline:
         self.dtype = tf.as_dtype(dtype)
         self.table = timetable(schedule, mesh.pipeline, micro)
         self.stage = mesh.stage
-        self._link = None
+        self._links = []
         with tf.init_scope():
             # every transfer's output is counted here, so that none is pruned (and the bytes can be reported)
             self.sent = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_sent_elements")
@@ -175,46 +179,54 @@ class Pipeline:
 
     # ---- transfers
 
-    def _template(self, stamp):
-        """A computed (never constant: see the module doc) one-row tensor of the activations' dtype."""
-        return tf.cast(tf.ones([1, *self.activation_shape]) * tf.cast(stamp, tf.float32), self.dtype)
+    def _nothing(self, began, index: int):
+        """What the receiving side of a transfer sends: an empty tensor that is computed (its row count is zero
+        only at run time, so no static shape lets TensorFlow fold it) and distinct for each transfer (``index``:
+        two alltoalls with one input could be merged). It depends on the step's start only, so every receive is
+        posted when the step starts and a sender's transfer goes as soon as its tensor is ready."""
+        rows = tf.cast(tf.minimum(began, 0.0), tf.int32)
+        return tf.cast(tf.ones([rows, *self.activation_shape]) * float(index + 1), self.dtype)
 
-    def _exchange(self, edge, forward, backward, name: str, like):
-        """One alltoall on ``edge``: this stage's ``forward`` (to the next stage, or None) and ``backward`` (to the
-        previous one, or None). Returns what arrived. Its input depends on the previous transfer's result."""
+    def _transfer(self, edge, tensor, name: str, nothing):
+        """One alltoall on ``edge`` that moves one tensor one way: ``tensor`` when this side sends, ``nothing``
+        (see :meth:`_nothing`) when it receives. Returns what arrived (empty on the sending side); its completion
+        is ``self._links[-1]``.
+
+        A transfer is ordered by its data alone: the sender's by the tensor it sends, the receiver's by nothing
+        (posted at the step's start), so a receive never waits for this stage's own work and no transfer waits for
+        an unrelated one (the schedule's order of work is kept by each operation's start, see :meth:`train`)."""
         lower = edge.ranks[0] == self.mesh.rank  # this rank is the edge's earlier stage
-        mine = forward if lower else backward
-        # a distinct, computed empty tensor when this side sends nothing (never a constant: see the module doc)
-        send = mine if mine is not None else like[:0] * tf.cast(len(name), like.dtype)
-        send = tf.cast(send, self.dtype) + tf.cast(self.fence(), self.dtype)
+        send = tf.cast(tensor, self.dtype) if tensor is not None else nothing
         rows = tf.shape(send)[0]
         splits = tf.stack([0, rows]) if lower else tf.stack([rows, 0])
         got, received = edge.alltoall(send, splits, name=name)
         got = tf.reshape(got, [-1, *self.activation_shape])
-        # count what moved from the op's run-time outputs (its static shape would let TensorFlow fold a size)
+        # count what moved from the op's run-time outputs (its static shape would let TensorFlow fold a size):
+        # these counts also keep every transfer in the graph (an alltoall whose output is unused is pruned, and
+        # its peer waits forever)
         per_row = int(np.prod(self.activation_shape))
         self.sent.assign_add(tf.cast(tf.reduce_sum(splits), tf.int64) * per_row)
         self.received.assign_add(tf.cast(tf.reduce_sum(received), tf.int64) * per_row)
-        self._link = received
+        self._links.append(received)
         return got
 
     def fence(self):
-        """A float32 zero that exists only once this step's last transfer is done: added to the input of every
-        later collective, it orders them after it.
+        """A float32 zero that exists only once every transfer of this call is done: added to the input of a later
+        collective (the pipeline's sums, the gradients' allreduces), it orders that collective after them.
 
         Seen here, inside a ``tf.function``: a transfer whose output was only used through ``tf.size`` (which
         Horovod's static shape makes a constant) or ``0.0 * x`` (which TensorFlow folds) was pruned, and its peer
         waited forever; control dependencies did not survive that folding either. ``min(count of received rows,
         0)`` is zero at run time, but nothing can fold it.
         """
-        if self._link is None:
+        if not self._links:
             return tf.constant(0.0)
-        return tf.minimum(tf.cast(tf.reduce_sum(self._link), tf.float32), 0.0)
+        return tf.minimum(tf.cast(tf.add_n([tf.reduce_sum(r) for r in self._links]), tf.float32), 0.0)
 
     # ---- one training step
 
     def train(self, x, y, terms, variables, loss_scale=None):
-        """Forward and backward of every micro-batch of ``x``/``y`` as the timetable says.
+        """Forward and backward of every micro-batch of ``x``/``y`` in the schedule's order.
 
         ``terms(labels, logits)`` gives each position's cross-entropy and hit. Returns ``(sums, grads)``: on the
         last stage ``[sum of cross-entropy, hits, positions]`` over the batch (zeros elsewhere; the caller sums
@@ -227,74 +239,65 @@ class Pipeline:
         # replica's part of the global batch
         step, size = self.module.next_step(), tf.shape(x)[0] // m
         first = self.mesh.data_rank * tf.shape(x)[0]
-        inputs, outputs, tapes, incoming = {}, {}, {}, {}
+        inputs, outputs, tapes = {}, {}, {}
         grads = [tf.zeros_like(v) for v in variables]
         sums = tf.zeros([3])
-        self._link = None
+        self._links = []
         times = []
         stamp = began = tf.timestamp()
-        for tick, row in enumerate(self.table):
-            op = row[s]
-            send_forward = send_backward = None
-            if op is not None:
-                # the operation starts when the previous one is done and its input has arrived: the time between
-                # is idle (the bubble), the time inside is busy
-                if op.kind == "F":
-                    x_in = xs[op.micro] if s == 0 else incoming.pop(("F", op.micro))
-                    with tf.control_dependencies([stamp, x_in]):
-                        start = tf.timestamp()
-                    with tf.control_dependencies([start]):
-                        x_in = tf.identity(x_in)
-                    with tf.GradientTape(watch_accessed_variables=False) as tape:
-                        tape.watch(variables)
-                        if s > 0:
-                            tape.watch(x_in)
-                        out = self.module(x_in, training=True, offset=first + op.micro * size, step=step)
-                        if s == last:
-                            ce, hit = terms(ys[op.micro], out)
-                            sums += tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
-                            out = tf.reduce_mean(ce) / m
-                            if loss_scale is not None:
-                                out = out * loss_scale
-                    inputs[op.micro], outputs[op.micro], tapes[op.micro] = x_in, out, tape
-                    done = [out]
-                    if s < last:
-                        send_forward = out
-                else:
-                    tape = tapes.pop(op.micro)
-                    upstream = None if s == last else incoming.pop(("B", op.micro))
-                    with tf.control_dependencies([stamp] + ([upstream] if upstream is not None else [])):
-                        start = tf.timestamp()
-                    if upstream is not None:
-                        with tf.control_dependencies([start]):
-                            upstream = tf.identity(upstream)
-                    sources = list(variables) + ([inputs[op.micro]] if s > 0 else [])
-                    with tf.control_dependencies([start]):
-                        got = tape.gradient(outputs.pop(op.micro), sources, output_gradients=upstream)
-                    grads = [g if d is None else g + tf.cast(d, g.dtype) for g, d in zip(grads, got[: len(variables)])]
-                    inputs.pop(op.micro)
-                    done = [d for d in got if d is not None] or [start]
+        sent = []  # this stage's last send: the next operation starts once it is taken (see below)
+        for op in stage_ops(self.schedule, s, self.mesh.pipeline, m):
+            # An operation starts when the previous one is done, its input has arrived and the previous one's
+            # output has left: the time between is idle (the bubble), the time inside is busy. Waiting for the send
+            # costs one transfer (the peer posted its receive at the step's start); not waiting let the send sit
+            # behind this stage's next operation (seen: the peer got micro-batch i's activations only when this
+            # stage paused, after i+1 or, under GPipe, after every forward). Transfers: forward activations on
+            # edge e are named pp_f{e}_m{i}, backward gradients pp_b{e}_m{i}; both sides of an edge name them alike.
+            if op.kind == "F":
+                x_in = xs[op.micro] if s == 0 else tf.ensure_shape(
+                    self._transfer(self.mesh.prev_edge, None, f"pp_f{s - 1}_m{op.micro}",
+                                   self._nothing(began, 2 * op.micro)), [None, *self.activation_shape])
+                with tf.control_dependencies([stamp, x_in] + sent):
+                    start = tf.timestamp()
+                with tf.control_dependencies([start]):
+                    x_in = tf.identity(x_in)
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(variables)
                     if s > 0:
-                        send_backward = got[-1]
-                with tf.control_dependencies(done):
+                        tape.watch(x_in)
+                    out = self.module(x_in, training=True, offset=first + op.micro * size, step=step)
+                    if s == last:
+                        ce, hit = terms(ys[op.micro], out)
+                        sums += tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])
+                        out = tf.reduce_mean(ce) / m
+                        if loss_scale is not None:
+                            out = out * loss_scale
+                inputs[op.micro], outputs[op.micro], tapes[op.micro] = x_in, out, tape
+                with tf.control_dependencies([out]):
                     stamp = tf.timestamp()
-                times.append(tf.stack([start, stamp]))
-            like = self._template(stamp)
-            # the exchanges due after this tick: with the previous stage, then with the next (every rank alike)
-            if s > 0:
-                prev_op = self.table[tick][s - 1]
-                if (prev_op is not None and prev_op.kind == "F") or send_backward is not None:
-                    got = self._exchange(self.mesh.prev_edge, None, send_backward, f"pp_e{s - 1}_t{tick}",
-                                         like=send_backward if send_backward is not None else like)
-                    if prev_op is not None and prev_op.kind == "F":
-                        incoming[("F", prev_op.micro)] = tf.ensure_shape(got, [None, *self.activation_shape])
-            if s < last:
-                next_op = self.table[tick][s + 1]
-                if (next_op is not None and next_op.kind == "B") or send_forward is not None:
-                    got = self._exchange(self.mesh.next_edge, send_forward, None, f"pp_e{s}_t{tick}",
-                                         like=send_forward if send_forward is not None else like)
-                    if next_op is not None and next_op.kind == "B":
-                        incoming[("B", next_op.micro)] = got
+                if s < last:
+                    self._transfer(self.mesh.next_edge, out, f"pp_f{s}_m{op.micro}", None)
+                    sent = [self._links[-1]]
+            else:
+                tape = tapes.pop(op.micro)
+                upstream = None if s == last else self._transfer(
+                    self.mesh.next_edge, None, f"pp_b{s}_m{op.micro}", self._nothing(began, 2 * op.micro + 1))
+                with tf.control_dependencies([stamp] + sent + ([upstream] if upstream is not None else [])):
+                    start = tf.timestamp()
+                if upstream is not None:
+                    with tf.control_dependencies([start]):
+                        upstream = tf.identity(upstream)
+                sources = list(variables) + ([inputs[op.micro]] if s > 0 else [])
+                with tf.control_dependencies([start]):
+                    got = tape.gradient(outputs.pop(op.micro), sources, output_gradients=upstream)
+                grads = [g if d is None else g + tf.cast(d, g.dtype) for g, d in zip(grads, got[: len(variables)])]
+                inputs.pop(op.micro)
+                with tf.control_dependencies([d for d in got if d is not None] or [start]):
+                    stamp = tf.timestamp()
+                if s > 0:
+                    self._transfer(self.mesh.prev_edge, got[-1], f"pp_b{s - 1}_m{op.micro}", None)
+                    sent = [self._links[-1]]
+            times.append(tf.stack([start, stamp]))
         ops = tf.stack(times)
         self.timings.assign(ops)
         self.clock.assign_add(tf.stack([tf.reduce_sum(ops[:, 1] - ops[:, 0]), stamp - began,
@@ -307,14 +310,14 @@ class Pipeline:
         """The whole batch through every stage, forward only: ``[sum of cross-entropy, hits, positions]`` on the
         last stage, zeros elsewhere (after this call's transfers: see :meth:`fence`)."""
         s, last = self.stage, self.mesh.pipeline - 1
-        self._link = None
+        self._links = []
         h = x
         if s > 0:
-            h = tf.ensure_shape(self._exchange(self.mesh.prev_edge, None, None, f"pp_fwd_e{s - 1}",
-                                               like=self._template(tf.timestamp())), [None, *self.activation_shape])
+            h = tf.ensure_shape(self._transfer(self.mesh.prev_edge, None, f"pp_fwd_e{s - 1}",
+                                               self._nothing(tf.timestamp(), 0)), [None, *self.activation_shape])
         out = self.module(h, training=False)
         if s < last:
-            self._exchange(self.mesh.next_edge, out, None, f"pp_fwd_e{s}", like=out)
+            self._transfer(self.mesh.next_edge, out, f"pp_fwd_e{s}", None)
             return tf.zeros([3]) + self.fence()
         ce, hit = terms(y, out)
         return tf.stack([tf.reduce_sum(ce), tf.reduce_sum(hit), tf.cast(tf.size(ce), tf.float32)])

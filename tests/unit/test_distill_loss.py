@@ -38,3 +38,32 @@ def test_hinton_loss_matches_the_formula():
     hard = -np.log(tf.nn.softmax(s).numpy()[0][1])
     expected = 0.3 * hard + 0.7 * 4.0 * np.sum(pt * np.log(pt / ps))
     assert float(d.distillation_loss(y, s, t)) == pytest.approx(expected, rel=1e-5)
+
+
+def _fit(teacher, source, seed=3):
+    """A student trained 1 epoch (4 steps of plain SGD) from ``source``'s batches against ``teacher``."""
+    tf.keras.utils.set_random_seed(seed)
+    student = models.build("mlp", input_shape=(4,), num_classes=3, hidden_units=[8])
+    d = Distiller(student, teacher, 0.3, 2.0, True)
+    d.compile(optimizer=tf.keras.optimizers.SGD(0.5))
+    d.fit(source.train_dataset(0, 1, 16, 0, 0), epochs=1, steps_per_epoch=4, verbose=0)
+    return np.concatenate([w.ravel() for w in student.get_weights()])
+
+
+def test_cached_teacher_outputs_train_the_student_the_teacher_would():
+    from hvdtrain.compression.distill import TeacherOutputs, with_teacher_outputs
+    from hvdtrain.data.source import ArraySource
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype(np.float32), rng.integers(0, 3, 64)
+    source = ArraySource(x, y, x[:0], y[:0], x[:0], y[:0], input_shape=(4,), num_classes=3)
+    tf.keras.utils.set_random_seed(1)
+    teacher = models.build("mlp", input_shape=(4,), num_classes=3, hidden_units=[16])
+    cached = with_teacher_outputs(teacher, source, epochs=3, ranks=2)
+    assert isinstance(cached, TeacherOutputs) and cached.logits.shape == (64, 3)
+    assert with_teacher_outputs(teacher, source, epochs=2, ranks=2) is source  # one pass would cost more
+    live = _fit(teacher, source)
+    np.testing.assert_allclose(_fit(teacher, cached), live, atol=1e-5)
+    # negative control: another teacher's outputs in the cache train another student
+    other = TeacherOutputs(source, cached.logits[::-1].copy())
+    assert np.abs(_fit(teacher, other) - live).max() > 1e-3

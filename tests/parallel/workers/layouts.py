@@ -38,22 +38,22 @@ SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
          "train.learning_rate=0.001", "train.warmup_epochs=0", "train.schedule=constant", "train.lr_scaling=none",
          "data.path=" + str(outdir / "corpus.txt")]
 
-original = {"g": tensor.reduce_from_group, "exchange": pipeline.Pipeline._exchange, "ctx": tensor.TensorContext,
+original = {"g": tensor.reduce_from_group, "transfer": pipeline.Pipeline._transfer, "ctx": tensor.TensorContext,
             "reducescatter": Group.reducescatter}
 
 
 def negative(kind: str) -> None:
     """Put one operator back, or break it."""
     tensor.reduce_from_group = original["g"]
-    pipeline.Pipeline._exchange = original["exchange"]
+    pipeline.Pipeline._transfer = original["transfer"]
     Group.reducescatter = original["reducescatter"]
     if kind == "zero_sum":
         Group.reducescatter = lambda self, t, op="average", name=None: original["reducescatter"](self, t, "sum", name)
     if kind == "g":
         tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")
     if kind == "drop_grad":
-        pipeline.Pipeline._exchange = lambda self, edge, fwd, bwd, name, like: original["exchange"](
-            self, edge, fwd, None if bwd is None else bwd * 0.0, name, like)
+        pipeline.Pipeline._transfer = lambda self, edge, t, name, nothing: original["transfer"](
+            self, edge, t if t is None or not name.startswith("pp_b") else t * 0.0, name, nothing)
     if kind == "ce_g":  # the normalizer of the softmax through a plain allreduce: its gradient sums over the group
         class Plain(tensor.TensorContext):
             def exit(self, x):
