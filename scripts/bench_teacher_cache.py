@@ -20,7 +20,7 @@ hvdtrain.init()
 source = data.load(cfg.data)
 teacher = models.build("cnn", input_shape=source.input_shape, num_classes=source.num_classes, **cfg.model.params)
 if sys.argv[1] == "live":
-    distill.with_teacher_outputs = lambda teacher, source, *args, **kwargs: source
+    distill.with_teacher_outputs = lambda distiller, source, *args, **kwargs: source
 began = time.process_time()
 distill.distill(teacher, source, cfg)
 print(time.process_time() - began)

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
+from hvdtrain import distributed
 from hvdtrain.compression.common import fine_tune
 from hvdtrain.config import Config
 
@@ -116,12 +117,14 @@ class TeacherOutputs:
             num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def with_teacher_outputs(teacher, source, epochs: int, ranks: int, batch_size: int = 256):
-    """``source`` with the teacher's outputs cached (:class:`TeacherOutputs`) when that costs less than running the
-    teacher in every step: the source is in memory, the outputs fit :data:`TEACHER_CACHE_BYTES`, and ``epochs``
-    passes over a rank's share of the split (``1 / ranks`` of it) are more than the one pass over the whole split
-    that computing them takes. Otherwise ``source`` unchanged (the teacher runs in each step)."""
-    if not hasattr(source, "train_indices") or epochs <= ranks:
+def with_teacher_outputs(distiller: Distiller, source, epochs: int, ranks: int, batch_size: int = 256):
+    """``source`` with ``distiller``'s teacher's outputs cached (:class:`TeacherOutputs`) when the loss uses them
+    (alpha < 1) and caching costs less than running the teacher in every step: the source is in memory, the
+    outputs fit :data:`TEACHER_CACHE_BYTES`, and ``epochs`` passes over a rank's share of the split (``1 / ranks``
+    of it) are more than the one pass over the whole split that computing them takes. Otherwise ``source``
+    unchanged (the teacher runs in each step, or not at all)."""
+    teacher = distiller.teacher
+    if distiller.alpha >= 1.0 or not hasattr(source, "train_indices") or epochs <= ranks:
         return source
     x = source.x_train
     per_example = int(np.prod(teacher.outputs[0].shape[1:])) * 4
@@ -158,12 +161,9 @@ def distill(teacher, source, cfg: Config, seed: int | None = None, alpha: float 
     """Train a student from ``teacher`` (``alpha=1`` trains it on labels alone, the no-teacher baseline)."""
     from hvdtrain.config import student_of
 
-    from hvdtrain import distributed
-
     student = build_student(cfg, source, cfg.train.seed if seed is None else seed)
     distiller = make_distiller(student, teacher, cfg, source, alpha)
     epochs = epochs or student_of(cfg)[2]
-    if distiller.alpha < 1.0:
-        source = with_teacher_outputs(teacher, source, epochs, distributed.size())
+    source = with_teacher_outputs(distiller, source, epochs, distributed.size())
     fine_tune(distiller, source, cfg, epochs, cfg.train.learning_rate, loss=None)
     return student

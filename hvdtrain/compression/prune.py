@@ -71,13 +71,10 @@ def prune(model, source, cfg: Config, epochs: int | None = None, loss=None, teac
         inner.set_weights(model.get_layer(inner.name).get_weights())
     trained = pruned
     if teacher is not None:
-        from hvdtrain.compression.distill import make_distiller
-
-        from hvdtrain.compression.distill import with_teacher_outputs
+        from hvdtrain.compression.distill import make_distiller, with_teacher_outputs
 
         trained = make_distiller(pruned, teacher, cfg, source)
-        if trained.alpha < 1.0:
-            source = with_teacher_outputs(teacher, source, epochs, distributed.size())
+        source = with_teacher_outputs(trained, source, epochs, distributed.size())
     # UpdatePruningStep finds the wrappers inside the Distiller too (tfmot collects nested models' layers)
     fine_tune(trained, source, cfg, epochs, c.learning_rate, [tfmot.sparsity.keras.UpdatePruningStep()], loss=loss)
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)

@@ -59,9 +59,12 @@ def test_cached_teacher_outputs_train_the_student_the_teacher_would():
     source = ArraySource(x, y, x[:0], y[:0], x[:0], y[:0], input_shape=(4,), num_classes=3)
     tf.keras.utils.set_random_seed(1)
     teacher = models.build("mlp", input_shape=(4,), num_classes=3, hidden_units=[16])
-    cached = with_teacher_outputs(teacher, source, epochs=3, ranks=2)
+    student = models.build("mlp", input_shape=(4,), num_classes=3, hidden_units=[8])
+    cached = with_teacher_outputs(Distiller(student, teacher, 0.3, 2.0), source, epochs=3, ranks=2)
     assert isinstance(cached, TeacherOutputs) and cached.logits.shape == (64, 3)
-    assert with_teacher_outputs(teacher, source, epochs=2, ranks=2) is source  # one pass would cost more
+    np.testing.assert_allclose(cached.logits, teacher(x).numpy(), atol=1e-6)
+    assert with_teacher_outputs(Distiller(student, teacher, 0.3, 2.0), source, epochs=2, ranks=2) is source
+    assert with_teacher_outputs(Distiller(student, teacher, 1.0, 2.0), source, epochs=3, ranks=2) is source
     live = _fit(teacher, source)
     np.testing.assert_allclose(_fit(teacher, cached), live, atol=1e-5)
     # negative control: another teacher's outputs in the cache train another student
