@@ -164,7 +164,6 @@ class Pipeline:
         self.module, self.mesh, self.schedule, self.micro = module, mesh, schedule, micro
         self.activation_shape = tuple(activation_shape)
         self.dtype = tf.as_dtype(dtype)
-        self.table = timetable(schedule, mesh.pipeline, micro)
         self.stage = mesh.stage
         self._links = []
         with tf.init_scope():
