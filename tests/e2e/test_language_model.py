@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 def gpt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt") / "run"
     horovodrun([BIN / "hvdtrain", "train", "--recipe", "gpt-tiny", "--set", "train.epochs=1", "--output", out],
-               timeout=900)
+               extra=["--gloo"], timeout=900)
     return out
 
 

@@ -45,7 +45,9 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
     "tp2_bf16_negative_g": f"{TP2}&{SGD}&train.precision=mixed_bfloat16&negative=g",
     "tp2_tied": f"{TP2}&{SGD}&{TIED % 0.0}", "tp2_fp16": f"{TP2}&{SGD}&train.precision=mixed_float16",
     "pp2_gpipe": f"{PP2}&parallel.schedule=gpipe", "pp2_1f1b_clip": f"{PP2}&parallel.schedule=1f1b&{CLIP}",
-    "pp2_lost_gradient": f"{PP2}&parallel.schedule=gpipe&negative=drop_grad",
+    # two negative controls in one case: a lost gradient (the weights show it) and receives ordered after the
+    # stage's earlier transfers (the traced graph shows it; it changes no value)
+    "pp2_lost_gradient": f"{PP2}&parallel.schedule=gpipe&negative=drop_grad+ordered_receives",
     "pp2_bf16": f"{PP2}&{SGD}&train.precision=mixed_bfloat16",
     "dp2_clip": CLIP, "dp2_zero_fp16": f"{ZERO}&{SGD}&train.precision=mixed_float16",
     # plain SGD where the code averages (a sum shows as a factor of 2), ZeRO's padding (an odd parameter count)
@@ -82,13 +84,10 @@ def corpus(folder):
 def launch(tmp_path, np_, cases, before=None):
     """The cases at ``np_`` ranks in one launch (tests/parallel/workers/layouts.py), after the ``before`` workers
     ({script: argument}) in the same ranks; returns (cases per rank, {before's stem: its ranks' reports})."""
-    # Horovod's default cycle: hvdtrain's 0.001 ms under MPI (docs/performance.md) has the background thread poll
-    # all the time, which on 2 cores shared by up to 4 ranks slowed these short, tracing-bound cases by 30%
-    # (measured); the equivalence does not depend on it
     scripts = {**(before or {}), "layouts.py": ";".join(f"{n}:{c}" for n, c in cases.items())}
     for script in scripts:
         corpus(tmp_path / script.removesuffix(".py"))
-    reports = run_in_sequence(tmp_path, scripts, np=np_, timeout=1100, environment={"HOROVOD_CYCLE_TIME": "1"})
+    reports = run_in_sequence(tmp_path, scripts, np=np_, timeout=1100)
     return [{name: r[name] for name in cases} for r in reports.pop("layouts")], reports
 
 
@@ -208,6 +207,36 @@ def test_pipeline_schedules_match_one_process(two, case):
 
 def test_pipeline_negative_control_a_lost_gradient_breaks_equivalence(two):
     assert apart(two[0]["pp2_lost_gradient"])[0] > 100 * TOLERANCE
+
+
+def waits_for_data_only(rank, schedule) -> bool:
+    """Whether each pipeline transfer of ``rank``'s traced train step waits for no transfer that its data does not
+    need: a receive for none (posted when the step starts), a send only for transfers of the stage's earlier
+    operations (``rank["transfer_waits"]``: the transfers among each one's ancestors in the graph)."""
+    from hvdtrain.distributed.pipeline import stage_ops
+
+    s, order, receives = rank["stage"], [], set()
+    for op in stage_ops(schedule, s, 2, 4):  # 2 stages, 4 micro-batches: (transfer, whether this stage receives)
+        mine = {("F", 1): (f"pp_f0_m{op.micro}", True), ("F", 0): (f"pp_f0_m{op.micro}", False),
+                ("B", 0): (f"pp_b0_m{op.micro}", True), ("B", 1): (f"pp_b0_m{op.micro}", False)}[(op.kind, s)]
+        order.append(mine[0])
+        if mine[1]:
+            receives.add(mine[0])
+    waits = rank["transfer_waits"]
+    assert sorted(waits) == sorted(order)  # every transfer of the schedule is in the graph, once
+    return all(not waits[t] if t in receives else set(waits[t]) <= set(order[:i]) for i, t in enumerate(order))
+
+
+@pytest.mark.parametrize("case,schedule", [("pp2_gpipe", "gpipe"), ("pp2_1f1b_clip", "1f1b")])
+def test_pipeline_transfers_wait_for_their_data_only(two, case, schedule):
+    """The overlap, read from the structure of each stage's traced step: every receive is posted when the step
+    starts, so a send never waits for the peer's own work, and a stage's next operation is free to start. (Its
+    effect, measured: docs/performance.md, "Pipeline transfers ordered by their data".)"""
+    assert all(waits_for_data_only(r[case], schedule) for r in two)
+    # stage 1's backward send of micro-batch 0 needs the activations it received for it
+    assert "pp_f0_m0" in two[1][case]["transfer_waits"]["pp_b0_m0"]
+    # negative control: receives ordered after the stage's earlier transfers (as before issue 22) fail the check
+    assert not all(waits_for_data_only(r["pp2_lost_gradient"], "gpipe") for r in two)
 
 
 def test_bf16_at_pipeline_2(two):

@@ -10,13 +10,16 @@ Usage: layouts.py OUTDIR CASES
           its normalizer with a plain allreduce), clip_twice (replicated weights counted on every tensor rank in the
           gradient norm), reference_fp32 (the one-process reference trains in float32), zero_sum (ZeRO's
           reduce-scatter sums where it averages), local_masks (each tensor member draws the dropout mask of split
-          activations as if it held them whole).
+          activations as if it held them whole), ordered_receives (every pipeline receive waits for the stage's
+          earlier transfers, as before transfers were ordered by their data: values unchanged, the graph check
+          below sees it; combined with drop_grad in one case).
 
 The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
 the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share
 the launch (the meshes of one world size use the same process sets).
 """
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,22 +42,36 @@ SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
          "data.path=" + str(outdir / "corpus.txt")]
 
 original = {"g": tensor.reduce_from_group, "transfer": pipeline.Pipeline._transfer, "ctx": tensor.TensorContext,
-            "reducescatter": Group.reducescatter}
+            "reducescatter": Group.reducescatter, "nothing": pipeline.Pipeline._nothing}
+TRANSFER = re.compile(r"pp_[fb]\d+_m\d+")
 
 
-def negative(kind: str) -> None:
-    """Put one operator back, or break it."""
+def negative(kinds: str) -> None:
+    """Put every operator back, then break those named (``+``-separated)."""
     tensor.reduce_from_group = original["g"]
     pipeline.Pipeline._transfer = original["transfer"]
+    pipeline.Pipeline._nothing = original["nothing"]
     Group.reducescatter = original["reducescatter"]
+    tensor.TensorContext = sharded.TensorContext = original["ctx"]
+    for kind in kinds.split("+"):
+        break_(kind)
+
+
+def break_(kind: str) -> None:
+    """Break one operator (the kinds in this module's docstring; others are handled where they act)."""
     if kind == "zero_sum":
         Group.reducescatter = lambda self, t, op="average", name=None: original["reducescatter"](self, t, "sum", name)
-    if kind == "g":
+    elif kind == "g":
         tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")
-    if kind == "drop_grad":
+    elif kind == "ordered_receives":
+        # the step's start plus a zero that exists once the stage's earlier transfers are done (GPipe only: under
+        # 1F1B a receive would wait for a send that waits for it)
+        pipeline.Pipeline._nothing = lambda self, began, index: original["nothing"](
+            self, began + tf.cast(self.fence(), tf.float64), index)
+    elif kind == "drop_grad":
         pipeline.Pipeline._transfer = lambda self, edge, t, name, nothing: original["transfer"](
             self, edge, t if t is None or not name.startswith("pp_b") else t * 0.0, name, nothing)
-    if kind == "ce_g":  # the normalizer of the softmax through a plain allreduce: its gradient sums over the group
+    elif kind == "ce_g":  # the normalizer of the softmax through a plain allreduce: its gradient sums over the group
         class Plain(tensor.TensorContext):
             def exit(self, x):
                 return self.group.allreduce(x, "sum") if self.size > 1 else x
@@ -66,8 +83,25 @@ def negative(kind: str) -> None:
                 return super().dropout(x, rate, site, None)
 
         tensor.TensorContext = sharded.TensorContext = Local
-    else:
-        tensor.TensorContext = sharded.TensorContext = original["ctx"]
+
+
+def transfer_waits(model) -> dict[str, list[str]]:
+    """For each pipeline transfer in the traced train step (its alltoall, named pp_f{edge}_m{i} or pp_b{edge}_m{i}),
+    the other transfers it waits for: those among its ancestors through data or control edges."""
+    (function,) = model.train_function._list_all_concrete_functions()
+    ops = function.graph.get_operations()
+    transfers = {op: TRANSFER.search(op.name).group(0) for op in ops
+                 if op.type == "HorovodAlltoall" and TRANSFER.search(op.name)}
+    waits = {}
+    for op, name in transfers.items():
+        seen, todo = set(), [i.op for i in op.inputs] + list(op.control_inputs)
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += [i.op for i in node.inputs] + list(node.control_inputs)
+        waits[name] = sorted(transfers[a] for a in seen if a in transfers)
+    return waits
 
 
 results = {}
@@ -109,6 +143,7 @@ for name, settings in cases:
         result["sent"] = int(layout.pipeline.sent.numpy())
         result["received"] = int(layout.pipeline.received.numpy())
         result["busy_seconds"] = float(np.sum(np.diff(layout.pipeline.timings.numpy(), axis=1)))
+        result["transfer_waits"] = transfer_waits(model)
     plan = runtime.model_plan(cfg.model, source)
     if mesh.rank == 0:
         reader = checkpoint.Reader(checkpoint.latest(str(run)))
