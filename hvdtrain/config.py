@@ -122,6 +122,10 @@ class ParallelConfig:
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     shard_optimizer: bool = False  # ZeRO stage 1: optimizer state split over the data-parallel ranks
     recompute: bool = False  # recompute each Transformer block's activations in the backward pass
+    # sequence parallelism at tensor > 1: between the split regions each tensor member holds 1/tensor of the
+    # positions (norms, dropout and the residual stream of every block): less activation memory, the same bytes
+    # moved in twice as many collectives (docs/parallelism.md)
+    sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -427,6 +431,9 @@ def validate_parallel(cfg: Config) -> None:
         if p.microbatches > 1:
             raise ConfigError("parallel.microbatches > 1 needs parallel.pipeline > 1")
         return
+    if p.sequence and p.tensor == 1:
+        raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "
+                          "parallel.tensor > 1")
     if cfg.train.elastic:
         raise ConfigError("elastic training runs data parallelism only; set parallel.tensor=1, pipeline=1, "
                           "shard_optimizer=false and recompute=false, or drop --elastic")
@@ -447,7 +454,9 @@ def validate_parallel(cfg: Config) -> None:
                                         num_classes=p.tensor, **cfg.model.params)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model '{cfg.model.name}' cannot be built with {cfg.model.params}: {exc}") from None
-        for what, value in plan.divisors.items():
+        divisors = {**plan.divisors, **({"data.context_length (parallel.sequence=true)": plan.activation[0]}
+                                        if p.sequence else {})}
+        for what, value in divisors.items():
             if value % p.tensor:
                 raise ConfigError(f"parallel.tensor={p.tensor} must divide {what}={value}")
         blocks = sum(u.pin is None for u in plan.units)

@@ -244,10 +244,13 @@ class Parallel:
                 self.split_description = pipeline.describe_split(self.split)
                 units = self.split[mesh.stage]
             self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
-                                        self.compute_dtype, self.param_dtype)
+                                        self.compute_dtype, self.param_dtype, sequence=p.sequence)
             self.full_bytes = 4 * plan.parameters
             if mesh.pipeline > 1:
-                self.pipeline = pipeline.Pipeline(self.module, mesh, p.schedule, p.microbatches, plan.activation,
+                positions, width = plan.activation
+                if self.module.sequence:  # the stages pass on this member's positions
+                    positions //= mesh.tensor
+                self.pipeline = pipeline.Pipeline(self.module, mesh, p.schedule, p.microbatches, (positions, width),
                                                   self.compute_dtype)
         self.entries = self.module.entries
         self.variables = self.module.trainable
@@ -490,6 +493,12 @@ class ParallelTrainer(tf.keras.Model):
         if layout.tied:  # the two copies of a tied weight take the sum of both stages' gradients
             summed = mesh.tie_group.grouped_allreduce([grads[i] for i in layout.tied], "sum", name="tied_gradients")
             for i, g in zip(layout.tied, summed):
+                grads[i] = g
+        partial = getattr(self.module, "partial", [])
+        if partial:  # sequence parallelism: each member's gradient of these weights covers its positions only
+            summed = mesh.tensor_group.grouped_allreduce([grads[i] for i in partial], "sum",
+                                                         name="sequence_gradients")
+            for i, g in zip(partial, summed):
                 grads[i] = g
         if self.loss_scale is None:
             self._step(grads)

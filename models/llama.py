@@ -66,9 +66,9 @@ def block(p, prefix: str, x, ctx, theta: float = 10000.0, dropout: float = 0.0, 
     def w(name):
         return tf.cast(p[f"{prefix}/{name}"], ctx.dtype)
 
-    if positions is None:
-        positions = tf.range(tf.shape(x)[1])
     h = ctx.enter(rms_norm(x, p[f"{prefix}/attn_norm/scale"]))
+    if positions is None:  # of the attention's input (with sequence parallelism x holds a member's share of them)
+        positions = tf.range(tf.shape(h)[1])
     q = rope(tf.einsum("btw,whd->bthd", h, w("attn/query/kernel")), positions, theta)
     k = rope(tf.einsum("btw,whd->bthd", h, w("attn/key/kernel")), positions, theta)
     v = tf.einsum("btw,whd->bthd", h, w("attn/value/kernel"))

@@ -11,7 +11,8 @@ by :class:`hvdtrain.distributed.mesh.Traffic`; for pure data parallelism the gra
 reduces), and for pipelines the measured idle fraction of each stage in one step against GPipe's
 ``(p - 1) / (M + p - 1)``, with a timeline picture of that step.
 
-A layout is written ``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute`` (defaults 1, 1, 1, 1, 1f1b, off, off).
+A layout is written ``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute,seq`` (defaults 1, 1, 1, 1, 1f1b, off, off, off;
+``seq``: sequence parallelism in the tensor group).
 """
 from __future__ import annotations
 
@@ -34,10 +35,14 @@ CONTROLLER_ARGS = {"gloo": ["--gloo"],
                    "mpi": ["--mpi", "--mpi-args=--mca mpi_yield_when_idle 1"]}
 
 
+FLAGS = {"zero": "shard_optimizer", "recompute": "recompute", "seq": "sequence"}
+SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "recompute", "sequence")
+
+
 def parse(text: str) -> dict[str, Any]:
-    """``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute`` as a dict of the parallel settings and ``ranks``."""
+    """``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute,seq`` as a dict of the parallel settings and ``ranks``."""
     out = {"data": 1, "tensor": 1, "pipeline": 1, "microbatches": 1, "schedule": "1f1b", "shard_optimizer": False,
-           "recompute": False}
+           "recompute": False, "sequence": False}
     keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches"}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if "=" in part:
@@ -47,11 +52,11 @@ def parse(text: str) -> dict[str, Any]:
             out[keys[key]] = int(value)
         elif part in ("gpipe", "1f1b"):
             out["schedule"] = part
-        elif part in ("zero", "recompute"):
-            out["shard_optimizer" if part == "zero" else "recompute"] = True
+        elif part in FLAGS:
+            out[FLAGS[part]] = True
         else:
             raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, gpipe, 1f1b, zero, "
-                             "recompute)")
+                             "recompute, seq)")
     out["ranks"] = out["data"] * out["tensor"] * out["pipeline"]
     return out
 
@@ -62,7 +67,7 @@ def label(layout: dict[str, Any]) -> str:
     name = " x ".join(parts) or "1 rank"
     if layout["pipeline"] > 1:
         name += f" ({layout['schedule']}, M={layout['microbatches']})"
-    return name + ("+zero" if layout["shard_optimizer"] else "") + ("+recompute" if layout["recompute"] else "")
+    return name + "".join(f"+{flag}" for flag, key in FLAGS.items() if layout.get(key))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,8 +199,7 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
             for i in order:
                 layout, controller = settings[i]
                 raw = config.apply_overrides(config.to_dict(cfg), [
-                    f"parallel.{k}={json.dumps(layout[k])}" for k in
-                    ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "recompute")])
+                    f"parallel.{k}={json.dumps(layout[k])}" for k in SETTINGS])
                 layout_cfg = config.from_dict(raw)  # validated: a bad layout stops here, with its reason
                 spec = {"kind": "layout", "config": config.to_dict(layout_cfg), "layout": layout,
                         "global_batch_size": global_batch_size, "steps": steps, "warmup_steps": warmup_steps,
@@ -337,8 +341,7 @@ def largest(cfg: config.Config, layouts: list[str], budget_bytes: int, widths: l
             for width in sorted(widths):
                 params = {**cfg.model.params, "width": width}
                 raw = config.apply_overrides(config.to_dict(cfg), [
-                    f"parallel.{k}={json.dumps(layout[k])}" for k in
-                    ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "recompute")])
+                    f"parallel.{k}={json.dumps(layout[k])}" for k in SETTINGS])
                 raw["model"]["params"] = params
                 layout_cfg = config.from_dict(raw)
                 spec = {"kind": "layout", "config": config.to_dict(layout_cfg), "layout": layout,

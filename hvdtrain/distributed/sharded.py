@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from hvdtrain.distributed.mesh import Group
-from hvdtrain.distributed.tensor import TensorContext, split
+from hvdtrain.distributed.tensor import (SequenceContext, TensorContext, gather_to_replicated, scatter_to_sequence,
+                                         split)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,13 @@ class ShardedModule(tf.Module):
         dtype: the compute dtype (``float32``, ``bfloat16``, ``float16``).
         param_dtype: the dtype the variables are kept in (``float32``; the compute dtype when a sharded
             optimizer keeps the float32 master weights).
+        sequence: sequence parallelism (:mod:`hvdtrain.distributed.tensor`): the units that may sit on any stage
+            run on this member's ``1/size`` of the positions, the pinned ones (the first and the last: the
+            embedding, the head) on all of them; what flows between stages is split by position too.
     """
 
     def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
-                 param_dtype=tf.float32):
+                 param_dtype=tf.float32, sequence: bool = False):
         super().__init__(name="stage")
         from models.plan import initial_value
 
@@ -88,6 +92,11 @@ class ShardedModule(tf.Module):
                                       part if sliced else 0, parts if sliced else 1,
                                       counted=owner and (sliced or part == 0)))
         self.trainable = [self.by_name[e.name] for e in self.entries]
+        self.sequence = sequence and parts > 1
+        # with sequence parallelism a replicated weight of a unit that runs on split positions gets from each
+        # member the gradient of that member's positions only: the trainer sums these over the group
+        split_positions = {w.name for u in self.units if u.pin is None for w in u.weights if w.split is None}
+        self.partial = [i for i, e in enumerate(self.entries) if self.sequence and e.name in split_positions]
         with tf.init_scope():
             self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropout_draws")
         self.seed = seed
@@ -112,19 +121,26 @@ class ShardedModule(tf.Module):
         key = None
         if training:
             key = DropoutKey(self.seed, self.next_step() if step is None else step, offset)
-        ctx = TensorContext(self.group, self.dtype, training, key)
+        whole = TensorContext(self.group, self.dtype, training, key)
+        split_positions = SequenceContext(self.group, self.dtype, training, key) if self.sequence else None
         if not self.input_is_tokens:
             x = tf.cast(x, self.dtype)
+        split = self.sequence and not self.input_is_tokens  # a later stage's input: split by position
         for unit in self.units:
             params = {n: self.by_name[n] for n in [w.name for w in unit.weights] + list(unit.shared)}
+            ctx = whole if split_positions is None or unit.pin is not None else split_positions
+            if split and ctx is whole:
+                x, split = gather_to_replicated(x, self.group), False
 
-            def forward(h, unit=unit, params=params):
+            def forward(h, unit=unit, params=params, ctx=ctx):
                 return self.plan.apply(unit, params, h, ctx)
 
             if self.recompute and unit.recompute and training:
                 x = tf.recompute_grad(forward)(x)
             else:
                 x = forward(x)
+            if split_positions is not None and unit.pin == "first":
+                x, split = scatter_to_sequence(x, self.group), True
         return x
 
     def all_variables(self) -> list[tf.Variable]:

@@ -12,8 +12,22 @@ Both are written with ``tf.custom_gradient``: Horovod's own registered gradients
 gradient of ``allreduce(op=Sum)`` is itself a sum over the group, so a plain allreduce used as *g* doubles the
 gradients at tensor=2).
 
+Sequence parallelism (Korthikanti et al. 2022, Megatron-LM's ``sequence_parallel``) replaces *f* and *g* inside
+the units between the first and the last: the activations between split regions (the residual stream, what the
+norms and the dropout after *g* see) are split by position, each member holding ``1/size`` of them, and
+
+- ``gather_from_sequence`` enters a split region: all-gather of the positions forward, reduce-scatter backward;
+- ``reduce_scatter_to_sequence`` leaves it: the members' partial outputs summed and scattered by position forward,
+  all-gather backward;
+- ``scatter_to_sequence`` (this member's positions of a replicated activation; all-gather backward) and
+  ``gather_to_replicated`` (all-gather; backward, this member's positions of a replicated gradient) join the units
+  that run on whole positions (the embedding, the head).
+
+The bytes moved are an allreduce's (a ring allreduce is a reduce-scatter and an all-gather), in twice as many calls;
+what it buys is memory: the norms, the dropout masks and the residual stream of every block are ``1/size`` per member.
+
 A family's plan (:mod:`models.plan`) says which weights split on which axis; its math calls the operators through
-:class:`TensorContext`. Nothing here names a layer of any model.
+:class:`TensorContext` (or :class:`SequenceContext`). Nothing here names a layer of any model.
 """
 from __future__ import annotations
 
@@ -52,6 +66,63 @@ def reduce_from_group(x, group: Group):
     return g(x)
 
 
+def _positions_first(x):
+    """``(batch, positions, ...)`` <-> ``(positions, batch, ...)``: Horovod gathers and scatters the first axis."""
+    return tf.transpose(x, [1, 0, *range(2, x.shape.rank)])
+
+
+def _all_positions(x, group: Group):
+    return _positions_first(group.allgather(_positions_first(x)))
+
+
+def _summed_own_positions(x, group: Group):
+    return _positions_first(group.reducescatter(_positions_first(x), "sum"))
+
+
+def _own_positions(x, group: Group):
+    size = tf.shape(x)[1] // group.size
+    return x[:, group.rank * size:(group.rank + 1) * size]
+
+
+def gather_from_sequence(x, group: Group):
+    """Enter a split region from positions split over the group: all-gather forward; backward, the members'
+    partial gradients summed and scattered by position (each member's region saw every position)."""
+    @tf.custom_gradient
+    def f(x):
+        return _all_positions(x, group), lambda dy: _summed_own_positions(dy, group)
+
+    return f(x)
+
+
+def reduce_scatter_to_sequence(x, group: Group):
+    """Leave a split region: the members' partial outputs summed, each member keeping its positions; backward, the
+    gradient of every position gathered."""
+    @tf.custom_gradient
+    def g(x):
+        return _summed_own_positions(x, group), lambda dy: _all_positions(dy, group)
+
+    return g(x)
+
+
+def scatter_to_sequence(x, group: Group):
+    """This member's positions of an activation every member holds whole; backward, every position's gradient."""
+    @tf.custom_gradient
+    def s(x):
+        return _own_positions(x, group), lambda dy: _all_positions(dy, group)
+
+    return s(x)
+
+
+def gather_to_replicated(x, group: Group):
+    """Every position, for a unit that runs on whole positions on every member; backward, this member's positions
+    of the gradient (every member computes the same whole gradient there)."""
+    @tf.custom_gradient
+    def r(x):
+        return _all_positions(x, group), lambda dy: _own_positions(dy, group)
+
+    return r(x)
+
+
 class TensorContext:
     """What a family's math asks of a member of a tensor-parallel group (:class:`models.plan.Context`).
 
@@ -87,6 +158,30 @@ class TensorContext:
         if not self.training or rate <= 0 or self.key is None:
             return x
         return dropout(x, rate, self.key, site, split_axis, self.rank, self.size)
+
+
+class SequenceContext(TensorContext):
+    """A member's context with sequence parallelism (see the module doc): a unit's input and output hold this
+    member's ``1/size`` of the positions; *f* and *g* become an all-gather and a reduce-scatter of the positions.
+    Dropout outside a split region draws this member's positions of the mask; inside one, as :class:`TensorContext`.
+    """
+
+    def __init__(self, group: Group, dtype, training: bool, key=None):
+        super().__init__(group, dtype, training, key)
+        self.inside = False  # between enter() and exit(): the positions are whole
+
+    def enter(self, x):
+        self.inside = True
+        return gather_from_sequence(x, self.group)
+
+    def exit(self, x):
+        self.inside = False
+        return reduce_scatter_to_sequence(x, self.group)
+
+    def dropout(self, x, rate: float, site: int, split_axis: int | None = None):
+        if split_axis is None and not self.inside:
+            split_axis = 1  # the positions axis of (batch, positions, width)
+        return super().dropout(x, rate, site, split_axis)
 
 
 def cross_entropy(logits, labels, ctx) -> tuple:

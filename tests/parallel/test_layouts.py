@@ -32,6 +32,7 @@ ODD = "model.params={num_layers: 1, width: 33, num_heads: 3, mlp_ratio: 2, dropo
 LLAMA = ("model.name=llama&model.params={num_layers: 2, width: 32, num_heads: 4, kv_heads: 2, mlp_hidden: 48, "
          "dropout: %s}")
 ZERO = "parallel.shard_optimizer=true"
+SEQ = "parallel.sequence=true"
 
 
 TP2, PP2 = "parallel.tensor=2", "parallel.pipeline=2&parallel.microbatches=4"
@@ -57,6 +58,10 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
     # seconds of tracing per rank, so one case carries what a failure would still show: tied embeddings with
     # dropout; recompute at data=2: dp2xtp2_zero_recompute below.)
     "tp2_dropout_local_masks": f"{TP2}&{SGD}&{DROPOUT}&negative=local_masks",
+    # sequence parallelism with dropout and recomputation; its negative control leaves the replicated weights'
+    # gradients (norms, row-parallel biases: each member's covers its positions only) unsummed
+    "tp2_sequence": f"{TP2}&{SEQ}&{SGD}&{DROPOUT}&parallel.recompute=true",
+    "tp2_sequence_unsummed": f"{TP2}&{SEQ}&{SGD}&{DROPOUT}&negative=sequence_unsummed",
     "pp2_tied_dropout": f"{PP2}&{SGD}&{TIED % 0.1}",
     # the second family: no line of the engines is its own (its float32 tensor=2 run with dropout: through the
     # command, tests/e2e/test_parallel_cli.py)
@@ -68,8 +73,10 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
 FOUR_RANKS = {
     "dp2xtp2_zero_recompute": "parallel.tensor=2&parallel.shard_optimizer=true&parallel.recompute=true",
     "dp2xpp2_zero_clip": f"parallel.pipeline=2&parallel.microbatches=2&parallel.shard_optimizer=true&{CLIP}",
-    # (the gpt at tensor=2 x pipeline=2: tests/e2e/test_parallel_cli.py, through the command)
-    "llama_tp2xpp2": f"parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2&{SGD}&{LLAMA % 0.1}",
+    # with sequence parallelism: the stages pass on a member's positions (the gpt at tensor=2 x pipeline=2 without
+    # it: tests/e2e/test_parallel_cli.py, through the command)
+    "llama_tp2xpp2_sequence": f"parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2&{SEQ}&{SGD}&"
+                              f"{LLAMA % 0.1}",
 }
 
 
@@ -277,10 +284,27 @@ def test_data_x_pipeline_with_sharded_optimizer_and_clipping_matches_one_process
     assert [(r["stage"], r["data_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
-def test_tensor_x_pipeline_matches_one_process(four):
-    ranks = [r["llama_tp2xpp2"] for r in four]
+def test_tensor_x_pipeline_with_sequence_parallelism_matches_one_process(four):
+    ranks = [r["llama_tp2xpp2_sequence"] for r in four]
     assert equal(ranks[0])
     assert [(r["stage"], r["tensor_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # each transfer carries a member's half of the positions: 3 steps x 2 micro-batches of 4 examples x 8 of the
+    # 16 positions x width 32
+    assert ranks[0]["sent"] == ranks[2]["received"] == 3 * 2 * 4 * 8 * 32
+
+
+def test_sequence_parallelism_matches_one_process_and_splits_the_positions(two):
+    """Between the split regions each member holds half of the positions: every all-gather of the tensor group
+    sends a member's half (8 examples x 8 of 16 positions x width 32, float32), every reduce-scatter a whole partial
+    output; the replicated weights' gradients are summed over the group (without that sum: far apart)."""
+    r0 = two[0]["tp2_sequence"]
+    assert equal(r0)
+    traffic = r0["traffic"]
+    gather, scatter = traffic["tensor_allgather"], traffic["tensor_reducescatter"]
+    assert gather["calls"] > 0 and gather["bytes"] == gather["calls"] * 8 * 8 * 32 * 4
+    assert scatter["calls"] > 0 and scatter["bytes"] == scatter["calls"] * 8 * 16 * 32 * 4
+    assert "tensor_allgather" not in two[0]["tp2"]["traffic"]  # without it: allreduces
+    assert apart(two[0]["tp2_sequence_unsummed"])[0] > 100 * TOLERANCE
 
 
 def test_plain_sgd_data_parallel_and_zero_average_where_a_sum_would_double(two):
@@ -293,7 +317,7 @@ def test_plain_sgd_data_parallel_and_zero_average_where_a_sum_would_double(two):
         assert diff > 0.3 * moved, negative
 
 
-@pytest.mark.parametrize("case", ["tp2", "pp2_tied_dropout", "dp2_dropout"])
+@pytest.mark.parametrize("case", ["tp2", "pp2_tied_dropout", "dp2_dropout", "tp2_sequence"])
 def test_dropout_masks_are_the_one_process_masks_in_every_layout(two, case):
     """Masks keyed by (seed, step, site, example, element): a tensor member draws its heads' part of the attention
     mask and the same mask as its peer where activations are replicated, a micro-batch or a replica its examples',

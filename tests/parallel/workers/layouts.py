@@ -12,7 +12,8 @@ Usage: layouts.py OUTDIR CASES
           reduce-scatter sums where it averages), local_masks (each tensor member draws the dropout mask of split
           activations as if it held them whole), ordered_receives (every pipeline receive waits for the stage's
           earlier transfers, as before transfers were ordered by their data: values unchanged, the graph check
-          below sees it; combined with drop_grad in one case).
+          below sees it; combined with drop_grad in one case), sequence_unsummed (with sequence parallelism, the
+          gradients of the replicated weights that saw a member's positions only are not summed over the group).
 
 The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
 the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share
@@ -30,7 +31,7 @@ import tensorflow as tf
 
 from hvdtrain import checkpoint, config, data, distributed, runtime
 from hvdtrain.distributed import pipeline, sharded, tensor
-from hvdtrain.distributed.mesh import Group
+from hvdtrain.distributed.mesh import Group, Traffic
 from hvdtrain.rundir import RunDir
 
 outdir = Path(sys.argv[1])
@@ -108,7 +109,7 @@ results = {}
 pending = {}  # one reference per distinct one-process run (negative controls share their case's): key -> its cases
 mesh = None
 for name, settings in cases:
-    began = time.perf_counter()
+    began, before = time.perf_counter(), Traffic.snapshot()
     overrides = dict(kv.split("=", 1) for kv in settings.split("&") if kv) if settings else {}
     kind = overrides.pop("negative", "")
     cfg = config.load("gpt-tiny", overrides=[*SMALL, *(f"{k}={v}" for k, v in overrides.items())])
@@ -122,6 +123,8 @@ for name, settings in cases:
     layout = runtime.make_layout(cfg, source, mesh)
     if kind == "clip_twice":  # every tensor rank counts the replicated weights in the norm
         layout.entries[:] = [dataclasses.replace(e, counted=True) for e in layout.entries]
+    if kind == "sequence_unsummed":
+        layout.module.partial[:] = []
     model = runtime.prepare(layout.training_model, cfg, cfg.train.learning_rate, layout=layout)
     ds = source.train_dataset(mesh.data_rank, mesh.data, per_replica, cfg.train.seed, 0)
     cbs = [c for c in [layout.broadcast_callback()] if c is not None]
@@ -138,7 +141,9 @@ for name, settings in cases:
               "data_rank": mesh.data_rank, "memory": layout.memory(),
               "loss": float(model.history.history["loss"][-1]),
               "traces": model.train_function.experimental_get_tracing_count(),
-              "module_variables": [e.name for e in getattr(layout, "entries", [])]}
+              "module_variables": [e.name for e in getattr(layout, "entries", [])],
+              "traffic": {k: {n: v[n] - before.get(k, {}).get(n, 0) for n in v}
+                          for k, v in Traffic.snapshot().items()}}  # this case's collectives, counted in the graph
     if getattr(layout, "pipeline", None) is not None:
         result["sent"] = int(layout.pipeline.sent.numpy())
         result["received"] = int(layout.pipeline.received.numpy())
