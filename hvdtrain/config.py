@@ -427,13 +427,13 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.tensor, parallel.pipeline and parallel.recompute need a model family with a "
                           f"parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
                           "(parallel.shard_optimizer works for any model)")
+    if p.sequence and p.tensor == 1:
+        raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "
+                          "parallel.tensor > 1")
     if not (modelled or p.shard_optimizer):
         if p.microbatches > 1:
             raise ConfigError("parallel.microbatches > 1 needs parallel.pipeline > 1")
         return
-    if p.sequence and p.tensor == 1:
-        raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "
-                          "parallel.tensor > 1")
     if cfg.train.elastic:
         raise ConfigError("elastic training runs data parallelism only; set parallel.tensor=1, pipeline=1, "
                           "shard_optimizer=false and recompute=false, or drop --elastic")

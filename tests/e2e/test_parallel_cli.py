@@ -25,6 +25,7 @@ SMALL_GPT = ["model.params={num_layers: 2, width: 32, num_heads: 4, dropout: 0.0
              "train.lr_scaling=none", "train.epochs=2"]
 LAYOUTS = {
     "one": (1, []), "dp2": (2, ["data.batch_size_per_rank=8"]), "tp2": (2, ["parallel.tensor=2"]),
+    "tp2_sequence": (2, ["parallel.tensor=2", "parallel.sequence=true"]),
     "pp2": (2, ["parallel.pipeline=2", "parallel.microbatches=4"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.microbatches=2"]),
     "dp2xtp2": (4, ["data.batch_size_per_rank=8", "parallel.tensor=2", "parallel.shard_optimizer=true"]),
@@ -111,8 +112,9 @@ def test_a_killed_tensor_x_pipeline_run_wrote_a_sharded_checkpoint_and_the_one_p
     assert rows(out)[0]["val_loss"] == pytest.approx(rows(one)[0]["val_loss"], rel=1e-5)
 
 
-# (at data=2 every rank reads each variable whole, as the one process does; data=2 x pipeline=2 resumes below)
-@pytest.mark.parametrize("layout", ["tp2", "one"])
+# (at data=2 every rank reads each variable whole, as the one process does; data=2 x pipeline=2 resumes below;
+# tensor=2 with sequence parallelism: the checkpoint does not depend on it)
+@pytest.mark.parametrize("layout", ["tp2_sequence", "one"])
 def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_tp2xpp2, one, corpus, tmp_path,
                                                                          layout):
     out = tmp_path / "run"
@@ -123,7 +125,9 @@ def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_
     s = summary(out)
     assert s["test_loss"] == pytest.approx(summary(one)["test_loss"], rel=1e-5)
     assert len(s["peak_memory_bytes_per_rank"]) == LAYOUTS[layout][0] and s["memory_measured"] == "cpu_peak_rss"
-    if layout == "tp2":  # the model a split run ends with is an ordinary Keras model, streamed from the checkpoint
+    if layout == "tp2_sequence":
+        assert "sequence-parallel: each tensor member holds 1/2 of the positions" in proc.stdout
+        # the model a split run ends with is an ordinary Keras model, streamed from the checkpoint
         import numpy as np
 
         from hvdtrain import modelio

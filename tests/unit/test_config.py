@@ -109,3 +109,11 @@ def test_parallel_layouts_refuse_the_data_parallel_optimizers_settings(setting):
     for layout in ("parallel.tensor=2", "parallel.recompute=true", "parallel.shard_optimizer=true"):
         with pytest.raises(ConfigError, match="parallel layouts average gradients themselves"):
             config.load("gpt-tiny", overrides=[setting, layout])
+
+
+def test_sequence_parallelism_needs_a_tensor_group_that_divides_the_positions():
+    assert config.load("gpt-tiny", overrides=["parallel.tensor=2", "parallel.sequence=true"]).parallel.sequence
+    with pytest.raises(ConfigError, match="needs parallel.tensor > 1"):
+        config.load("gpt-tiny", overrides=["parallel.sequence=true"])
+    with pytest.raises(ConfigError, match=r"parallel.tensor=2 must divide data.context_length .*=63"):
+        config.load("gpt-tiny", overrides=["parallel.tensor=2", "parallel.sequence=true", "data.context_length=63"])
