@@ -83,8 +83,9 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
         log(f"note: {note}")
     plan = plan_for(cfg, source.num_train, mesh.data)
     if mesh.tensor > 1 or mesh.pipeline > 1:
-        log(mesh.describe() + ("; sequence-parallel: each tensor member holds 1/"
-                               f"{mesh.tensor} of the positions between split regions" if cfg.parallel.sequence else ""))
+        sequence = f"; sequence-parallel: each tensor member holds 1/{mesh.tensor} of the positions between split " \
+                   "regions"
+        log(mesh.describe() + (sequence if cfg.parallel.sequence else ""))
     log(plan.describe())
     layout = runtime.make_layout(cfg, source, mesh)
     if mesh.pipeline > 1:

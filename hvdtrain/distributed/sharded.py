@@ -125,12 +125,12 @@ class ShardedModule(tf.Module):
         split_positions = SequenceContext(self.group, self.dtype, training, key) if self.sequence else None
         if not self.input_is_tokens:
             x = tf.cast(x, self.dtype)
-        split = self.sequence and not self.input_is_tokens  # a later stage's input: split by position
+        by_position = self.sequence and not self.input_is_tokens  # a later stage's input is split by position
         for unit in self.units:
             params = {n: self.by_name[n] for n in [w.name for w in unit.weights] + list(unit.shared)}
             ctx = whole if split_positions is None or unit.pin is not None else split_positions
-            if split and ctx is whole:
-                x, split = gather_to_replicated(x, self.group), False
+            if by_position and ctx is whole:
+                x, by_position = gather_to_replicated(x, self.group), False
 
             def forward(h, unit=unit, params=params, ctx=ctx):
                 return self.plan.apply(unit, params, h, ctx)
@@ -140,7 +140,7 @@ class ShardedModule(tf.Module):
             else:
                 x = forward(x)
             if split_positions is not None and unit.pin == "first":
-                x, split = scatter_to_sequence(x, self.group), True
+                x, by_position = scatter_to_sequence(x, self.group), True
         return x
 
     def all_variables(self) -> list[tf.Variable]:
