@@ -189,8 +189,9 @@ def cross_entropy(logits, labels, ctx) -> tuple:
 
     With a tensor-parallel group the logits are this member's slice of the vocabulary (``vocabulary / size``
     columns, in member order) and no member forms the whole: the softmax's maximum and normalizer and the label's
-    logit are reduced over the group (the normalizer and the label's logit through *g*, so each member's gradient
-    is ``softmax - one_hot`` on its own columns), and the argmax is the smallest index holding the group's maximum.
+    logit are reduced over the group (the normalizer and the label's logit stacked through one *g*, so each member's
+    gradient is ``softmax - one_hot`` on its own columns), and the argmax is the smallest index holding the group's
+    maximum.
     """
     logits = tf.cast(logits, tf.float32)
     labels = tf.cast(labels, tf.int32)
@@ -202,11 +203,12 @@ def cross_entropy(logits, labels, ctx) -> tuple:
     start = ctx.rank * columns
     local_max = tf.reduce_max(logits, axis=-1)
     top = ctx.max(local_max)
-    normalizer = ctx.exit(tf.reduce_sum(tf.exp(logits - top[..., None]), axis=-1))
     local = labels - start
     inside = (local >= 0) & (local < columns)
     picked = tf.gather(logits, tf.where(inside, local, tf.zeros_like(local)), batch_dims=len(labels.shape))
-    label_logit = ctx.exit(picked * tf.cast(inside, tf.float32))
+    # the normalizer and the label's logit do not depend on each other: one allreduce carries both
+    normalizer, label_logit = tf.unstack(ctx.exit(tf.stack(
+        [tf.reduce_sum(tf.exp(logits - top[..., None]), axis=-1), picked * tf.cast(inside, tf.float32)])))
     ce = tf.math.log(normalizer) + top - label_logit
     candidate = tf.where(tf.equal(local_max, top), tf.argmax(logits, -1, output_type=tf.int32) + start,
                          tf.int32.max)
