@@ -494,7 +494,7 @@ class ParallelTrainer(tf.keras.Model):
             summed = mesh.tie_group.grouped_allreduce([grads[i] for i in layout.tied], "sum", name="tied_gradients")
             for i, g in zip(layout.tied, summed):
                 grads[i] = g
-        partial = getattr(self.module, "partial", [])
+        partial = self.module.partial
         if partial:  # sequence parallelism: each member's gradient of these weights covers its positions only
             summed = mesh.tensor_group.grouped_allreduce([grads[i] for i in partial], "sum",
                                                          name="sequence_gradients")

@@ -95,8 +95,8 @@ class ShardedModule(tf.Module):
         self.sequence = sequence and parts > 1
         # with sequence parallelism a replicated weight of a unit that runs on split positions gets from each
         # member the gradient of that member's positions only: the trainer sums these over the group
-        split_positions = {w.name for u in self.units if u.pin is None for w in u.weights if w.split is None}
-        self.partial = [i for i, e in enumerate(self.entries) if self.sequence and e.name in split_positions]
+        replicated = {w.name for u in self.units if u.pin is None for w in u.weights if w.split is None}
+        self.partial = [i for i, e in enumerate(self.entries) if self.sequence and e.name in replicated]
         with tf.init_scope():
             self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropout_draws")
         self.seed = seed
@@ -151,6 +151,8 @@ class ShardedModule(tf.Module):
 class KerasModule:
     """A whole Keras model as a rank's part (layouts that split only the optimizer state); variables are named
     by their place in the model, ``NNNN/name``, which is stable for a given builder and its parameters."""
+
+    partial: list[int] = []  # no variable's gradient is partial (no sequence parallelism)
 
     def __init__(self, model):
         self.model = model
