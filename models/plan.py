@@ -148,17 +148,33 @@ class LocalContext:
 # the same mask again, and no two sites (blocks, stages) share a mask.
 
 _M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B1
 
 
-def _mix(h):
-    """MurmurHash3's 32-bit finalizer on int64 values in [0, 2^32) (products wrap; the low 32 bits are kept)."""
+def _mix_int(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer on a Python int in [0, 2^32)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _mixer():
+    """MurmurHash3's 32-bit finalizer on int64 tensors of values in [0, 2^32) (products wrap; the low 32 bits are
+    kept), with its constants made once per caller: a trace's cost is its number of ops."""
     import tensorflow as tf
 
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-    h = tf.bitwise.bitwise_and(h * 0x85EBCA6B, _M32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
-    h = tf.bitwise.bitwise_and(h * 0xC2B2AE35, _M32)
-    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+    c16, c13, m32, c1, c2 = (tf.constant(v, tf.int64) for v in (16, 13, _M32, 0x85EBCA6B, 0xC2B2AE35))
+
+    def mix(h):
+        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, c16))
+        h = tf.bitwise.bitwise_and(h * c1, m32)
+        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, c13))
+        h = tf.bitwise.bitwise_and(h * c2, m32)
+        return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, c16))
+
+    return mix, m32
 
 
 @dataclass(frozen=True)
@@ -169,30 +185,61 @@ class DropoutKey:
     seed: Any
     step: Any
     offset: Any = 0
+    # the hash of (seed, step), shared by every site of the pass: per graph being traced (a recomputed forward pass
+    # in a gradient's graph makes its own)
+    _hashed: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def hashed(self, mix, m32):
+        import tensorflow as tf
+
+        graph = tf.compat.v1.get_default_graph() if not tf.executing_eagerly() else None
+        if graph not in self._hashed:
+            step = tf.bitwise.bitwise_and(tf.cast(self.step, tf.int64), m32)
+            if isinstance(self.seed, int):
+                seed = _mix_int((self.seed * _GOLDEN + 0x632BE5AB) & _M32)
+            else:
+                seed = mix(tf.bitwise.bitwise_and(tf.cast(self.seed, tf.int64) * _GOLDEN + 0x632BE5AB, m32))
+            self._hashed[graph] = mix(tf.bitwise.bitwise_xor(step, seed))
+        return self._hashed[graph]
 
 
 def dropout(x, rate: float, key: DropoutKey, site: int, split_axis: int | None = None, rank=0, parts: int = 1):
     """Inverted dropout of ``x`` (batch first) with the layout-independent mask of ``site``.
 
     ``split_axis``/``rank``/``parts``: ``x`` is member ``rank``'s of ``parts`` equal slices of the activation along
-    that axis (its mask is that slice of the whole activation's)."""
+    that axis (its mask is that slice of the whole activation's).
+
+    The element's index in the example's whole activation is a sum of one term per axis (its coordinate times the
+    whole activation's stride), each a constant where the axis' size is known when tracing."""
+    import numpy as np
     import tensorflow as tf
 
-    shape = tf.shape(x, out_type=tf.int64)
-    rank_ = x.shape.rank
-    element = tf.zeros([], tf.int64)
-    for axis in range(1, rank_):
-        size, start = shape[axis], tf.constant(0, tf.int64)
-        if axis == split_axis and parts > 1:
-            start, size = tf.cast(rank, tf.int64) * shape[axis], shape[axis] * parts
-        coords = tf.reshape(tf.range(shape[axis]) + start, [-1 if a == axis else 1 for a in range(rank_)])
-        element = element * size + coords
-    base = _mix(tf.bitwise.bitwise_and(tf.cast(key.seed, tf.int64) * 0x9E3779B1 + 0x632BE5AB, _M32))
-    base = _mix(tf.bitwise.bitwise_xor(base, tf.bitwise.bitwise_and(tf.cast(key.step, tf.int64), _M32)))
-    base = _mix(tf.bitwise.bitwise_xor(base, site))
-    example = tf.reshape(tf.range(shape[0]) + tf.cast(key.offset, tf.int64), [-1] + [1] * (rank_ - 1))
-    h = _mix(tf.bitwise.bitwise_and(base + example * 0x9E3779B1, _M32))
-    h = _mix(tf.bitwise.bitwise_xor(h, tf.bitwise.bitwise_and(element, _M32)))
+    mix, m32 = _mixer()
+    dims = x.shape.as_list()
+    shape = tf.shape(x, out_type=tf.int64) if None in dims else None
+    element, stride = None, 1
+    for axis in range(len(dims) - 1, 0, -1):
+        split = axis == split_axis and parts > 1
+        start = rank * dims[axis] if split and dims[axis] is not None and isinstance(rank, int) else None
+        if dims[axis] is not None and isinstance(stride, int) and (start is not None or not split):
+            coords = np.arange(dims[axis], dtype=np.int64) + (start or 0)
+            term = tf.constant((coords * stride).reshape([-1 if a == axis else 1 for a in range(len(dims))]))
+            stride = stride * dims[axis] * (parts if split else 1)
+        else:
+            size = tf.shape(x, out_type=tf.int64)[axis] if shape is None else shape[axis]
+            coords = tf.range(size) + (tf.cast(rank, tf.int64) * size if split else 0)
+            term = tf.reshape(coords * stride, [-1 if a == axis else 1 for a in range(len(dims))])
+            stride = stride * size * (parts if split else 1)
+        element = term if element is None else element + term
+    base = mix(tf.bitwise.bitwise_xor(key.hashed(mix, m32), site))
+    batch = dims[0] if dims[0] is not None else (tf.shape(x, out_type=tf.int64) if shape is None else shape)[0]
+    first = tf.cast(key.offset, tf.int64) if not isinstance(key.offset, int) else key.offset
+    example = tf.reshape(tf.range(batch, dtype=tf.int64) + first, [-1] + [1] * (len(dims) - 1))
+    h = mix(tf.bitwise.bitwise_and(base + example * _GOLDEN, m32))
+    if element is not None:
+        h = mix(tf.bitwise.bitwise_xor(h, tf.bitwise.bitwise_and(element, m32)))
+    else:  # a batch of scalars: each example's only element is 0
+        h = mix(h)
     keep = h >= int(rate * 2**32)
     return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
 

@@ -179,3 +179,35 @@ def test_dropout_sites_are_distinct_across_blocks_and_stages_and_masks_differ():
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     assert not np.array_equal(first, dropout(ones, 0.5, DropoutKey(0, 6, 0), 9))  # another step
     assert 0.4 < float(tf.reduce_mean(tf.cast(first > 0, tf.float32))) < 0.6
+
+
+def test_a_members_dropout_mask_is_its_slice_of_the_whole_mask_traced_or_not():
+    """A member holding 1/parts of an activation along an axis draws exactly that slice of the whole activation's
+    mask, whether the sizes are known when tracing (the indices are constants) or not (computed in the graph); and
+    a site costs few ops to trace (182 before the indices were folded into constants and (seed, step) hashed once
+    per pass)."""
+    import tensorflow as tf
+
+    from models.plan import DropoutKey, dropout
+
+    ones = tf.ones([4, 6, 8])
+    whole = dropout(ones, 0.5, DropoutKey(3, 7, 5), 2).numpy()
+    for axis in (1, 2):
+        for dims in ([4, 6 // (3 - axis), 8 // axis], [None, None, None]):
+            def member(rank):
+                return tf.function(lambda x: dropout(x, 0.5, DropoutKey(3, tf.constant(7, tf.int64), 5), 2, axis,
+                                                     rank, 2), autograph=False).get_concrete_function(
+                    tf.TensorSpec(dims))
+
+            parts = [member(r)(p) for r, p in enumerate(np.split(np.ones([4, 6, 8], np.float32), 2, axis))]
+            assert np.array_equal(np.concatenate([p.numpy() for p in parts], axis), whole), (axis, dims)
+
+    def sites(x, step):
+        key = DropoutKey(0, step, 0)
+        for site in range(4):
+            x = dropout(x, 0.1, key, site, 2, 1, 2)
+        return x
+
+    graph = tf.function(sites, autograph=False).get_concrete_function(
+        tf.TensorSpec([None, 16, 32]), tf.TensorSpec([], tf.int64)).graph
+    assert len(graph.get_operations()) < 4 * 80
