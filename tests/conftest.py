@@ -14,13 +14,12 @@ import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS (TF 2.21), for wor
 # Seconds each of the slowest test files took in a run of the whole suite (JUnit times, 2 cores). `make test` runs
 # two workers that take whole files; the longest start first, so that no worker is left alone with one at the end.
 FILE_SECONDS = {
-    "tests/parallel/test_layouts.py": 560, "tests/e2e/test_compression.py": 420, "tests/e2e/test_parallel_cli.py": 418,
-    "tests/e2e/test_serving.py": 260, "tests/e2e/test_ray.py": 248, "tests/e2e/test_object_storage.py": 237,
-    "tests/e2e/test_fault_tolerance.py": 228, "tests/e2e/test_train_cli.py": 200, "tests/e2e/test_benchmark.py": 205,
-    "tests/e2e/test_language_model.py": 113, "tests/e2e/test_data_cli.py": 97, "tests/e2e/test_bad_input.py": 90,
-    "tests/e2e/test_slurm.py": 81, "tests/e2e/test_multihost.py": 81,
-    "tests/e2e/test_launchers.py": 80, "tests/parallel/test_precision_communication.py": 50,
-    "tests/parallel/test_core.py": 45,
+    "tests/e2e/test_parallel_cli.py": 291, "tests/parallel/test_layouts.py": 274, "tests/e2e/test_compression.py": 210,
+    "tests/e2e/test_serving.py": 168, "tests/e2e/test_object_storage.py": 157, "tests/e2e/test_fault_tolerance.py": 138,
+    "tests/e2e/test_train_cli.py": 132, "tests/e2e/test_ray.py": 120, "tests/e2e/test_benchmark.py": 110,
+    "tests/e2e/test_language_model.py": 90, "tests/e2e/test_multihost.py": 66, "tests/e2e/test_launchers.py": 53,
+    "tests/e2e/test_bad_input.py": 51, "tests/parallel/test_precision_communication.py": 51,
+    "tests/e2e/test_data_cli.py": 50, "tests/e2e/test_slurm.py": 49, "tests/parallel/test_core.py": 16,
 }
 
 
