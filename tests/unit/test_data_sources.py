@@ -150,3 +150,13 @@ def test_digits_read_from_scikit_learns_file_equal_its_loader():
     bunch = load_digits()
     assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
     assert np.array_equal(target, bunch.target)
+
+
+def test_digits_without_scikit_learn_say_what_to_install(monkeypatch):
+    import importlib.util
+
+    from hvdtrain.data import digits
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install scikit-learn"):
+        digits.read()
