@@ -216,23 +216,20 @@ def dropout(x, rate: float, key: DropoutKey, site: int, split_axis: int | None =
 
     mix, m32 = _mixer()
     dims = x.shape.as_list()
-    shape = tf.shape(x, out_type=tf.int64) if None in dims else None
     element, stride = None, 1
     for axis in range(len(dims) - 1, 0, -1):
-        split = axis == split_axis and parts > 1
-        start = rank * dims[axis] if split and dims[axis] is not None and isinstance(rank, int) else None
-        if dims[axis] is not None and isinstance(stride, int) and (start is not None or not split):
-            coords = np.arange(dims[axis], dtype=np.int64) + (start or 0)
-            term = tf.constant((coords * stride).reshape([-1 if a == axis else 1 for a in range(len(dims))]))
-            stride = stride * dims[axis] * (parts if split else 1)
+        split, n = axis == split_axis and parts > 1, dims[axis]
+        broadcast = [-1 if a == axis else 1 for a in range(len(dims))]
+        if n is not None and isinstance(stride, int) and isinstance(rank, int):
+            coords = np.arange(n, dtype=np.int64) + (rank * n if split else 0)
+            term = tf.constant((coords * stride).reshape(broadcast))
         else:
-            size = tf.shape(x, out_type=tf.int64)[axis] if shape is None else shape[axis]
-            coords = tf.range(size) + (tf.cast(rank, tf.int64) * size if split else 0)
-            term = tf.reshape(coords * stride, [-1 if a == axis else 1 for a in range(len(dims))])
-            stride = stride * size * (parts if split else 1)
+            n = tf.shape(x, out_type=tf.int64)[axis] if n is None else tf.constant(n, tf.int64)
+            term = tf.reshape((tf.range(n) + (tf.cast(rank, tf.int64) * n if split else 0)) * stride, broadcast)
+        stride = stride * n * (parts if split else 1)
         element = term if element is None else element + term
     base = mix(tf.bitwise.bitwise_xor(key.hashed(mix, m32), site))
-    batch = dims[0] if dims[0] is not None else (tf.shape(x, out_type=tf.int64) if shape is None else shape)[0]
+    batch = dims[0] if dims[0] is not None else tf.shape(x, out_type=tf.int64)[0]
     first = tf.cast(key.offset, tf.int64) if not isinstance(key.offset, int) else key.offset
     example = tf.reshape(tf.range(batch, dtype=tf.int64) + first, [-1] + [1] * (len(dims) - 1))
     h = mix(tf.bitwise.bitwise_and(base + example * _GOLDEN, m32))
