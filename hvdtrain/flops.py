@@ -5,9 +5,12 @@ come from the family's plan (:meth:`models.plan.Plan.flops_per_token`: ``6 N + 1
 whole). The peak is, on a GPU, the device's published dense peak for the run's precision (a table below; an
 unknown device falls back to the probe), and on the CPU a **measured** one: every rank multiplies float32
 matrices at once with its own threads (ranks on one host share its cores, as during training), and the job's peak
-is the sum over ranks. A shared machine's load moves one probe by 2x, so the peak is the best probe this machine
-has given for the same processor, threads and ranks per host: every run probes for half a second and keeps the
-best in ``~/.cache/hvdtrain/peak-flops.json`` (delete it to start over). With recomputation the
+is the sum over ranks. The peak is the **host's**, not the run's: how a run splits the cores into ranks and threads
+is the software's choice, and MFU compares runs against one hardware figure (on 2 cores, two ranks of one thread
+have multiplied 220 GFLOP/s where one rank of two threads gave 196: both layouts' MFU use the better). A shared
+machine's load also moves one probe by 2x. So every run probes for half a second, sums its ranks' probes per host,
+and keeps the best sum any run on this processor and core count has given in ``~/.cache/hvdtrain/peak-flops.json``
+(delete it to start over); a job's peak is that host peak times its hosts. With recomputation the
 hardware runs more than the model needs: the hardware FLOPs utilization (HFU) counts the recomputed forward passes
 too.
 """
@@ -43,7 +46,8 @@ def matmul_probe(size: int = 1024, seconds: float = 0.5) -> float:
     return best
 
 
-PROBE = "measured: the best float32 matmul probe (1024 x 1024) on this machine, each rank on its threads at once"
+PROBE = ("measured: the best float32 matmul probe (1024 x 1024) this host has given, its ranks' probes at once "
+         "summed, times the hosts")
 
 
 def published_peak(precision: str = "float32") -> tuple[float, str] | None:
@@ -76,16 +80,13 @@ def cpu_name() -> str:
         return platform.processor()
 
 
-def probe_key(ranks_on_host: int) -> str:
-    """What a CPU probe depends on: the processor, this rank's threads and how many ranks share the host."""
-    import tensorflow as tf
-
-    threads = tf.config.threading.get_intra_op_parallelism_threads() or len(os.sched_getaffinity(0))
-    return f"{cpu_name()} | {len(os.sched_getaffinity(0))} cores | {threads} threads | {ranks_on_host} ranks per host"
+def host_key() -> str:
+    """What a host's peak depends on: its processor and the cores this process may run on."""
+    return f"{cpu_name()} | {len(os.sched_getaffinity(0))} cores"
 
 
 def kept_peak(key: str) -> float | None:
-    """The best probe kept for ``key`` on this machine, if any."""
+    """The best host peak kept for ``key`` on this machine, if any."""
     try:
         return float(json.loads(cache_file().read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
@@ -93,7 +94,8 @@ def kept_peak(key: str) -> float | None:
 
 
 def keep_peak(key: str, value: float) -> None:
-    """Keep ``value`` as the best probe for ``key`` (written atomically; ranks of one host may write at once)."""
+    """Keep ``value`` as the best host peak for ``key`` unless a better one is kept (written atomically; ranks of
+    one host may write at once)."""
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,12 +103,28 @@ def keep_peak(key: str, value: float) -> None:
             kept = json.loads(path.read_text())
         except (OSError, ValueError):
             kept = {}
+        if not isinstance(kept, dict):
+            kept = {}
+        try:
+            if float(kept.get(key) or 0.0) >= value:
+                return
+        except (TypeError, ValueError):
+            pass
         kept[key] = value
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(kept, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError:
         pass  # a read-only home: the next run probes again
+
+
+def host_peaks(probes: list[tuple[str, float]], kept: dict[str, float | None]) -> dict[str, float]:
+    """Each host's peak from every rank's ``(host, probe)``: the sum of its ranks' probes (run at once, sharing its
+    cores), or the better peak ``kept`` for that host."""
+    sums: dict[str, float] = {}
+    for host, probe in probes:
+        sums[host] = sums.get(host, 0.0) + probe
+    return {host: max(value, kept.get(host) or 0.0) for host, value in sums.items()}
 
 
 def utilization(tokens_per_sec: float | None, flops_per_token: float, peak: float) -> float | None:

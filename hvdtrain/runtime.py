@@ -202,23 +202,26 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
     )
 
 
-# Horovod's cycle time (ms) when tensor or pipeline parallelism puts collectives on the critical path, the controller
-# is MPI and the config leaves it unset (distributed.cycle_time_ms=0; a HOROVOD_CYCLE_TIME in the environment wins
-# over both). Measured (docs/performance.md, `hvdtrain benchmark --collectives`): a dependent 1 KB allreduce under MPI
-# costs 2.07 ms at Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of 2.9 us), with no loss in
-# the layouts' steps. Under Gloo it stays about 5 ms at any cycle time, so Gloo keeps the default: the polling
-# thread only costs CPU there (under MPI on 2 cores it took 31 s of 106 s of CPU from 5 short layout cases).
+# Horovod's cycle time (ms) when tensor parallelism puts small collectives on the critical path (and no pipeline
+# does), the controller is MPI and the config leaves it unset (distributed.cycle_time_ms=0; a HOROVOD_CYCLE_TIME in the
+# environment wins over both). Measured (docs/performance.md, `hvdtrain benchmark --collectives`): a dependent 1 KB
+# allreduce under MPI costs 2.07 ms at Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of
+# 2.9 us). Pipelines keep the default: their receives are posted when the step starts and stay pending for most of
+# it, so at 0.001 ms the background threads negotiate without pause and slowed both stages' compute (1F1B at M=8 on a
+# 4-block gpt of width 512: 5 of 20 steps at 4.2-5.2 s instead of 2.7-3.1 s, none at 1 ms; docs/performance.md).
+# Under Gloo a dependent collective stays about 5 ms at any cycle time, so Gloo keeps the default too: the polling
+# thread only costs CPU there.
 MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
 
 
 def horovod_knobs(cfg: Config):
-    """``cfg.distributed``, with the cycle time hvdtrain chooses for a tensor or pipeline layout under MPI when
-    unset."""
+    """``cfg.distributed``, with the cycle time hvdtrain chooses for a tensor layout without a pipeline under MPI
+    when unset."""
     import dataclasses
 
     knobs = cfg.distributed
-    split = cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1
-    if not knobs.cycle_time_ms and split and not distributed.launched_with_gloo():
+    chained = cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1
+    if not knobs.cycle_time_ms and chained and not distributed.launched_with_gloo():
         knobs = dataclasses.replace(knobs, cycle_time_ms=MODEL_PARALLEL_CYCLE_TIME_MS)
     return knobs
 
@@ -281,21 +284,28 @@ def make_layout(cfg: Config, source, mesh):
 
 
 def job_peak_flops(precision: str, collective: bool = True) -> tuple[float, str]:
-    """The job's peak FLOP/s and where it comes from (:mod:`hvdtrain.flops`): a GPU's published peak, or the
-    CPU probe every rank runs at the same time (ranks on one host share its cores, as in training), the best this
-    machine has given so far, summed over the ranks. ``collective=False`` (elastic start-up, where a late joiner
-    runs no collective): this rank's peak times the world size."""
+    """The job's peak FLOP/s and where it comes from (:mod:`hvdtrain.flops`): a GPU's published peak times the
+    ranks, or on the CPU each host's peak (its ranks probe at once, sharing its cores as in training; the best sum
+    this host has given to any run, whatever its split into ranks and threads) summed over the hosts.
+    ``collective=False`` (elastic start-up, where a late joiner runs no collective): this host's peak times the
+    hosts, counted as world size / ranks per host."""
+    import socket
+
     from hvdtrain import flops
 
     published = flops.published_peak(precision)
     if published is not None:
         peak, source = published
-    else:
-        if collective and distributed.size() > 1:
-            distributed.barrier()  # every rank of the host probes at once
-        key = flops.probe_key(distributed.local_size())
-        peak, source = max(flops.matmul_probe(), flops.kept_peak(key) or 0.0), flops.PROBE
-        flops.keep_peak(key, peak)
+        return peak * distributed.size(), source
     if collective and distributed.size() > 1:
-        return sum(distributed.allgather_object(peak)), source
-    return peak * distributed.size(), source
+        distributed.barrier()  # every rank of the host probes at once
+    key, probe = flops.host_key(), flops.matmul_probe()
+    host = f"{socket.gethostname()} | {key}"
+    if not collective or distributed.size() == 1:
+        peak = flops.host_peaks([(host, probe * distributed.local_size())], {host: flops.kept_peak(key)})[host]
+        flops.keep_peak(key, peak)
+        return peak * max(1, distributed.size() // distributed.local_size()), flops.PROBE
+    peaks = flops.host_peaks(distributed.allgather_object((host, probe)), {host: flops.kept_peak(key)})
+    flops.keep_peak(key, peaks[host])
+    # every host's best, as each one kept it
+    return sum(dict(distributed.allgather_object((host, peaks[host]))).values()), flops.PROBE

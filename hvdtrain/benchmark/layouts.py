@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hvdtrain import artifacts, config, console
+from hvdtrain import artifacts, config, console, flops
 from hvdtrain.benchmark import launch, machine, progress
 from hvdtrain.errors import UsageError
 
@@ -91,7 +91,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     per_replica = spec["global_batch_size"] // mesh.data
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_replica + 2)  # 10% held out
     source = data.load(synthetic, seed=mesh.data_rank, model_name=cfg.model.name)
-    dataset = tf.data.Dataset.from_tensors((source.x_train[:per_replica], source.y_train[:per_replica])).repeat()
+    dataset = data.without_autotune(
+        tf.data.Dataset.from_tensors((source.x_train[:per_replica], source.y_train[:per_replica])).repeat())
     layout = runtime.make_layout(cfg, source, mesh)
     model = runtime.prepare(layout.training_model, cfg, cfg.train.learning_rate, layout=layout, metrics=[])
     model.fit(dataset, steps_per_epoch=spec["warmup_steps"], epochs=1, verbose=0,
@@ -100,11 +101,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     before = Traffic.snapshot()
     moved = (int(pipe.sent.numpy()), int(pipe.received.numpy())) if pipe else (0, 0)
     clock = pipe.clock.numpy() if pipe else None
-    times = []
+    times, steps_seconds = [], []
+
+    class StepClock(tf.keras.callbacks.Callback):
+        """Each timed step's length on this rank (the windows' times also hold what ``fit`` does around them)."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.began = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps_seconds.append(time.perf_counter() - self.began)
+
     for _ in range(spec["windows"]):
         distributed.barrier()
         start = time.perf_counter()
-        model.fit(dataset, steps_per_epoch=spec["steps"], epochs=1, verbose=0)
+        model.fit(dataset, steps_per_epoch=spec["steps"], epochs=1, verbose=0, callbacks=[StepClock()])
         times.append(time.perf_counter() - start)
     steps = spec["steps"] * spec["windows"]
     after = Traffic.snapshot()
@@ -119,7 +130,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # every rank's view, to the chief: the slowest rank sets the pace of a synchronous job
     held = {**layout.memory(), "peak_memory_bytes": memory.peak_bytes(), "start_memory_bytes": start_bytes}
     held["peak_growth_bytes"] = held["peak_memory_bytes"] - start_bytes
-    report = {"rank": mesh.rank, "stage": mesh.stage, "times": times, "memory": held, "traffic": traffic,
+    report = {"rank": mesh.rank, "stage": mesh.stage, "times": times, "steps": steps_seconds, "memory": held,
+              "traffic": traffic,
               "timings": pipe.timings.numpy().tolist() if pipe else None,
               "clock": (pipe.clock.numpy() - clock).tolist() if pipe else None}
     ranks = distributed.allgather_object(report)
@@ -131,6 +143,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "layout": spec["layout"], "label": label(spec["layout"]), "controller": distributed.controller(),
         "ranks": mesh.world, "global_batch_size": spec["global_batch_size"], "steps_per_window": spec["steps"],
         "window_seconds": slowest, "step_ms": 1e3 * statistics.median(slowest) / spec["steps"],
+        # each timed step, the slowest rank's (a step's length, not counting fit's work between windows)
+        "steps_ms": [1e3 * max(r["steps"][i] for r in ranks) for i in range(len(ranks[0]["steps"]))],
         "tokens_per_sec": tokens * spec["steps"] / statistics.median(slowest),
         "memory": {k: max(r["memory"][k] for r in ranks) for k in ranks[0]["memory"]},
         "peak_growth_bytes_per_rank": [r["memory"]["peak_growth_bytes"] for r in ranks],
@@ -139,8 +153,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
     plan = runtime.model_plan(cfg.model, source)
     result.update(model_flops_per_token=plan.flops_per_token(), peak_flops=peak, peak_source=peak_source,
-                  mfu=result["tokens_per_sec"] * plan.flops_per_token() / peak,
-                  hfu=result["tokens_per_sec"] * plan.flops_per_token(cfg.parallel.recompute) / peak)
+                  hardware_flops_per_token=plan.flops_per_token(cfg.parallel.recompute),
+                  hosts=max(1, mesh.world // distributed.local_size()))
     if pipe:
         p, m = mesh.pipeline, cfg.parallel.microbatches
         table = pipeline.timetable(cfg.parallel.schedule, p, m)
@@ -210,6 +224,16 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
                 launch(layout["ranks"], [sys.executable, "-m", "hvdtrain.benchmark", str(spec_file),
                                          str(result_file)], CONTROLLER_ARGS[controller], timeout)
                 results[i].append(json.loads(result_file.read_text()))
+    launches = [r for runs in results.values() for r in runs]
+    if all(r["peak_source"] == flops.PROBE for r in launches):
+        # measured on the CPU: one peak per host for every row (each launch uses every core of its hosts), the best
+        # any launch measured (each keeps its best for the next, so later launches could see more than earlier)
+        host_peak = max(r["peak_flops"] / r["hosts"] for r in launches)
+        for r in launches:
+            r["peak_flops"] = host_peak * r["hosts"]
+    for r in launches:
+        r["mfu"] = r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"]
+        r["hfu"] = r["tokens_per_sec"] * r["hardware_flops_per_token"] / r["peak_flops"]
     rows = []
     for i, (_, controller) in enumerate(settings):
         runs = results[i]
@@ -220,6 +244,10 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
                      "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
                      "tokens_per_sec_all": [r["tokens_per_sec"] for r in runs],
                      "step_ms": statistics.median(r["step_ms"] for r in runs),
+                     # every launch's windows and steps, the slowest rank's: the spread behind the medians
+                     "window_seconds_all": [r["window_seconds"] for r in runs],
+                     "steps_ms_all": [r["steps_ms"] for r in runs],
+                     "median_step_ms": statistics.median(ms for r in runs for ms in r["steps_ms"]),
                      **{k: statistics.median(r[k] for r in runs) for k in ("mfu", "hfu", "peak_flops")},
                      "model_flops_per_token": base["model_flops_per_token"], "peak_source": base["peak_source"],
                      **({"pipeline": min((r["pipeline"] for r in runs), key=lambda p: p["step_seconds"])}
@@ -250,7 +278,8 @@ def print_report(report: dict[str, Any]) -> None:
         comm = sum(v["bytes"] or 0 for v in r["traffic_per_rank_per_step"].values())
         calls = sum(v["calls"] or 0 for v in r["traffic_per_rank_per_step"].values())
         rows.append({"layout": r["label"], "controller": r["controller"], "ranks": r["ranks"],
-                     "tokens/s": r["tokens_per_sec"], "ms/step": r["step_ms"], "vs 1 rank": r["speed_vs_one_rank"],
+                     "tokens/s": r["tokens_per_sec"], "ms/step": r["step_ms"],
+                     "median step ms": r["median_step_ms"], "vs 1 rank": r["speed_vs_one_rank"],
                      "MFU": r["mfu"],
                      "param KB/rank": m["param_bytes_per_rank"] / 1024,
                      "optimizer KB/rank": m["optimizer_bytes_per_rank"] / 1024,

@@ -50,7 +50,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     synthetic = dataclasses.replace(cfg.data, source="synthetic", num_examples=2 * per_rank + 2)  # 10% held out
     source = data.load(synthetic, seed=distributed.rank(), model_name=cfg.model.name)
     x, y = source.x_train[:per_rank], source.y_train[:per_rank]
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    dataset = data.without_autotune(tf.data.Dataset.from_tensors((x, y)).repeat())
 
     model = runtime.prepare(runtime.build_model(cfg.model, source), cfg, cfg.train.learning_rate, metrics=[])
     spe = cfg.train.steps_per_execution

@@ -6,7 +6,7 @@ data (digits, npz, text, synthetic), :class:`~hvdtrain.data.tfrecord.TFRecordSou
 from __future__ import annotations
 
 from hvdtrain.data.sharding import shard_dataset, shard_files, shard_indices
-from hvdtrain.data.source import ArraySource, Source
+from hvdtrain.data.source import ArraySource, Source, without_autotune
 
 def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`); ``data.path`` may be a
@@ -46,4 +46,4 @@ def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     raise ValueError(f"unknown data.source '{cfg.source}'")
 
 
-__all__ = ["ArraySource", "Source", "load", "shard_dataset", "shard_files", "shard_indices"]
+__all__ = ["ArraySource", "Source", "load", "shard_dataset", "shard_files", "shard_indices", "without_autotune"]
