@@ -51,6 +51,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     source = data.load(synthetic, seed=distributed.rank(), model_name=cfg.model.name)
     x, y = source.x_train[:per_rank], source.y_train[:per_rank]
     dataset = data.without_autotune(tf.data.Dataset.from_tensors((x, y)).repeat())
+    plan = runtime.model_plan(cfg.model, source) if source.is_language_model else None
+    # a language model's MFU: the peak probed by every rank at once, before any model is made
+    peak = runtime.job_peak_flops(cfg.train.precision) if plan is not None else None
 
     model = runtime.prepare(runtime.build_model(cfg.model, source), cfg, cfg.train.learning_rate, metrics=[])
     spe = cfg.train.steps_per_execution
@@ -73,6 +76,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "throughput": per_rank * size * steps * per_item / statistics.median(times),
         "unit": "tokens/s" if source.is_language_model else "examples/s",
     }
+    if peak is not None:
+        result.update(model_flops_per_token=plan.flops_per_token(), peak_flops=peak[0], peak_source=peak[1],
+                      mfu=result["throughput"] * plan.flops_per_token() / peak[0])
     if size > 1 and spec.get("allreduce"):
         from hvdtrain.distributed import timing
 
@@ -200,6 +206,7 @@ def print_report(report: dict[str, Any]) -> None:
     """Tables for people."""
     if report["kind"] == "scaling":
         cols = ["mode", "np", "batch_size_per_rank", "global_batch_size", "throughput", "speedup", "efficiency"]
+        cols += ["mfu"] if all("mfu" in r for r in report["results"]) else []
         console.say(artifacts.format_table(report["results"], cols))
         for np_, rows in report["allreduce"].items():
             console.say(f"\nallreduce at {np_} ranks")

@@ -11,8 +11,11 @@ pytestmark = pytest.mark.e2e
 
 def test_scaling_benchmark_reports_throughput_efficiency_and_allreduce(tmp_path):
     # --launcher-args takes horovodrun's flags as users type them (not only --launcher-args=--gloo)
-    proc = run([str(BIN / "hvdtrain"), "benchmark", "--recipe", "digits-mlp", "--set", "data.image_size=8",
-                "--np", "1,2", "--scaling", "weak", "--steps", "4", "--warmup-steps", "2", "--repeats", "2",
+    # a language model (a gpt of width 32): tokens/s, and its MFU against the peak the ranks measured at once
+    proc = run([str(BIN / "hvdtrain"), "benchmark", "--recipe", "gpt-tiny",
+                "--set", "model.params={num_layers: 2, width: 32, num_heads: 4}", "--set", "data.context_length=16",
+                "--set", "data.batch_size_per_rank=8", "--np", "1,2", "--scaling", "weak", "--steps", "4",
+                "--warmup-steps", "2", "--repeats", "2",
                 "--launcher-args", "--gloo", "--output", str(tmp_path)], timeout=600)
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["np"]: r for r in report["results"]}
@@ -20,6 +23,10 @@ def test_scaling_benchmark_reports_throughput_efficiency_and_allreduce(tmp_path)
     assert rows[2]["global_batch_size"] == 2 * rows[1]["global_batch_size"]  # weak scaling
     assert all(r["throughput"] > 0 and len(r["seconds"]) == 2 for r in rows.values())
     assert rows[1]["efficiency"] == 1.0
+    for r in rows.values():
+        assert r["unit"] == "tokens/s" and r["peak_source"].startswith("measured")
+        assert r["mfu"] > 0
+        assert r["mfu"] == pytest.approx(r["throughput"] * r["model_flops_per_token"] / r["peak_flops"])
     sizes = [a["bytes"] for a in report["allreduce"]["2"]]
     assert sizes == ALLREDUCE_SIZES and sizes[0] == 1024 and sizes[-1] == 64 * 1024 * 1024
     assert all(a["busbw_gbps"] > 0 for a in report["allreduce"]["2"])
