@@ -6,8 +6,8 @@ whole). The peak is, on a GPU, the device's published dense peak for the run's p
 unknown device falls back to the probe), and on the CPU a **measured** one: every rank multiplies float32
 matrices at once with its own threads (ranks on one host share its cores, as during training), and the job's peak
 is the sum over ranks. The peak is the **host's**, not the run's: how a run splits the cores into ranks and threads
-is the software's choice, and MFU compares runs against one hardware figure (on 2 cores, two ranks of one thread
-have multiplied 220 GFLOP/s where one rank of two threads gave 196: both layouts' MFU use the better). A shared
+is the software's choice, and MFU compares runs against one hardware figure (on 2 cores, sustained: one rank of
+two threads 130-149 GFLOP/s, two ranks of one thread 125-153, four 145-162; every layout's MFU uses the best). A shared
 machine's load also moves one probe by 2x. So every run probes for half a second, sums its ranks' probes per host,
 and keeps the best sum any run on this processor and core count has given in ``~/.cache/hvdtrain/peak-flops.json``
 (delete it to start over); a job's peak is that host peak times its hosts. With recomputation the

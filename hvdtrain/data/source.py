@@ -24,12 +24,12 @@ def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """``dataset`` with tf.data's autotuning off, for the benchmarks' timed windows: one ``model.fit`` each, over a
     repeated in-memory batch (nothing to tune).
 
-    Measured here (TensorFlow 2.15, docs/performance.md): with autotuning on, ``model.fit`` could return only at
-    the autotuning thread's next tick after its last step, and that thread's period doubles from 10 ms (ticks at
-    10 x (2^k - 1) ms after the iterator was made): 5 steps of a gpt of width 512 returned 20.48 s after ``fit``
-    began, every time, when the steps ended at 11-12 s; with it off, when the last step did. Training keeps
-    autotuning: its one ``fit`` keeps one iterator for the run (2 interleaved pairs of 2-epoch gpt-tiny runs with it
-    off were no faster: 15,535 and 17,897 against 19,936 and 19,016 tokens/s)."""
+    Measured here (TensorFlow 2.21 with tf-keras, docs/performance.md): with autotuning on, ``model.fit`` could
+    return only at the autotuning thread's next tick after its last step, and that thread's period doubles from
+    10 ms (ticks at 10 x (2^k - 1) ms after the iterator was made): 5 steps of a gpt of width 512 returned 20.48 s
+    after ``fit`` began, every time, when the steps ended at 11-12 s; with it off, when the last step did.
+    Training keeps autotuning: its one ``fit`` keeps one iterator for the run (2 interleaved pairs of 2-epoch
+    gpt-tiny runs with it off were no faster: 15,535 and 17,897 against 19,936 and 19,016 tokens/s)."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)
