@@ -208,7 +208,7 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
 # allreduce under MPI costs 2.07 ms at Horovod's default of 1 ms and 0.125 ms at 0.001 ms (43x the MPI floor of
 # 2.9 us). Pipelines keep the default: their receives are posted when the step starts and stay pending for most of
 # it, so at 0.001 ms the background threads negotiate without pause and slowed both stages' compute (1F1B at M=8 on a
-# 4-block gpt of width 512: 5 of 20 steps at 4.2-5.2 s instead of 2.7-3.1 s, none at 1 ms; docs/performance.md).
+# 4-block gpt of width 512: 5 of 20 steps took 4.2-5.2 s; at 1 ms every step took 2.6-3.1 s; docs/performance.md).
 # Under Gloo a dependent collective stays about 5 ms at any cycle time, so Gloo keeps the default too: the polling
 # thread only costs CPU there.
 MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
