@@ -97,12 +97,12 @@ class DistributedConfig:
     reduce_op: Literal["average", "sum", "adasum"] = "average"
     # Horovod knobs (hvdtrain.distributed.horovod_environment turns them into HOROVOD_* variables)
     fusion_threshold_mb: float = knob(0.0, "HOROVOD_FUSION_THRESHOLD", scale=1024 * 1024)
-    cycle_time_ms: float = knob(0.0, "HOROVOD_CYCLE_TIME")  # 0: Horovod's 1 ms; tensor/pipeline: 0.001 (runtime.py)
+    cycle_time_ms: float = knob(0.0, "HOROVOD_CYCLE_TIME")  # 0: Horovod's 1 ms; tensor without pipeline, MPI: 0.001
     autotune: bool = knob(False, "HOROVOD_AUTOTUNE")
     hierarchical_allreduce: bool = knob(False, "HOROVOD_HIERARCHICAL_ALLREDUCE")
     autotune_log: str = ""  # relative to the output directory unless absolute
     timeline: str = ""  # Horovod's timeline (Chrome trace JSON), relative to the output directory unless absolute
-    threads_per_rank: int = 0
+    threads_per_rank: int = 0  # 0: cores / ranks on the host (twice for a large pipeline stage)
     # every N epochs compare each trainable variable across ranks and stop if they drifted apart (0: off)
     divergence_check_epochs: int = 1
     divergence_tolerance: float = 1e-6  # relative spread of a variable's checksum that counts as diverged

@@ -226,12 +226,36 @@ def horovod_knobs(cfg: Config):
     return knobs
 
 
+# A pipeline stage idles in the bubble and while it waits for its peer; with twice its share of the cores' threads
+# a busy stage runs on the cores an idle one leaves, which pays when its operations are large and costs when they are
+# small (threads then wait on each other across ranks). Measured on 2 cores, 2 ranks, interleaved (docs/performance.md):
+# 1F1B, M=8, on a 4-block llama of width 512, 6.1 GFLOP per micro-batch and stage forward: 1,495 and 1,524 tokens/s
+# at 2 threads per rank against 1,335 and 1,349 at 1; the gpt of width 512, 3.3 GFLOP: 983 and 991 against 862 and
+# 947; gpt-tiny, M=4, 0.24 GFLOP: 13,708 and 17,484 against 16,025 and 21,157.
+DOUBLE_THREADS_FLOPS = 1e9  # a stage's forward FLOPs per micro-batch from which a pipeline stage gets twice its share
+
+
+def stage_forward_flops(cfg: Config) -> float:
+    """A pipeline stage's model FLOPs in one micro-batch's forward pass (an even share of the model's); 0 without
+    a pipeline or a planned model family."""
+    import models
+
+    p = cfg.parallel
+    if p.pipeline == 1 or not models.has_plan(cfg.model.name):
+        return 0.0
+    plan = models.parallel_plan(cfg.model.name, input_shape=(cfg.data.context_length,),
+                                num_classes=cfg.data.num_classes or 256, **cfg.model.params)
+    tokens = cfg.data.batch_size_per_rank / p.microbatches * cfg.data.context_length
+    return plan.flops_per_token() / 3 * tokens / (p.pipeline * p.tensor)
+
+
 def init(cfg: Config, autotune_log: str = "", dynamic_process_sets: bool = False) -> None:
     """Horovod for ``cfg`` (knobs, threads per rank, XLA kernels, process sets for model parallelism, or for
     layouts made later with ``dynamic_process_sets``); a no-op when already initialised."""
     distributed.init(horovod_knobs(cfg), threads_per_rank=cfg.distributed.threads_per_rank,
                      enable_xla_ops=cfg.train.jit_compile, autotune_log=autotune_log,
-                     dynamic_process_sets=dynamic_process_sets or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1)
+                     dynamic_process_sets=dynamic_process_sets or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1,
+                     double_threads=stage_forward_flops(cfg) >= DOUBLE_THREADS_FLOPS)
 
 
 def begin(cfg: Config, autotune_log: str = "", dynamic_process_sets: bool = False):

@@ -91,7 +91,7 @@ def block(p, prefix: str, x, ctx, dropout: float = 0.0, site: int = 0, attention
     x = x + ctx.dropout(attn, dropout, site + 1)
     # MLP: f -> column-parallel fc -> row-parallel proj -> g
     h = ctx.enter(layer_norm(x, p[f"{prefix}/ln2/gamma"], p[f"{prefix}/ln2/beta"]))
-    hidden = tf.nn.gelu(tf.matmul(h, w("mlp/fc/kernel")) + w("mlp/fc/bias"), approximate=False)
+    hidden = tf.nn.gelu(tf.einsum("btw,wf->btf", h, w("mlp/fc/kernel")) + w("mlp/fc/bias"), approximate=False)
     out = ctx.exit(tf.einsum("btf,fw->btw", hidden, w("mlp/proj/kernel"))) + w("mlp/proj/bias")
     return x + ctx.dropout(out, dropout, site + 2)
 

@@ -80,7 +80,8 @@ def block(p, prefix: str, x, ctx, theta: float = 10000.0, dropout: float = 0.0, 
     attn = ctx.exit(tf.einsum("bthd,hdw->btw", context, w("attn/output/kernel")))
     x = x + ctx.dropout(attn, dropout, site + 1)
     h = ctx.enter(rms_norm(x, p[f"{prefix}/mlp_norm/scale"]))
-    hidden = tf.nn.silu(tf.matmul(h, w("mlp/gate/kernel"))) * tf.matmul(h, w("mlp/up/kernel"))
+    hidden = tf.nn.silu(tf.einsum("btw,wf->btf", h, w("mlp/gate/kernel"))) * tf.einsum("btw,wf->btf", h,
+                                                                                     w("mlp/up/kernel"))
     out = ctx.exit(tf.einsum("btf,fw->btw", hidden, w("mlp/down/kernel")))
     return x + ctx.dropout(out, dropout, site + 2)
 

@@ -59,20 +59,28 @@ def launched_with_gloo() -> bool:
     return os.environ.get("HOROVOD_CONTROLLER", "").lower() == "gloo" or not launched()
 
 
+def default_threads(cores: int, local_ranks: int, double: bool = False) -> int:
+    """TensorFlow intra-op threads for one rank: an equal share of the host's ``cores``, or with ``double`` twice
+    that (at most ``cores``: hvdtrain.runtime doubles it for the stages of a pipeline with enough work per op)."""
+    share = max(1, cores // max(1, local_ranks))
+    return min(max(1, cores), 2 * share) if double else share
+
+
 def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, enable_xla_ops: bool = False,
-         autotune_log: str = "", dynamic_process_sets: bool = False) -> None:
+         autotune_log: str = "", dynamic_process_sets: bool = False, double_threads: bool = False) -> None:
     """Initialise Horovod once per process.
 
     Args:
         knobs: Horovod tuning (a :class:`hvdtrain.config.DistributedConfig`), set into the environment before
             ``hvd.init()``.
         threads_per_rank: TensorFlow intra-op threads for this rank; 0 gives each rank on a host an equal share
-            of the cores this process may use, so ranks do not fight over them.
+            of the cores this process may use, so ranks do not fight over them (:func:`default_threads`).
         pin_gpu: make only the GPU of this rank's local rank visible.
         enable_xla_ops: Horovod's XLA kernels (``train.jit_compile`` on GPUs).
         autotune_log: a local file for Horovod's autotuning log (written by rank 0).
         dynamic_process_sets: allow process sets to be added after init (the tensor and pipeline groups of
             :func:`hvdtrain.distributed.mesh.make_mesh`).
+        double_threads: with ``threads_per_rank=0``, twice the rank's share of the cores (:func:`default_threads`).
     """
     global _initialized
     if _initialized:
@@ -90,7 +98,7 @@ def init(knobs: Any = None, threads_per_rank: int = 0, pin_gpu: bool = True, *, 
     hvd.init(process_sets="dynamic") if dynamic_process_sets else hvd.init()
     _initialized = True
 
-    threads = threads_per_rank or max(1, len(os.sched_getaffinity(0)) // max(1, hvd.local_size()))
+    threads = threads_per_rank or default_threads(len(os.sched_getaffinity(0)), hvd.local_size(), double_threads)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
