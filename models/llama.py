@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from models.gpt import EMBEDDING_INIT, SITES, block_index, causal_attention, vocabulary_lookup
+from models.gpt import EMBEDDING_INIT, SITES, block_index, causal_attention, project, vocabulary_lookup
 from models.plan import DropoutClock, LocalContext, Plan, Unit, Weight
 from models.plan import keras_weight as _weight
 from models.registry import register, register_plan
@@ -69,20 +69,19 @@ def block(p, prefix: str, x, ctx, theta: float = 10000.0, dropout: float = 0.0, 
     h = ctx.enter(rms_norm(x, p[f"{prefix}/attn_norm/scale"]))
     if positions is None:  # of the attention's input (with sequence parallelism x holds a member's share of them)
         positions = tf.range(tf.shape(h)[1])
-    q = rope(tf.einsum("btw,whd->bthd", h, w("attn/query/kernel")), positions, theta)
-    k = rope(tf.einsum("btw,whd->bthd", h, w("attn/key/kernel")), positions, theta)
-    v = tf.einsum("btw,whd->bthd", h, w("attn/value/kernel"))
+    q = rope(project(h, w("attn/query/kernel")), positions, theta)
+    k = rope(project(h, w("attn/key/kernel")), positions, theta)
+    v = project(h, w("attn/value/kernel"))
     if attention is None:
         groups = q.shape[2] // k.shape[2]
         context = causal_attention(q, tf.repeat(k, groups, axis=2), tf.repeat(v, groups, axis=2), ctx, dropout, site)
     else:
         context = attention(q, k, v)
-    attn = ctx.exit(tf.einsum("bthd,hdw->btw", context, w("attn/output/kernel")))
+    attn = ctx.exit(project(context, w("attn/output/kernel"), 2))
     x = x + ctx.dropout(attn, dropout, site + 1)
     h = ctx.enter(rms_norm(x, p[f"{prefix}/mlp_norm/scale"]))
-    hidden = tf.nn.silu(tf.einsum("btw,wf->btf", h, w("mlp/gate/kernel"))) * tf.einsum("btw,wf->btf", h,
-                                                                                     w("mlp/up/kernel"))
-    out = ctx.exit(tf.einsum("btf,fw->btw", hidden, w("mlp/down/kernel")))
+    hidden = tf.nn.silu(project(h, w("mlp/gate/kernel"))) * project(h, w("mlp/up/kernel"))
+    out = ctx.exit(project(hidden, w("mlp/down/kernel")))
     return x + ctx.dropout(out, dropout, site + 2)
 
 

@@ -1,6 +1,7 @@
 """Servers shared by the tests that need them, started once per session by the project's own scripts and stopped
 afterwards: a Ceph S3 gateway (scripts/s3_server.sh) and a Slurm cluster (scripts/slurm_cluster.sh)."""
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -29,12 +30,17 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def free_port(span: int = 2) -> int:
-    """A port whose next ``span - 1`` ports are free too."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span < 65000 and all(_free(port + i) for i in range(1, span)):
+    """A port whose next ``span - 1`` ports are free too, below the kernel's ephemeral range: a port the kernel
+    handed out as free is in that range, and another test's outgoing connection could take it (or the port after
+    it) before the server binds it (a Slurm daemon found its port taken that way, under `pytest -n 2`)."""
+    try:
+        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low_ephemeral = 32768
+    rng = random.Random()  # seeded from the OS: each xdist worker draws its own ports
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low_ephemeral - span))
+        if all(_free(port + i) for i in range(span)):
             return port
     raise RuntimeError("no free ports")
 
@@ -42,7 +48,7 @@ def free_port(span: int = 2) -> int:
 def _free(port: int) -> bool:
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind(("0.0.0.0", port))
             return True
         except OSError:
             return False

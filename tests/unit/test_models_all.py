@@ -72,12 +72,17 @@ def test_gpt_rejects_heads_that_do_not_divide_the_width():
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_language_models_project_with_unbroadcast_matmuls(family):
-    """A weight multiplied as ``tf.matmul(x3d, w2d)`` is a batched matmul broadcasting the weight over the batch:
-    its weight gradient forms one product per example and sums them. On 2 CPU cores the gpt's MLP took 2.8x longer
-    that way (forward and backward, 48 against 134 GFLOP/s, docs/performance.md); every projection is an einsum."""
-    model = models.build(family, input_shape=(12,), num_classes=256, num_layers=1, num_heads=4, width=16,
-                         dropout=0.0)
+def test_language_models_multiply_with_plain_matmuls(family):
+    """Every product of a block is a matmul that neither broadcasts a weight over the batch nor is an einsum in
+    bfloat16. ``tf.matmul(x3d, w2d)`` forms the weight's gradient one example at a time (the gpt's MLP took 2.8x
+    longer that way on 2 CPU cores); a CPU einsum in bfloat16 rounds as it accumulates (4.8% off at worst for a
+    (2048 x 512) x (512 x 2048) product, against a matmul's 0.41%): docs/performance.md, "One process"."""
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build(family, input_shape=(12,), num_classes=256, num_layers=1, num_heads=4, width=16,
+                             dropout=0.0)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
     x = tf.zeros((2, 12), tf.int32)
 
     @tf.function
@@ -92,3 +97,5 @@ def test_language_models_project_with_unbroadcast_matmuls(family):
     broadcast = [op.name for op in products if op.type.startswith("BatchMatMul")
                  and len({len(t.shape) for t in op.inputs}) > 1]
     assert not broadcast, f"weights broadcast over the batch: {broadcast}"
+    bf16_einsums = [op.name for op in products if op.type == "Einsum" and op.inputs[0].dtype == tf.bfloat16]
+    assert not bf16_einsums, f"einsums in bfloat16: {bf16_einsums}"
