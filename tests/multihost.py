@@ -26,9 +26,10 @@ def available() -> str | None:
     for tool in ("ip", "unshare", "/usr/sbin/sshd", "ssh-keygen"):
         if not shutil.which(tool):
             return f"{tool} is not installed (scripts/setup.sh installs iproute2 and openssh-server)"
-    probe = f"{PREFIX}probe"
-    if sh("ip", "netns", "add", probe, check=False).returncode != 0:
-        return "cannot create network namespaces here"
+    probe = f"{PREFIX}probe{os.getpid()}"  # one per process: pytest -n 2 collects this module in both workers at once
+    made = sh("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"cannot create network namespaces here ({made.stderr.strip()})"
     sh("ip", "netns", "del", probe, check=False)
     return None
 
