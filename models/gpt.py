@@ -60,15 +60,15 @@ def project(x, kernel, axes: int = 1):
     """``x``'s last ``axes`` axes times ``kernel``'s first ``axes``, as one 2-D matmul (``tf.tensordot``).
 
     Not ``tf.einsum`` nor ``tf.matmul`` on a 3-D ``x``: on the CPU an einsum in bfloat16 rounds as it accumulates
-    (a (2048 x 512) x (512 x 2048) product off by 4.8% at worst against 0.41% for a matmul, which rounds its float32
-    sum once), and ``tf.matmul`` broadcasts a 2-D kernel over the batch, forming its gradient one example at a time
-    (2.8x slower on 2 cores in float32). docs/performance.md, "One process"."""
+    (a (2048 x 512) x (512 x 2048) product off by 4.8% at worst against 0.41-0.43% for a matmul, which rounds its
+    float32 sum once), and ``tf.matmul`` broadcasts a 2-D kernel over the batch, forming its gradient one example
+    at a time (2.8x slower on 2 cores in float32). docs/performance.md, "One process"."""
     return tf.tensordot(x, kernel, axes)
 
 
 def causal_attention(q, k, v, ctx, dropout: float = 0.0, site: int = 0):
     """Each position attends to itself and the positions before it; ``(batch, t, heads, head_dim)`` in and out.
-    The products are batched matmuls over (batch, heads), which keep bfloat16 exact to its one rounding."""
+    The products are batched matmuls over (batch, heads), not einsums (:func:`project`)."""
     q = q * tf.cast(1.0 / math.sqrt(float(q.shape[-1])), q.dtype)
     heads_first = [0, 2, 1, 3]
     q, k, v = (tf.transpose(a, heads_first) for a in (q, k, v))
