@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hvdtrain import checkpoint, distributed
+from hvdtrain import distributed
+from hvdtrain.formats import checkpoint
 from hvdtrain.errors import HvdtrainError
 from hvdtrain.rundir import RunDir, failpoint
 
@@ -89,7 +90,7 @@ class LanguageModelMetrics(tf.keras.callbacks.Callback):
 
 class Validation(tf.keras.callbacks.Callback):
     """At each epoch's end, the model's loss and accuracy on the whole validation split as ``val_loss`` and
-    ``val_accuracy``: summed over positions and ranks (:mod:`hvdtrain.evaluation`), so the same numbers whatever
+    ``val_accuracy``: summed over positions and ranks (:mod:`hvdtrain.exact_metrics`), so the same numbers whatever
     the layout, and the same on every rank (a collective: every rank runs it).
 
     Args:
@@ -307,7 +308,7 @@ class MetricsLogger(tf.keras.callbacks.Callback):
 
 
 class CheckpointCallback(tf.keras.callbacks.Callback):
-    """Checkpoints of weights, optimizer state and progress (:mod:`hvdtrain.checkpoint`); keeps the last K.
+    """Checkpoints of weights, optimizer state and progress (:mod:`hvdtrain.formats.checkpoint`); keeps the last K.
 
     Each checkpoint's marker (``state.json``) holds the epoch and every metrics row up to it, taken from
     ``metrics`` (the :class:`MetricsLogger` that runs before this callback). A checkpoint whose metrics are NaN or

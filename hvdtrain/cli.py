@@ -171,10 +171,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from hvdtrain import compression, modelio
+    from hvdtrain import compression, formats
 
     compression.parse_methods(args.method)  # a wrong name fails before the model is loaded
-    cfg = modelio.run_config(args.model, args.recipe, args.config, args.overrides)
+    cfg = formats.run_config(args.model, args.recipe, args.config, args.overrides)
     compression.run(args.method, args.model, cfg, args.output, allow_unsafe=args.allow_unsafe)
     return 0
 
@@ -182,9 +182,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from hvdtrain import evaluate, modelio
+    from hvdtrain import evaluate, formats
 
-    cfg = modelio.run_config(args.model, args.recipe, args.config, args.overrides)
+    cfg = formats.run_config(args.model, args.recipe, args.config, args.overrides)
     result = evaluate.evaluate_file(args.model, cfg, allow_unsafe=args.allow_unsafe)
     if result is not None:
         console.say(json.dumps(result))

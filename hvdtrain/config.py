@@ -8,6 +8,7 @@ Each component receives only its own section (``build_model(cfg.model)``, ``make
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +23,13 @@ from hvdtrain.errors import ConfigError, closest
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which registered builder to call and the keyword arguments to give it (checked against its signature)."""
+    """Which registered builder to call and the keyword arguments to give it (checked against its signature), or
+    a Hugging Face checkpoint to start from (``pretrained``: a directory, an ``s3://`` prefix, or
+    ``builtin:NAME``; its config.json then decides the family and its sizes, its tokenizer.json the tokenizer)."""
 
     name: str = "cnn"
     params: dict[str, Any] = field(default_factory=dict)
+    pretrained: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class DataConfig:
     shuffle_buffer: int = 10_000
     # image sources (0: the source's default or what the data says)
     image_size: int = 0
+    # classes of an image source, or the vocabulary of a language model (0: the source's, or the tokenizer's;
+    # a pretrained checkpoint's config.json sets it)
     num_classes: int = 0
     # synthetic: examples to make; tfrecord: the known record count, which skips counting the files
     num_examples: int = 0
@@ -81,6 +87,14 @@ class TrainConfig:
     early_stopping_patience: int = 0
     elastic: bool = False
     commit_every_batches: int = 50
+    # LoRA (Hu et al., 2021): train low-rank adapters of this rank on the target projections, the base frozen
+    # (0: off, every weight trains); the update is scaled by lora_alpha / lora_rank, as PEFT's
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    # PEFT's module names (q_proj, v_proj; GPT-2's c_attn) or the plan's (attn/query/kernel); empty: PEFT's
+    # default for the family (Llama: q_proj, v_proj; GPT-2: c_attn)
+    lora_targets: list[str] = field(default_factory=list)
+    lora_dropout: float = 0.0
 
 
 def knob(default: Any, env: str, scale: float = 1) -> Any:
@@ -205,6 +219,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    # what loading changed and why (a pretrained checkpoint's settings over the recipe's), for the run's log
+    notes: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,6 +328,12 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
+    if origin is list:
+        if isinstance(value, str):  # --set train.lora_targets=q_proj,v_proj
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of names, got {value!r}")
+        return list(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
             try:
@@ -326,7 +348,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
@@ -352,8 +374,94 @@ def load(recipe: str | None = None, config_file: str | None = None, overrides: l
     """Load a recipe or a config file, apply ``--set`` overrides, validate, and freeze."""
     if recipe and config_file:
         raise ConfigError("give either --recipe or --config, not both")
-    raw = load_file_dict(config_file) if config_file else load_recipe_dict(recipe or "digits-cnn")
-    return from_dict(apply_overrides(raw, overrides or []))
+    raw = apply_overrides(load_file_dict(config_file) if config_file else load_recipe_dict(recipe or "digits-cnn"),
+                          overrides or [])
+    notes: list[str] = []
+    if isinstance(raw.get("model"), dict) and raw["model"].get("pretrained"):
+        raw, notes = resolve_pretrained(raw, overrides or [])
+    return dataclasses.replace(from_dict(raw), notes=tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A pretrained checkpoint's settings
+
+def read_pretrained(path: str):
+    """What the checkpoint at ``path`` says of its model (:class:`models.hub.Pretrained`), and its tokenizer.json
+    (``""`` when it has none); one-line errors for a missing or unsupported checkpoint."""
+    from hvdtrain import storage
+    from models import hub
+
+    storage.check(path)
+    config_file = storage.join(path, hub.CONFIG)
+    if not storage.exists(config_file):
+        raise ConfigError(f"model.pretrained='{path}' has no {hub.CONFIG}: give a Hugging Face model directory "
+                          "(config.json, model.safetensors, tokenizer.json)")
+    try:
+        config = json.loads(storage.read_text(config_file))
+        info = hub.adapter_of(config, config_file).read_config(config)
+    except ValueError as exc:  # PretrainedError, or JSON
+        raise ConfigError(f"model.pretrained='{path}': {str(exc).splitlines()[0]}") from None
+    # (a shipped checkpoint's file keeps its builtin: name, so that the run's config.yaml holds no install path)
+    tokenizer = f"{path.rstrip('/')}/{hub.TOKENIZER}" if path.startswith(storage.BUILTIN) else \
+        storage.join(path, hub.TOKENIZER)
+    return info, tokenizer if storage.exists(tokenizer) else ""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-9 * max(1, abs(b))
+    return a == b
+
+
+def resolve_pretrained(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with the pretrained checkpoint's family, sizes, vocabulary and tokenizer in place of the recipe's
+    (each change a note for the log); a ``--set`` that contradicts the checkpoint is a one-line error."""
+    import models
+
+    given = {".".join(parse_override(o)[0]) for o in overrides}
+
+    def by_user(key: str) -> bool:
+        return any(key == g or key.startswith(g + ".") for g in given)
+
+    def differs(key: str, ours: Any, theirs: Any, notes: list[str]) -> None:
+        if by_user(key):
+            raise ConfigError(f"--set {key}={ours} contradicts model.pretrained='{path}', whose checkpoint says "
+                              f"{theirs}; drop the --set (the checkpoint decides it)")
+        notes.append(f"{key}: {theirs} from the pretrained checkpoint, not {ours}")
+
+    model, data = dict(raw["model"]), dict(raw.get("data") or {})
+    path = model["pretrained"]
+    if not isinstance(path, str):
+        raise ConfigError(f"model.pretrained: expected a path, got {path!r}")
+    info, tokenizer = read_pretrained(path)
+    notes: list[str] = []
+    params = dict(model.get("params") or {})
+    if model.get("name", info.family) != info.family:
+        differs("model.name", model["name"], info.family, notes)
+        foreign = [k for k in params if k not in models.params_of(info.family)]
+        for key in foreign:
+            if by_user(f"model.params.{key}"):
+                raise ConfigError(f"model.params.{key}: the pretrained {info.family} has no such parameter")
+            del params[key]
+    for key, value in info.params.items():
+        if key in params and not _same(params[key], value):
+            differs(f"model.params.{key}", params[key], value, notes)
+        params[key] = value
+    for key, value in info.training.items():
+        params.setdefault(key, value)
+    model.update(name=info.family, params=params)
+    if tokenizer:
+        if data.get("tokenizer", "bytes") != tokenizer:
+            differs("data.tokenizer", data.get("tokenizer", "bytes"), tokenizer, notes)
+        data["tokenizer"] = tokenizer
+    if data.get("num_classes", 0) not in (0, info.vocabulary):
+        differs("data.num_classes", data["num_classes"], info.vocabulary, notes)
+    data["num_classes"] = info.vocabulary
+    context = data.get("context_length", DataConfig.context_length)
+    if isinstance(context, int) and context > info.max_context:
+        raise ConfigError(f"data.context_length={context} is longer than the pretrained model's "
+                          f"{info.max_context} positions; set data.context_length={info.max_context} or less")
+    return {**raw, "model": model, "data": data}, notes
 
 
 def validate(cfg: Config) -> None:
@@ -411,9 +519,61 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
     if cfg.data.tokenizer != "bytes" and cfg.data.source != "text":
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} reads text: it needs data.source=text")
+    if cfg.model.pretrained or cfg.train.lora_rank:
+        validate_pretrained(cfg)
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size <= 256:
         raise ConfigError(f"data.tokenizer=bpe needs data.vocab_size above the 256 byte tokens (e.g. 2048), not "
                           f"{cfg.data.vocab_size}")
+
+
+def validate_pretrained(cfg: Config) -> None:
+    """A pretrained start and LoRA: settings that cannot run."""
+    import models
+
+    t = cfg.train
+    if cfg.model.pretrained and cfg.data.source not in ("text", "synthetic"):
+        raise ConfigError(f"model.pretrained is a language model: it trains on data.source=text (or synthetic), not "
+                          f"{cfg.data.source}")
+    if not t.lora_rank:
+        return
+    if t.lora_rank < 0 or t.lora_alpha <= 0 or not 0.0 <= t.lora_dropout < 1.0:
+        raise ConfigError("train.lora_rank must be positive, train.lora_alpha positive and train.lora_dropout in "
+                          "[0, 1)")
+    if cfg.model.name not in models.language_models():
+        raise ConfigError(f"train.lora_rank adapts a language model ({', '.join(models.language_models())}), not "
+                          f"'{cfg.model.name}'")
+    if cfg.train.elastic:
+        raise ConfigError("train.lora_rank with elastic training is not supported; drop --elastic")
+    try:
+        plan = models.parallel_plan(cfg.model.name, input_shape=(cfg.data.context_length,),
+                                    num_classes=max(cfg.data.num_classes, 1), **cfg.model.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model '{cfg.model.name}' cannot be built with {cfg.model.params}: {exc}") from None
+    lora_setting(cfg, plan)
+
+
+def lora_setting(cfg: Config, plan):
+    """The :class:`models.lora.Lora` that ``train.lora_*`` asks for on ``plan``'s model (None: no LoRA); its targets
+    as the plan's weight suffixes (PEFT's module names translated by the family's Hugging Face adapter)."""
+    if not cfg.train.lora_rank:
+        return None
+    from models import hub
+    from models.lora import Lora, projections
+
+    adapter = hub.adapters().get(plan.family)
+    modules = adapter.modules if adapter else {}
+    names = cfg.train.lora_targets or list(adapter.default_targets if adapter else [])
+    if not names:
+        raise ConfigError(f"train.lora_targets: name the projections to adapt ({', '.join(projections(plan))})")
+    known = projections(plan)
+    targets = []
+    for name in names:
+        found = [s for s, m in modules.items() if m == name] or ([name] if name in known else [])
+        if not found:
+            raise ConfigError(f"train.lora_targets: '{name}' is not a projection of the {plan.family} model; "
+                              f"targets: {', '.join(dict.fromkeys([*modules.values(), *known]))}")
+        targets += [s for s in found if s not in targets]
+    return Lora(cfg.train.lora_rank, cfg.train.lora_alpha, tuple(targets), cfg.train.lora_dropout)
 
 
 def validate_parallel(cfg: Config) -> None:
@@ -470,7 +630,9 @@ def validate_parallel(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain data (for ``config.yaml`` and ``summary.json``)."""
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    out.pop("notes", None)
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,11 +13,11 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
     """
     import tempfile
 
-    from hvdtrain import data, distributed, modelio, runtime, storage
-    from hvdtrain.evaluation import evaluate
+    from hvdtrain import data, distributed, formats, runtime, storage
+    from hvdtrain.exact_metrics import evaluate
 
     runtime.init(cfg)
-    resolved = modelio.resolve(path)
+    resolved = formats.resolve(path)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     if resolved.endswith(".tflite"):
         from hvdtrain.compression.common import Artifact
@@ -35,14 +35,14 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
             if not distributed.is_chief():
                 return None
             result = evaluate_artifact(Artifact(storage.basename(resolved), "tflite", local, "none"), source)
-    elif modelio.is_checkpoint(resolved) and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
+    elif formats.is_checkpoint(resolved) and (cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
 
         layout = runtime.make_layout(cfg, source, runtime.make_mesh(cfg))
         layout.load_checkpoint(resolved, optimizer=False)
         result = evaluate(layout.training_model, source, "test", cfg.data.batch_size_per_rank,
                           shard=(layout.data_rank, layout.data_size), counted=layout.counted)
     else:
-        model = modelio.load_keras(resolved, allow_unsafe=allow_unsafe)
-        modelio.check_fit(model, source, f"'{resolved}'")
+        model = formats.load_model(resolved, allow_unsafe=allow_unsafe)
+        formats.check_fit(model, source, f"'{resolved}'")
         result = evaluate(model, source, "test", cfg.data.batch_size_per_rank)
     return {"model": resolved, **result} if distributed.is_chief() else None

@@ -10,7 +10,7 @@
 
 Both offer the run the same interface, so a run is the same run whatever the layout: the model to fit, where this
 rank's data comes from, the variables that must stay identical and across which ranks (for the divergence guard),
-what this rank writes to a checkpoint and how it reads one back (at any layout: :mod:`hvdtrain.checkpoint`), and
+what this rank writes to a checkpoint and how it reads one back (at any layout: :mod:`hvdtrain.formats.checkpoint`), and
 the bytes it holds.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from hvdtrain import distributed
-from hvdtrain.checkpoint import (CheckpointError, Piece, Reader, build_optimizer, inner_optimizer, is_sharded,
+from hvdtrain.formats.checkpoint import (CheckpointError, Piece, Reader, build_optimizer, inner_optimizer, is_sharded,
                                  read_legacy)
 from hvdtrain.distributed.mesh import Group, Mesh
 from hvdtrain.distributed.sharded import Entry, KerasModule, ShardedModule, bytes_of, keras_name
@@ -56,12 +56,12 @@ def slots_of(optimizer, variables) -> tuple[list[str], list[list[tf.Variable]]]:
 
 def _meta(entries: list[Entry]) -> dict[str, dict]:
     return {e.name: {"shape": list(e.shape), "axis": e.axis, "parts": e.parts, "trainable": e.trainable}
-            for e in entries}
+            for e in entries if not e.frozen}
 
 
 def _check_fits(reader: Reader, entries: list[Entry]) -> None:
     """One-line errors when a checkpoint is of another model."""
-    for e in entries:
+    for e in [e for e in entries if not e.frozen]:
         if e.name not in reader.variables:
             raise CheckpointError(f"{reader.uri} is of another model: it has no variable {e.name}")
         if tuple(reader.variables[e.name]["shape"]) != tuple(e.shape):
@@ -215,12 +215,14 @@ class Parallel:
         mesh: the rank grid.
         plan: the family's parallel plan (None: a model without one, for ``shard_optimizer`` alone).
         keras_model: builds the whole Keras model (only called when there is no plan).
+        initial: ``initial(weight, box)``: a weight's initial slice (a pretrained checkpoint's), or None for its
+            initializer's (:class:`~hvdtrain.distributed.sharded.ShardedModule`).
     """
 
     collective_checkpoint = True  # every rank writes its part and reads what it needs
     spec = None  # the model a checkpoint holds (set by make_layout)
 
-    def __init__(self, cfg, mesh: Mesh, plan=None, keras_model=None):
+    def __init__(self, cfg, mesh: Mesh, plan=None, keras_model=None, initial=None):
         from hvdtrain.distributed import pipeline
 
         self.cfg, self.mesh, self.plan = cfg, mesh, plan
@@ -244,7 +246,7 @@ class Parallel:
                 self.split_description = pipeline.describe_split(self.split)
                 units = self.split[mesh.stage]
             self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
-                                        self.compute_dtype, self.param_dtype, sequence=p.sequence)
+                                        self.compute_dtype, self.param_dtype, sequence=p.sequence, initial=initial)
             self.full_bytes = 4 * plan.parameters
             if mesh.pipeline > 1:
                 positions, width = plan.activation
@@ -271,7 +273,7 @@ class Parallel:
         if self.mesh.tie_group is None or self.plan is None:
             return []
         shared = {n for u in self.plan.units for n in u.shared}
-        return [i for i, e in enumerate(self.entries) if e.name in shared]
+        return [i for i, e in enumerate(self.entries[: len(self.variables)]) if e.name in shared]
 
     def attach_optimizer(self, optimizer) -> None:
         """Build the optimizer's state for this rank's variables (a slice of them with ``shard_optimizer``)."""
@@ -300,7 +302,8 @@ class Parallel:
                 e = self.entries[i]
                 if e.counted:
                     pieces.append(Piece(e.name, kind, e.part, a, b, values))
-            extra = [(e, v) for e, v in zip(self.entries, self.module.all_variables()) if not e.trainable]
+            extra = [(e, v) for e, v in zip(self.entries, self.module.all_variables())
+                     if not e.trainable and not e.frozen]
             if self._writes:
                 pieces += [Piece(e.name, "param", e.part, 0, int(np.prod(v.shape)), v.numpy()) for e, v in extra]
             return pieces
@@ -309,7 +312,7 @@ class Parallel:
         kinds, slots = slots_of(self.training_model.optimizer, self.variables)
         trainable = len(self.variables)
         for i, (e, var) in enumerate(zip(self.entries, self.module.all_variables())):
-            if not e.counted:
+            if not e.counted or e.frozen:
                 continue
             size = int(np.prod(var.shape))
             pieces.append(Piece(e.name, "param", e.part, 0, size, var.numpy()))
@@ -347,7 +350,8 @@ class Parallel:
         variables = self.module.all_variables()
         boxes = [e.box() for e in self.entries]
         for e, var, box in zip(self.entries, variables, boxes):
-            var.assign(tf.cast(reader.read(e.name, "param", box), var.dtype))
+            if not e.frozen:  # frozen weights stay as the pretrained checkpoint gave them
+                var.assign(tf.cast(reader.read(e.name, "param", box), var.dtype))
         if not optimizer:
             return
         if self.zero is not None:

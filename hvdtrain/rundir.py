@@ -10,7 +10,7 @@ A training run's directory::
     config.yaml         the resolved config (written first, before training)
     metrics.jsonl       one line per epoch, rewritten whole at each epoch's end
     checkpoints/epoch-NNNN/   the writers' bundles and manifest.json, then state.json: a checkpoint is complete only
-                        once its state.json exists (hvdtrain.checkpoint)
+                        once its state.json exists (hvdtrain.formats.checkpoint)
     tensorboard/        TensorBoard event files (on s3://, written to a local folder and uploaded after every epoch:
                         TensorFlow has no S3 file system)
     summary.json, model.keras, curves.png, and files written by code that knows only local paths (Horovod's

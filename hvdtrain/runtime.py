@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from hvdtrain import distributed
-from hvdtrain.config import Config, ModelConfig, TrainConfig
+from hvdtrain.config import Config, ModelConfig, TrainConfig, lora_setting
 from hvdtrain.errors import ConfigError
 
 
@@ -45,6 +45,16 @@ def model_plan(cfg: ModelConfig, source):
     if not models.has_plan(cfg.name):
         return None
     return models.parallel_plan(cfg.name, input_shape=source.input_shape, num_classes=source.num_classes, **cfg.params)
+
+
+def pretrained_checkpoint(cfg: Config, source):
+    """The Hugging Face checkpoint ``model.pretrained`` names, for a model of ``source``'s window (None without
+    one)."""
+    if not cfg.model.pretrained:
+        return None
+    from hvdtrain.formats import huggingface
+
+    return huggingface.open_checkpoint(cfg.model.pretrained, int(source.input_shape[0]))
 
 
 def loss_and_metrics():
@@ -184,7 +194,7 @@ def prepare(model, cfg: Config, learning_rate: Any, *, loss=None, metrics=None, 
                   metrics=default_metrics if metrics is None else metrics,
                   steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
     if model.built:  # the optimizer's state before the first step: the train function is traced once, not twice
-        from hvdtrain.checkpoint import build_optimizer
+        from hvdtrain.formats.checkpoint import build_optimizer
 
         build_optimizer(optimizer, model.trainable_variables)
     return model
@@ -286,24 +296,39 @@ def make_layout(cfg: Config, source, mesh):
 
     Tensor and pipeline layouts build only this rank's part, from the family's plan; data parallelism builds the
     whole Keras model (starting, for a family with a plan, from the plan's per-variable initial weights, so every
-    layout starts from the same model).
+    layout starts from the same model). With ``model.pretrained`` the weights are the checkpoint's, each rank
+    reading only its slices; with ``train.lora_rank`` the plan gains adapters and freezes the rest (a LoRA run is
+    laid out by the plan's engine at every layout, data parallelism alone included).
     """
+    import dataclasses
+
     from hvdtrain import parallel
+    from hvdtrain.formats import huggingface
 
     p = cfg.parallel
     plan = model_plan(cfg.model, source)
-    if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer:
-        layout = parallel.Parallel(cfg, mesh, plan, keras_model=lambda: build_model(cfg.model, source))
+    lora = lora_setting(cfg, plan) if plan is not None else None
+    checkpoint = pretrained_checkpoint(cfg, source)
+    initial = huggingface.initial_values(checkpoint, plan) if checkpoint is not None else None
+    if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer or lora:
+        from models.lora import adapt
+
+        layout = parallel.Parallel(cfg, mesh, adapt(plan, lora) if lora else plan,
+                                   keras_model=lambda: build_model(cfg.model, source), initial=initial)
     else:
         model = build_model(cfg.model, source)
         if plan is not None:
-            from models.plan import initialize
+            from models.plan import initialize, keras_variables
 
             # dropout: this replica's examples start at data_rank x batch in each global batch
             initialize(model, plan, cfg.train.seed, mesh.data_rank * cfg.data.batch_size_per_rank)
+            if initial is not None:
+                for name, var in keras_variables(model, plan).items():
+                    var.assign(initial(plan.weight(name), None))
         layout = parallel.DataParallel(model, mesh, plan)
     layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
-                   "num_classes": int(source.num_classes)}
+                   "num_classes": int(source.num_classes), "pretrained": cfg.model.pretrained or None,
+                   "lora": dataclasses.asdict(lora) if lora else None}
     return layout
 
 

@@ -273,6 +273,16 @@ def get(uri: str) -> bytes:
     return check_status(request("GET", bucket, key), f"read {uri}").body
 
 
+def get_range(uri: str, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of the object at ``uri`` (an HTTP range request: only those bytes travel)."""
+    bucket, key = split(uri)
+    data = check_status(request("GET", bucket, key, headers={"range": f"bytes={start}-{stop - 1}"}),
+                        f"read {uri}").body
+    if len(data) != stop - start:
+        raise S3Error(f"read {uri}: asked for bytes {start}-{stop - 1}, got {len(data)} bytes", 416)
+    return data
+
+
 def download(uri: str, path: Path) -> None:
     """The object at ``uri`` into the local file ``path`` (streamed; the file appears whole or not at all)."""
     bucket, key = split(uri)

@@ -48,10 +48,28 @@ def is_local(uri: str | Path) -> bool:
     return scheme(uri) in ("", "file")
 
 
+BUILTIN = "builtin:"  # builtin:NAME[/FILE]: a Hugging Face checkpoint shipped with hvdtrain (hvdtrain/pretrained)
+
+
 def local_path(uri: str | Path) -> Path:
-    """The local path of a local URI."""
+    """The local path of a local URI (``builtin:NAME`` is the checkpoint ``NAME`` shipped with hvdtrain)."""
     text = str(uri)
+    if text.startswith(BUILTIN):
+        return builtin_path(text)
     return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def builtin_path(uri: str) -> Path:
+    """``builtin:NAME[/FILE]``: the checkpoint (or its file) shipped in hvdtrain's ``pretrained`` folder."""
+    from importlib import resources
+
+    name, _, rest = str(uri)[len(BUILTIN):].strip("/").partition("/")
+    folder = Path(str(resources.files("hvdtrain") / "pretrained"))
+    shipped = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if name not in shipped:
+        raise UsageError(f"'{uri}' is not a checkpoint shipped with hvdtrain; shipped: "
+                         f"{', '.join(BUILTIN + s for s in shipped) or 'none'}")
+    return folder / name / rest if rest else folder / name
 
 
 def join(uri: str | Path, *parts: str) -> str:
@@ -201,6 +219,18 @@ def read_bytes(uri: str) -> bytes:
         return s3.get(str(uri))
     with gfile().GFile(str(uri), "rb") as f:
         return f.read()
+
+
+def read_range(uri: str, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of a file (only those bytes are read, locally or from object storage)."""
+    if is_s3(uri):
+        return s3.get_range(str(uri), start, stop)
+    if is_local(uri):
+        with open(local_path(uri), "rb") as f:
+            return os.pread(f.fileno(), stop - start, start)
+    with gfile().GFile(uri, "rb") as f:
+        f.seek(start)
+        return f.read(stop - start)
 
 
 def read_text(uri: str) -> str:

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvdtrain import checkpoint, console, distributed, rundir, runtime
+from hvdtrain import console, distributed, rundir, runtime
+from hvdtrain.formats import checkpoint
 from hvdtrain.config import Config, to_yaml
-from hvdtrain.plan import Plan, plan_for
+from hvdtrain.batch_plan import BatchPlan, plan_for
 from hvdtrain.rundir import RunDir
 
 SUMMARY_KEYS = [
@@ -40,7 +41,7 @@ class Run:
 
     cfg: Config
     source: Any  # hvdtrain.data.Source
-    plan: Plan
+    plan: BatchPlan
     layout: Any  # hvdtrain.parallel.DataParallel or Parallel: how the model sits on the ranks
     model: Any  # what fit trains (the model, or the parallel layout's trainer)
     chief_dir: RunDir | None  # the output directory, on the process that was the chief at start
@@ -170,12 +171,12 @@ def resume(run: Run) -> tuple[int, list[dict]]:
     return epoch, rows
 
 
-def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], skip_batches: int,
+def fit(run: Run, plan: BatchPlan, initial_epoch: int, previous_rows: list[dict], skip_batches: int,
         extra=()) -> list[dict]:
     """One ``model.fit`` from ``initial_epoch`` at the current world size; returns the metrics rows."""
     from hvdtrain import callbacks as cb
 
-    from hvdtrain.evaluation import evaluate
+    from hvdtrain.exact_metrics import evaluate
 
     cfg = run.cfg
     rank, size = run.layout.data_rank, run.layout.data_size
@@ -203,7 +204,7 @@ def fit(run: Run, plan: Plan, initial_epoch: int, previous_rows: list[dict], ski
     return next(c for c in callbacks if isinstance(c, cb.MetricsLogger)).rows
 
 
-def fit_elastic(run: Run) -> tuple[list[dict], Plan]:
+def fit_elastic(run: Run) -> tuple[list[dict], BatchPlan]:
     """Train under Horovod's elastic mode: on every (re)start the plan, the shards and the learning-rate scale
     follow the current world size, and training goes on from the last committed epoch and batch.
 
@@ -251,7 +252,7 @@ def throughput(rows: list[dict[str, Any]]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def final_checkpoint(run: Run, plan: Plan, rows: list[dict]) -> str | None:
+def final_checkpoint(run: Run, plan: BatchPlan, rows: list[dict]) -> str | None:
     """The checkpoint of the trained model: the newest one when it is of the last epoch, else one written now
     (every rank of a layout that writes from every rank takes part). Returns its URI on the chief."""
     epoch = rows[-1]["epoch"] if rows else 0
@@ -269,7 +270,7 @@ def final_checkpoint(run: Run, plan: Plan, rows: list[dict]) -> str | None:
     return checkpoint.save(run.output, run.run_dir, epoch, run.layout, state, distributed.rank())
 
 
-def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[str, Any]:
+def finish(run: Run, plan: BatchPlan, rows: list[dict], fit_seconds: float) -> dict[str, Any]:
     """Test metrics on every rank, then the summary, model and curves on the chief; returns the summary.
 
     ``model.keras``: data-parallel ranks hold the whole model and the chief saves it; a layout that splits the
@@ -279,8 +280,9 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
     """
     import shutil
 
-    from hvdtrain import artifacts, memory, modelfile
-    from hvdtrain.evaluation import evaluate
+    from hvdtrain import artifacts, memory
+    from hvdtrain.formats import keras_file
+    from hvdtrain.exact_metrics import evaluate
 
     cfg, source, layout = run.cfg, run.source, run.layout
     test = evaluate(run.model, source, "test", plan.batch_size_per_rank, shard=(layout.data_rank, layout.data_size),
@@ -290,11 +292,11 @@ def finish(run: Run, plan: Plan, rows: list[dict], fit_seconds: float) -> dict[s
     final = final_checkpoint(run, plan, rows) if (streamed or not cfg.train.save_model) else None
     if run.run_dir is not None and cfg.train.save_model:
         if whole is not None:
-            from hvdtrain import modelio
+            from hvdtrain.formats import keras_file
 
-            modelio.save_keras(whole, run.run_dir.path("model.keras"))
+            keras_file.save(whole, run.run_dir.path("model.keras"))
         elif final is not None:
-            modelfile.write_keras(final, run.run_dir.path("model.keras"))
+            keras_file.write_from_checkpoint(final, run.run_dir.path("model.keras"))
     figures = layout.memory()
     figures["peak_memory_bytes"] = memory.peak_bytes()
     per_rank = distributed.allgather_object(figures) if distributed.size() > 1 else [figures]

@@ -20,9 +20,11 @@ from models.registry import (ModelParamError, build, builder, check_params, has_
 # The families register their builders and plans, and their custom layers with Keras' serialization registry, when
 # their modules are imported: `import models` is then all a process needs before `tf.keras.models.load_model`.
 from models import cnn, gpt, llama, mlp, resnet  # noqa: E402,F401  isort: skip
+from models.hub import PretrainedError, from_pretrained, save_pretrained  # noqa: E402
 
-__all__ = ["ModelParamError", "build", "builder", "check_params", "has_plan", "language_models", "names", "params_of",
-           "parallel_plan", "plan_of", "register", "register_plan"]
+__all__ = ["ModelParamError", "PretrainedError", "build", "builder", "check_params", "from_pretrained", "has_plan",
+           "language_models", "names", "params_of", "parallel_plan", "plan_of", "register", "register_plan",
+           "save_pretrained"]
 
 
 def _written_for_graphs(*packages: str) -> None:

@@ -35,6 +35,13 @@ class Weight:
     initializer: Any  # a Keras initializer identifier: "glorot_uniform", "zeros", or a config dict
     split: int | None = None  # the axis split across a tensor-parallel group; None: every member holds it whole
     lookup: bool = False  # read by index (an embedding table), not multiplied: no FLOPs unless a unit shares it
+    # a projection's kernel: how many of its leading axes are the input's (``x[..., in] @ W[in, out]``); 0: not a
+    # projection (LoRA adapts projections only)
+    inputs: int = 0
+    trainable: bool = True  # False: frozen (LoRA's base weights)
+    # its gradient on each tensor-parallel member covers that member's part of the computation only (a replicated
+    # weight used inside a split region, such as a LoRA factor beside a split kernel): summed over the group
+    partial_gradient: bool = False
 
     def local_shape(self, parts: int) -> tuple[int, ...]:
         """The shape each of ``parts`` tensor-parallel members holds."""
@@ -295,8 +302,8 @@ class Plan:
             vocabulary (``vocabulary // size`` logits, in member order).
         divisors: ``{what: number}`` that a tensor-parallel size must divide (named for the error message).
         twin: ``{"params": ..., "restore": {key: value}}``: builder parameters of a model of the same structure
-            but tiny weights, and the layer config keys to set back to the real values: :mod:`hvdtrain.modelfile`
-            writes a ``.keras`` file from the twin's and streams the real weights.
+            but tiny weights, and the layer config keys to set back to the real values:
+            :mod:`hvdtrain.formats.keras_file` writes a ``.keras`` file from the twin's and streams the real weights.
         decode: for language models, ``decode(params, tokens, positions, attention) -> logits``: one process, new
             ``tokens`` ``(batch, n)`` at ``positions`` ``(batch, n)``, each block's attention replaced by
             ``attention(i, q, k, v)`` (keys and values with their own heads): the cached decoder's forward pass.

@@ -14,7 +14,8 @@ import dataclasses, sys, time
 import hvdtrain  # noqa: F401 - TF_USE_LEGACY_KERAS on TensorFlow 2.16+
 import tensorflow as tf
 import models
-from hvdtrain import checkpoint, config, runtime
+from hvdtrain import config, runtime
+from hvdtrain.formats import checkpoint
 cfg = config.load("gpt-tiny")
 model = models.build("gpt", input_shape=(64,), num_classes=256, num_layers=2, width=128, num_heads=4)
 optimizer = (runtime.make_optimizer(dataclasses.replace(cfg.train, optimizer="adam"), 1e-3) if sys.argv[1] == "fused"

@@ -22,11 +22,11 @@ PROMPT = b"The for statement is used to iterate over the elements of a sequence"
 def run(model_path: str, draft_path: str | None, batches: list[int], max_tokens: int, repeats: int,
         temperature: float, draft_tokens: int, methods: list[str]) -> dict[str, Any]:
     """Time each method at each batch size; returns the report."""
-    from hvdtrain import modelio
+    from hvdtrain import formats
     from hvdtrain.serving import decoding, generate, speculative
 
-    model = modelio.load_keras(model_path)
-    draft = modelio.load_keras(draft_path) if draft_path else None
+    model = formats.load_model(model_path)
+    draft = formats.load_model(draft_path) if draft_path else None
     if "speculative" in methods and draft is None:
         raise UsageError("speculative decoding needs --draft STUDENT (e.g. a student from compress --method distill)")
     context, _ = decoding.check_model(model)

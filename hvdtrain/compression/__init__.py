@@ -32,10 +32,10 @@ class _Session:
         """Save a Keras artifact on the chief and record it."""
         path = None
         if self.run_dir is not None:
-            from hvdtrain import modelio
+            from hvdtrain.formats import keras_file
 
             path = self.run_dir.local(f"{name}.keras")
-            modelio.save_keras(model, path, scope=save_scope)
+            keras_file.save(model, path, scope=save_scope)
         art = Artifact(name, "keras", path, method, model, notes or {})
         self.artifacts.append(art)
         return art
@@ -85,7 +85,7 @@ def _ptq(s: _Session, model, method: str, from_name: str, name: str | None = Non
 def _distill(s: _Session):
     from hvdtrain.compression.common import count_params
     from hvdtrain.compression.distill import distill
-    from hvdtrain.evaluation import evaluate
+    from hvdtrain.exact_metrics import evaluate
 
     from hvdtrain.config import standardize_logits, student_of
 
@@ -171,7 +171,7 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
         allow_unsafe: bool = False) -> dict[str, Any] | None:
     """Compress the model at ``model_path`` with ``method`` (one, or several comma-separated: see
     :func:`parse_methods`); returns the report on the chief (None elsewhere)."""
-    from hvdtrain import data, modelio, rundir, runtime
+    from hvdtrain import data, formats, rundir, runtime
     from hvdtrain.compression import report as rep
     from hvdtrain.config import to_yaml
 
@@ -181,9 +181,9 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
 
     # compression makes float32 models whatever the teacher trained in (TFLite converts from float32)
     tf.keras.mixed_precision.set_global_policy("float32")
-    teacher = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    teacher = formats.load_model(model_path, allow_unsafe=allow_unsafe)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
-    modelio.check_fit(teacher, source, f"'{model_path}'")
+    formats.check_fit(teacher, source, f"'{model_path}'")
     run_dir, error = rundir.prepare(output_dir, to_yaml(cfg), distributed.is_chief())
     distributed.agree(error)
     if run_dir is not None and source.tokenizer is not None:  # the compressed models read text as the teacher did

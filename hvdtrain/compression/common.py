@@ -7,7 +7,7 @@ from typing import Any
 
 from hvdtrain import distributed
 from hvdtrain.config import Config
-from hvdtrain.plan import make_plan
+from hvdtrain.batch_plan import make_plan
 
 
 @dataclass

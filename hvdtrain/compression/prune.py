@@ -13,7 +13,7 @@ import numpy as np
 from hvdtrain import distributed
 from hvdtrain.compression.common import fine_tune
 from hvdtrain.config import Config
-from hvdtrain.plan import make_plan
+from hvdtrain.batch_plan import make_plan
 
 PRUNABLE = ("Dense", "Conv2D", "Conv1D", "DepthwiseConv2D")
 

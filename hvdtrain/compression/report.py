@@ -12,7 +12,7 @@ import numpy as np
 from hvdtrain import artifacts, console
 from hvdtrain.compression.common import Artifact, count_params
 from hvdtrain.serving.tflite import TFLiteModel
-from hvdtrain.evaluation import metrics_from_sums
+from hvdtrain.exact_metrics import metrics_from_sums
 
 COLUMNS = ["artifact", "kind", "params", "nonzero", "size_kb", "gzip_kb", "metric", "value", "delta",
            "latency_us"]
@@ -24,7 +24,7 @@ def gzip_size(path: Path) -> int:
 
 
 def tflite_sums(model: TFLiteModel, x: np.ndarray, y: np.ndarray, batch: int = 64) -> np.ndarray:
-    """``[sum of cross-entropy, correct, count]`` of a TFLite model, like :func:`hvdtrain.evaluation.local_sums`."""
+    """``[sum of cross-entropy, correct, count]`` of a TFLite model, like :func:`hvdtrain.exact_metrics.local_sums`."""
     total = np.zeros(3)
     for i in range(0, len(x), batch):
         logits = model(x[i : i + batch]).astype(np.float64)
@@ -38,7 +38,7 @@ def tflite_sums(model: TFLiteModel, x: np.ndarray, y: np.ndarray, batch: int = 6
 
 def evaluate_artifact(art: Artifact, source) -> dict[str, float]:
     """Metrics of one artifact on the whole test split (in this process)."""
-    from hvdtrain.evaluation import local_sums
+    from hvdtrain.exact_metrics import local_sums
 
     if art.kind == "tflite":
         x, y = source.arrays("test")

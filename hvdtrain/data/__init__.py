@@ -27,7 +27,7 @@ def load(cfg, seed: int = 0, model_name: str = "") -> Source:
         from hvdtrain.data import text
 
         return text.load(cfg.path, cfg.context_length, cfg.validation_fraction, cfg.test_fraction, cfg.tokenizer,
-                         cfg.vocab_size)
+                         cfg.vocab_size, cfg.num_classes)
     if cfg.source == "tfrecord":
         from hvdtrain.data.tfrecord import TFRecordSource
 

@@ -57,8 +57,11 @@ def unigram_entropy_bits(data: bytes | np.ndarray) -> float:
 
 
 def load(path: str, context_length: int, validation_fraction: float, test_fraction: float,
-         tokenizer: str = "bytes", vocab_size: int = 0) -> ArraySource:
-    """Load a corpus (``path`` a file or glob, or empty for the embedded default) as windows of tokens."""
+         tokenizer: str = "bytes", vocab_size: int = 0, num_classes: int = 0) -> ArraySource:
+    """Load a corpus (``path`` a file or glob, or empty for the embedded default) as windows of tokens.
+
+    ``num_classes``: the model's vocabulary when it is not the tokenizer's (a pretrained model's embedding may
+    hold more rows than its tokenizer has tokens; never fewer)."""
     from hvdtrain.data import tokenizer as tokenizers
 
     corpus = read_corpus(path) if path else embedded_corpus()
@@ -67,6 +70,10 @@ def load(path: str, context_length: int, validation_fraction: float, test_fracti
     n_train = len(corpus) - n_test - n_val
     parts = {"train": corpus[:n_train], "val": corpus[n_train:n_train + n_val], "test": corpus[n_train + n_val:]}
     tok = tokenizers.make(tokenizer, parts["train"], vocab_size)
+    if num_classes and tok.vocab_size > num_classes:
+        raise DataError(f"the tokenizer {tokenizer} has {tok.vocab_size} tokens, more than the model's vocabulary of "
+                        f"{num_classes} (config.json's vocab_size): give the tokenizer.json the model was trained "
+                        "with")
     ids = {k: np.asarray(tok.encode(v) if v else [], np.int32) for k, v in parts.items()}
     x_train, y_train = windows(ids["train"], context_length)
     if len(x_train) == 0:
@@ -78,4 +85,5 @@ def load(path: str, context_length: int, validation_fraction: float, test_fracti
     x_test, y_test = windows(ids["test"], context_length)
     per_token = {k: len(parts[k]) / len(ids[k]) for k in parts if len(ids[k])}
     return ArraySource(x_train, y_train, x_val, y_val, x_test, y_test, input_shape=(context_length,),
-                       num_classes=tok.vocab_size, task=LANGUAGE_MODEL, tokenizer=tok, bytes_per_token=per_token)
+                       num_classes=num_classes or tok.vocab_size,
+                       task=LANGUAGE_MODEL, tokenizer=tok, bytes_per_token=per_token)

@@ -1,7 +1,7 @@
 """The core of the distributed package (the only part of hvdtrain that imports Horovod).
 
 Everything data-parallel goes through here: the six steps of Horovod use (init, pin a device, scale the learning
-rate — see :mod:`hvdtrain.plan` —, wrap the optimizer, broadcast the initial state, checkpoint on rank 0 — see
+rate — see :mod:`hvdtrain.batch_plan` —, wrap the optimizer, broadcast the initial state, checkpoint on rank 0 — see
 :mod:`hvdtrain.callbacks`), the Horovod knobs that must be set before ``hvd.init()``, threads per rank, and the
 collectives that the rest of hvdtrain needs (averaging numbers, broadcasting Python objects).
 

@@ -2,13 +2,15 @@
 
 :class:`ShardedModule` reads a family's plan (:mod:`models.plan`): for each weight of this rank's pipeline stage it
 draws the weight's initial value from its own seed (the one-process model's value), keeps this rank's slice of the
-tensor-parallel split and drops the rest, so the transient is one variable, never the model. Its forward pass runs
-the plan's unit functions on those slices with a :class:`~hvdtrain.distributed.tensor.TensorContext`.
+tensor-parallel split and drops the rest, so the transient is one variable, never the model; or it is given each
+slice (``initial``: a pretrained checkpoint's, read from its files by this rank alone). Its forward pass runs the
+plan's unit functions on those slices with a :class:`~hvdtrain.distributed.tensor.TensorContext`. Weights the plan
+freezes (LoRA's base) are kept in the compute dtype and outside the optimizer.
 
 :class:`KerasModule` wraps a whole Keras model (any family) for layouts that split only the optimizer state.
 
 Both describe each variable with an :class:`Entry`: its one-process name, global shape, and which slice this rank
-holds, which is what checkpoints record (:mod:`hvdtrain.checkpoint`).
+holds, which is what checkpoints record (:mod:`hvdtrain.formats.checkpoint`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Entry:
     # tensor group's first member for a replicated variable, every member for its own slice, and never a tied copy
     # of a weight that another pipeline stage owns
     counted: bool = True
+    frozen: bool = False  # never trained, read from the checkpoint the run started from: not in its checkpoints
 
     @property
     def local_shape(self) -> tuple[int, ...]:
@@ -63,15 +66,17 @@ class ShardedModule(tf.Module):
         seed: the run's seed (each weight starts from its own seed derived from it).
         recompute: recompute each recomputable unit's activations in the backward pass.
         dtype: the compute dtype (``float32``, ``bfloat16``, ``float16``).
-        param_dtype: the dtype the variables are kept in (``float32``; the compute dtype when a sharded
-            optimizer keeps the float32 master weights).
+        param_dtype: the dtype the trained variables are kept in (``float32``; the compute dtype when a sharded
+            optimizer keeps the float32 master weights); frozen ones are kept in the compute dtype.
         sequence: sequence parallelism (:mod:`hvdtrain.distributed.tensor`): the units that may sit on any stage
             run on this member's ``1/size`` of the positions, the pinned ones (the first and the last: the
             embedding, the head) on all of them; what flows between stages is split by position too.
+        initial: ``initial(weight, box)``: the box ``(start, size)`` of a weight's initial value (a pretrained
+            checkpoint's), or None for the weight's own initializer.
     """
 
     def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
-                 param_dtype=tf.float32, sequence: bool = False):
+                 param_dtype=tf.float32, sequence: bool = False, initial=None):
         super().__init__(name="stage")
         from models.plan import initial_value
 
@@ -79,24 +84,35 @@ class ShardedModule(tf.Module):
         self.recompute, self.dtype = recompute, tf.as_dtype(dtype)
         parts, part = group.size, (group.rank if group.size > 1 else 0)
         own = {w.name for u in self.units for w in u.weights}
-        self.entries: list[Entry] = []
+        entries: list[Entry] = []
         self.by_name: dict[str, tf.Variable] = {}
         wanted = [(w, True) for u in self.units for w in u.weights]
         wanted += [(plan.weight(n), False) for u in self.units for n in u.shared if n not in own]
         for weight, owner in wanted:
-            value = split(initial_value(weight, seed), parts, part, weight.split)  # one variable's transient
-            self.by_name[weight.name] = tf.Variable(tf.cast(value, param_dtype), name=weight.name)
-            del value
             sliced = weight.split is not None and parts > 1
-            self.entries.append(Entry(weight.name, weight.shape, weight.split if sliced else None,
-                                      part if sliced else 0, parts if sliced else 1,
-                                      counted=owner and (sliced or part == 0)))
-        self.trainable = [self.by_name[e.name] for e in self.entries]
+            entry = Entry(weight.name, weight.shape, weight.split if sliced else None, part if sliced else 0,
+                          parts if sliced else 1, trainable=weight.trainable, counted=owner and (sliced or part == 0),
+                          frozen=not weight.trainable)
+            value = initial(weight, entry.box()) if initial is not None else None
+            if value is None:
+                value = split(initial_value(weight, seed), parts, part, weight.split)  # one variable's transient
+            dtype_kept = param_dtype if weight.trainable else self.dtype
+            self.by_name[weight.name] = tf.Variable(tf.cast(value, dtype_kept), name=weight.name,
+                                                    trainable=weight.trainable)
+            del value
+            entries.append(entry)
+        # the trained variables first (the optimizer's and the gradients' order), then the frozen ones
+        self.entries = [e for e in entries if e.trainable] + [e for e in entries if not e.trainable]
+        self.trainable = [self.by_name[e.name] for e in self.entries if e.trainable]
         self.sequence = sequence and parts > 1
-        # with sequence parallelism a replicated weight of a unit that runs on split positions gets from each
-        # member the gradient of that member's positions only: the trainer sums these over the group
+        # a trained weight whose gradient covers a part of the computation only, summed over the group by the
+        # trainer: with sequence parallelism a replicated weight of a unit that runs on split positions (each
+        # member's gradient covers its positions), and a weight the plan marks (a replicated factor beside a split
+        # kernel covers the member's slice)
         replicated = {w.name for u in self.units if u.pin is None for w in u.weights if w.split is None}
-        self.partial = [i for i, e in enumerate(self.entries) if self.sequence and e.name in replicated]
+        marked = {w.name for u in self.units for w in u.weights if w.partial_gradient}
+        partial = (replicated if self.sequence else set()) | (marked if parts > 1 else set())
+        self.partial = [i for i, e in enumerate(self.entries[: len(self.trainable)]) if e.name in partial]
         with tf.init_scope():
             self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropout_draws")
         self.seed = seed
@@ -144,8 +160,8 @@ class ShardedModule(tf.Module):
         return x
 
     def all_variables(self) -> list[tf.Variable]:
-        """Every variable a checkpoint holds, aligned with :attr:`entries`."""
-        return list(self.trainable)
+        """Every variable, aligned with :attr:`entries` (a checkpoint holds those not frozen)."""
+        return [self.by_name[e.name] for e in self.entries]
 
 
 class KerasModule:

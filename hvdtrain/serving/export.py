@@ -143,14 +143,14 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
 def command(model_path: str, output: str, fmt: str, allow_unsafe: bool = False) -> list[str]:
     """``hvdtrain export``: the model file at ``model_path`` (and its run's tokenizer) in ``fmt`` under ``output``;
     everything is checked before anything is written. Returns the paths written."""
-    from hvdtrain import modelio, rundir
+    from hvdtrain import formats, rundir
     from hvdtrain.serving import decoding
 
     if fmt not in FORMATS:  # (before anything imports TensorFlow: a wrong flag fails in a fraction of a second)
         from hvdtrain.errors import closest
 
         raise UsageError(f"unknown --format '{fmt}'{closest(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
-    model = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)
+    model = formats.load_model(model_path, allow_unsafe=allow_unsafe)
     from hvdtrain.data import tokenizer as tokenizers
 
     _, vocab = decoding.check_model(model, f"--model {model_path}")

@@ -62,16 +62,16 @@ def command(model_path: str, prompts: list[str], max_tokens: int, temperature: f
             allow_unsafe: bool = False) -> tuple[list[str], decoding.Stats, str]:
     """``hvdtrain generate``: load the model (and draft), check them and the run's tokenizer, generate a text for
     every prompt; returns the texts (prompt included), what the run did and the method used."""
-    from hvdtrain import modelio
+    from hvdtrain import formats
     from hvdtrain.errors import UsageError
 
     if draft_path and full_window:
         raise UsageError("--draft and --full-window exclude each other: speculative decoding uses the cache")
-    model = modelio.load_keras(model_path, allow_unsafe=allow_unsafe)  # a missing or wrong file: before TensorFlow
+    model = formats.load_model(model_path, allow_unsafe=allow_unsafe)  # a missing or wrong file: before TensorFlow
     from hvdtrain.data import tokenizer as tokenizers
 
     _, vocab = decoding.check_model(model, f"--model {model_path}")
-    draft = modelio.load_keras(draft_path, allow_unsafe=allow_unsafe) if draft_path else None
+    draft = formats.load_model(draft_path, allow_unsafe=allow_unsafe) if draft_path else None
     if draft is not None:
         decoding.check_model(draft, f"--draft {draft_path}")
     method = "speculative" if draft is not None else "full" if full_window else "cached"

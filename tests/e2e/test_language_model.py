@@ -47,10 +47,10 @@ def test_generate_gives_the_requested_bytes_deterministically(gpt_run):
 
 
 def test_generate_counts_bytes(gpt_run):
-    from hvdtrain import modelio
+    from hvdtrain import formats
     from hvdtrain.serving import generate
 
-    model = modelio.load_keras(gpt_run)
+    model = formats.load_model(gpt_run)
     out = generate.sample(model, b"def ", max_tokens=33, seed=3)
     assert len(out) == 33
     assert generate.sample(model, b"def ", max_tokens=33, seed=3) == out

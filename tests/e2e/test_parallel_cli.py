@@ -130,9 +130,9 @@ def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_
         # the model a split run ends with is an ordinary Keras model, streamed from the checkpoint
         import numpy as np
 
-        from hvdtrain import modelio
+        from hvdtrain import formats
 
-        ours, theirs = modelio.load_keras(out / "model.keras"), modelio.load_keras(one / "model.keras")
+        ours, theirs = formats.load_model(out / "model.keras"), formats.load_model(one / "model.keras")
         assert max(float(np.abs(a - b).max()) for a, b in zip(ours.get_weights(), theirs.get_weights())) < 1e-4
 
 

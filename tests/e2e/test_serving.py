@@ -61,9 +61,9 @@ def draft_run(lm_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models_(lm_run, draft_run):
-    from hvdtrain import modelio
+    from hvdtrain import formats
 
-    return modelio.load_keras(lm_run), modelio.load_keras(draft_run[0] / "student.keras")
+    return formats.load_model(lm_run), formats.load_model(draft_run[0] / "student.keras")
 
 
 def test_distilling_a_llama_reports_bits_per_byte_with_and_without_the_teacher(draft_run, lm_run):

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from hvdtrain import checkpoint
-from hvdtrain.checkpoint import CheckpointError, Piece, Reader, write_bundle
+from hvdtrain.formats import checkpoint
+from hvdtrain.formats.checkpoint import CheckpointError, Piece, Reader, write_bundle
 
 
 def write(folder, written, variables):

@@ -7,7 +7,7 @@ from hvdtrain.data import npz, text
 from hvdtrain.data.sharding import shard_files
 from hvdtrain.data.tfrecord import TFRecordSource
 from hvdtrain.errors import DataError
-from hvdtrain.plan import make_plan
+from hvdtrain.batch_plan import make_plan
 
 
 def write_shard(path, labels, size=(20, 28), fmt="jpeg", seed=0):

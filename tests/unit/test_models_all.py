@@ -57,11 +57,11 @@ def test_language_models_are_causal(family):
 
 
 def test_gpt_round_trips_through_a_keras_file(tmp_path):
-    from hvdtrain import modelio
+    from hvdtrain import formats
 
     model = models.build("gpt", input_shape=(8,), num_classes=256, num_layers=1, num_heads=2, width=16)
     model.save(tmp_path / "gpt.keras")
-    loaded = modelio.load_keras(tmp_path / "gpt.keras")
+    loaded = formats.load_model(tmp_path / "gpt.keras")
     x = np.arange(16, dtype=np.int32).reshape(2, 8)
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
 

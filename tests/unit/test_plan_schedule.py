@@ -3,7 +3,7 @@ import math
 import pytest
 
 from hvdtrain.errors import DataError
-from hvdtrain.plan import make_plan, scale_learning_rate
+from hvdtrain.batch_plan import make_plan, scale_learning_rate
 from hvdtrain.schedule import WarmupSchedule
 
 

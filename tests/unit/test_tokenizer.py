@@ -47,7 +47,7 @@ def test_the_graph_encodes_and_decodes_as_tokenizers_does(bpe):
 
 
 def test_the_text_source_counts_bytes_per_token_and_bits_per_byte_use_them(tmp_path):
-    from hvdtrain.evaluation import metrics_from_sums
+    from hvdtrain.exact_metrics import metrics_from_sums
 
     (tmp_path / "c.txt").write_bytes(CORPUS[:80_000])
     source = text.load(str(tmp_path / "c.txt"), 32, 0.1, 0.1, "bpe", 512)

@@ -12,7 +12,7 @@ import hvdtrain
 import models
 from hvdtrain import callbacks as cb
 from hvdtrain.data import digits
-from hvdtrain.plan import make_plan
+from hvdtrain.batch_plan import make_plan
 from hvdtrain.schedule import WarmupSchedule
 
 outdir = sys.argv[1]

@@ -5,7 +5,7 @@ import common
 import numpy as np
 
 import hvdtrain
-from hvdtrain import config, data, modelio
+from hvdtrain import config, data, formats
 from hvdtrain.compression.distill import distill
 from hvdtrain.compression.prune import prune
 
@@ -13,7 +13,7 @@ outdir, teacher_path = sys.argv[1], sys.argv[2]
 cfg = config.load("digits-cnn", overrides=["compression.fine_tune_epochs=2", "compression.distill_epochs=2"])
 hvdtrain.init()
 source = data.load(cfg.data)
-teacher = modelio.load_keras(teacher_path)
+teacher = formats.load_model(teacher_path)
 teacher_before = np.concatenate([w.ravel() for w in teacher.get_weights()])
 pruned, notes = prune(teacher, source, cfg)
 student = distill(teacher, source, cfg)

@@ -29,7 +29,8 @@ import common
 import numpy as np
 import tensorflow as tf
 
-from hvdtrain import checkpoint, config, data, distributed, runtime
+from hvdtrain import config, data, distributed, runtime
+from hvdtrain.formats import checkpoint
 from hvdtrain.distributed import pipeline, sharded, tensor
 from hvdtrain.distributed.mesh import Group, Traffic
 from hvdtrain.rundir import RunDir

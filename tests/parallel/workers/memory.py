@@ -12,7 +12,8 @@ from pathlib import Path
 import common
 import tensorflow as tf
 
-from hvdtrain import checkpoint, config, data, distributed, memory, modelfile, runtime
+from hvdtrain import config, data, distributed, memory, runtime
+from hvdtrain.formats import checkpoint, keras_file
 from hvdtrain.rundir import RunDir
 
 outdir = Path(sys.argv[1])
@@ -42,7 +43,7 @@ for size, model in SIZES.items():
         uri = distributed.broadcast_object(uri) if layout.collective_checkpoint and distributed.size() > 1 else uri
         layout.load_checkpoint(uri)  # what a resume reads
         if chief is not None:
-            modelfile.write_keras(uri, str(run / "model.keras"))
+            keras_file.write_from_checkpoint(uri, str(run / "model.keras"))
     distributed.barrier()
     peaks[size] = memory.peak_bytes()
     params = runtime.model_plan(cfg.model, source).parameters

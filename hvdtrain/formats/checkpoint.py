@@ -17,7 +17,7 @@ gathered on one rank: each piece goes to storage from the rank that holds it.
 
 Reading is planned from the manifest: :class:`Reader` returns any box of any variable, reading only the pieces
 that overlap it (one saved slice in memory at a time), so a run resumes at another tensor, pipeline or data
-degree, or in one process, and ``model.keras`` is written one variable at a time (:mod:`hvdtrain.modelfile`).
+degree, or in one process, and ``model.keras`` is written one variable at a time (:mod:`hvdtrain.formats.keras_file`).
 Checkpoints written before this format (``ckpt.*`` files, one process) still restore in data-parallel runs.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from hvdtrain import console, storage
-from hvdtrain.errors import HvdtrainError
+from hvdtrain.errors import HvdtrainError, ModelFileError
 from hvdtrain.rundir import CHECKPOINT_MARKER, RunDir, failpoint
 
 MANIFEST = "manifest.json"
@@ -294,3 +294,68 @@ def read_legacy(uri: str, model, optimizer) -> None:
 def warn(message: str) -> None:
     """A warning line on stderr (the chief's)."""
     console.warn(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole models from a checkpoint
+
+
+def spec_of(reader: Reader) -> dict:
+    """The model a checkpoint holds: ``{name, params, input_shape, num_classes}``."""
+    spec = reader.manifest.get("model")
+    if not spec:
+        raise ModelFileError(f"{reader.uri} does not say which model it holds; it cannot be assembled")
+    return spec
+
+
+def plan_of_spec(spec: dict, **override):
+    """The family plan of a checkpoint's model (``override``: builder parameters set otherwise)."""
+    import models
+
+    params = {**spec["params"], **override}
+    return models.parallel_plan(spec["name"], input_shape=tuple(spec["input_shape"]),
+                                num_classes=spec["num_classes"], **params)
+
+
+def assemble(checkpoint_uri: str):
+    """The whole model of a checkpoint, built in this process (for serving and compression)."""
+    import models
+    from hvdtrain.distributed.sharded import keras_name
+    from models.plan import keras_variables
+
+    reader = Reader(checkpoint_uri)
+    spec = spec_of(reader)
+    fits(reader)
+    model = models.build(spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"],
+                         **spec["params"])
+    if models.has_plan(spec["name"]):
+        named = keras_variables(model, plan_of_spec(spec))
+    else:
+        named = {keras_name(i, v): v for i, v in enumerate(model.variables)}
+    for name, var in named.items():
+        try:
+            var.assign(reader.read(name).astype(var.dtype.as_numpy_dtype))
+        except CheckpointError as exc:
+            raise ModelFileError(f"cannot assemble the model of {checkpoint_uri}: {exc}") from None
+    return model
+
+
+def fits(reader: Reader) -> None:
+    """A one-line error when the checkpoint's weights cannot be held in this host's available memory."""
+    total = sum(int(np.prod(v["shape"])) for v in reader.variables.values()) * 4
+    available = _available_bytes()
+    if available and total > available:
+        raise ModelFileError(
+            f"the model of {reader.uri} has {total / 2**30:.1f} GiB of float32 weights, more than this host's "
+            f"{available / 2**30:.1f} GiB of available memory: it cannot be assembled in one process; evaluate it at a "
+            "parallel layout (horovodrun ... hvdtrain evaluate --set parallel.tensor=N)")
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,4 +1,5 @@
-"""World-size arithmetic, in one place.
+"""A run's batch plan: the world-size arithmetic, in one place (a family's *parallel* plan is
+:mod:`models.plan`).
 
 Every number that depends on how many ranks run — global batch, batch per rank, steps per epoch, the scaled
 learning rate, warmup steps — is computed here once, logged once by the chief, and saved in ``summary.json``.
@@ -14,7 +15,7 @@ from hvdtrain.errors import DataError
 
 
 @dataclass(frozen=True)
-class Plan:
+class BatchPlan:
     """What one run does, per rank and in total."""
 
     data_ranks: int  # data-parallel ranks (replicas); all ranks without tensor or pipeline parallelism
@@ -63,7 +64,7 @@ def make_plan(
     lr_scaling: str = "linear",
     warmup_epochs: float = 0.0,
     backward_passes_per_step: int = 1,
-) -> Plan:
+) -> BatchPlan:
     """Compute the plan; every rank computes the same numbers from the same inputs.
 
     Each replica gets ``num_train_examples // data_ranks`` examples (the remainder is dropped so that every rank runs
@@ -90,7 +91,7 @@ def make_plan(
                 f"distributed.backward_passes_per_step={backward_passes_per_step}"
             )
     global_batch = batch_size_per_rank * data_ranks
-    return Plan(
+    return BatchPlan(
         data_ranks=data_ranks,
         batch_size_per_rank=batch_size_per_rank,
         global_batch_size=global_batch,
@@ -105,7 +106,7 @@ def make_plan(
     )
 
 
-def plan_for(cfg, num_train_examples: int, data_ranks: int) -> Plan:
+def plan_for(cfg, num_train_examples: int, data_ranks: int) -> BatchPlan:
     """The plan of a :class:`~hvdtrain.config.Config` at ``data_ranks`` data-parallel ranks."""
     return make_plan(
         num_train_examples=num_train_examples, data_ranks=data_ranks,
