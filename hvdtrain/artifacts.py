@@ -87,15 +87,20 @@ def plot_curves(rows: list[dict[str, Any]], uri: str | Path, title: str = "") ->
     """Training curves (each loss and metric against epoch, train and validation together) as a PNG."""
     plt = pyplot()
     skip = ("epoch", "lr", "epoch_seconds", "examples_per_sec")
-    keys = [k for k in rows[0] if not k.startswith("val_") and k not in skip]
-    keys = [k for k in keys if isinstance(rows[0].get(k), (int, float))]
-    panels = keys + (["lr"] if "lr" in rows[0] else [])
+    last = rows[-1]  # (a fine-tuning run's first row, epoch 0, holds the pretrained model's validation metrics only)
+    keys = [k for k in last if not k.startswith("val_") and k not in skip + ("step",)]
+    keys = [k for k in keys if isinstance(last.get(k), (int, float))]
+    panels = keys + (["lr"] if "lr" in last else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    epochs = [r["epoch"] for r in rows]
+
+    def series(key):
+        points = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        return [e for e, _ in points], [v for _, v in points]
+
     for ax, key in zip(axes[0], panels):
-        ax.plot(epochs, [r.get(key) for r in rows], marker="o", label="train" if key != "lr" else "lr")
-        if f"val_{key}" in rows[0]:
-            ax.plot(epochs, [r.get(f"val_{key}") for r in rows], marker="s", label="validation")
+        ax.plot(*series(key), marker="o", label="train" if key != "lr" else "lr")
+        if f"val_{key}" in last:
+            ax.plot(*series(f"val_{key}"), marker="s", label="validation")
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)

@@ -27,7 +27,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hvdtrain`` command."""
-    top = argparse.ArgumentParser(prog="hvdtrain", description="Data-parallel Keras training on Horovod.")
+    top = argparse.ArgumentParser(
+        prog="hvdtrain", description="Keras training on Horovod: data, tensor and pipeline parallelism; language "
+        "models from and to Hugging Face checkpoints; compression, generation and export for serving.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (one process, or every rank under horovodrun/mpirun)")
@@ -74,10 +76,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chain-length", type=int, default=200, help="with --collectives: collectives per chain")
     p.add_argument("--inference", action="store_true",
                    help="generation speed: full window vs key-value cache vs speculative (with --model, --draft)")
-    p.add_argument("--model", help="with --inference: a trained gpt (run directory or model.keras)")
-    p.add_argument("--draft", help="with --inference: a small gpt for speculative decoding")
+    p.add_argument("--model", help="with --inference: a trained language model (run directory, model.keras or a "
+                                    "Hugging Face directory)")
+    p.add_argument("--draft", help="with --inference: a small model of the same vocabulary for speculative decoding")
     p.add_argument("--batch", default="1,8", help="with --inference: batch sizes, e.g. 1,8")
-    p.add_argument("--max-tokens", type=int, default=256, help="with --inference: bytes generated per prompt")
+    p.add_argument("--max-tokens", type=int, default=256, help="with --inference: tokens generated per prompt")
     p.add_argument("--methods", default="full,cached,speculative", help="with --inference: which to time")
     p.add_argument("--temperature", type=float, default=0.8, help="with --inference: sampling temperature")
     p.add_argument("--launcher-args", default="--gloo",
@@ -87,7 +90,8 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("compress", help="prune, quantize or distill a trained model; report size/accuracy/latency")
-    p.add_argument("--model", required=True, help="a trained model.keras (or its run directory)")
+    p.add_argument("--model", required=True, help="a trained model.keras, its run directory, or a Hugging Face "
+                                                   "directory (config.json + safetensors)")
     p.add_argument("--method", required=True,
                    help="prune | qat | ptq-dynamic | ptq-fp16 | ptq-int8 | distill | pipeline, or several side by "
                         "side, comma-separated (e.g. ptq-int8,ptq-fp16,qat): each from the trained model, one report")
@@ -96,31 +100,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
-    p = sub.add_parser("evaluate", help="evaluate a .keras or .tflite model on its run's test data")
-    p.add_argument("--model", required=True, help="a .keras or .tflite file, or a run directory")
+    p = sub.add_parser("evaluate", help="evaluate a model on its run's test data (or a recipe's)")
+    p.add_argument("--model", required=True, help="a .keras or .tflite file, a run directory, or a Hugging Face "
+                                                   "directory (with --recipe or --set data.path=...)")
     _config_args(p)
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
-    p = sub.add_parser("generate", help="sample text from a trained gpt (cached; speculative with --draft)")
-    p.add_argument("--model", required=True, help="a run directory or its model.keras")
+    p = sub.add_parser("generate", help="sample text from a language model (cached; speculative with --draft)")
+    p.add_argument("--model", required=True, help="a run directory, its model.keras, or a Hugging Face directory")
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue; repeat for a batch of prompts decoded together")
-    p.add_argument("--max-tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument("--max-tokens", type=int, default=200,
+                   help="tokens to generate (of the model's tokenizer: bytes for a byte-level model); fewer when the "
+                        "model ends the text")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes (0: all)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
-    p.add_argument("--draft", help="a small gpt (e.g. from compress --method distill) proposing bytes to check")
-    p.add_argument("--draft-tokens", type=int, default=4, help="bytes the draft proposes per model call")
+    p.add_argument("--draft", help="a small model of the same family and tokenizer (e.g. from compress --method "
+                                   "distill) proposing tokens to check")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per model call")
     p.add_argument("--full-window", action="store_true",
-                   help="recompute the whole window for every byte (no cache; the reference, slow)")
+                   help="recompute the whole window for every token (no cache; the reference, slow)")
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
-    p = sub.add_parser("export", help="export a trained gpt for serving: SavedModel (TF Serving) or TFLite")
-    p.add_argument("--model", required=True, help="a run directory or its model.keras")
-    p.add_argument("--format", default="saved_model", help="saved_model | tflite | tflite-int8")
+    p = sub.add_parser("export", help="export a language model: SavedModel (TF Serving), TFLite, or Hugging Face")
+    p.add_argument("--model", required=True, help="a run directory, its model.keras, or a Hugging Face directory")
+    p.add_argument("--format", default="saved_model", help="saved_model | tflite | tflite-int8 | huggingface")
     p.add_argument("--output", required=True, help="directory for the export")
+    hf = p.add_argument_group("--format huggingface")
+    hf.add_argument("--merge", action="store_true",
+                    help="a LoRA run: the merged full model (default: its PEFT adapter over the checkpoint it "
+                         "started from)")
+    hf.add_argument("--dtype", default="float32", help="weights' dtype: float32 | bfloat16 | float16")
+    hf.add_argument("--max-shard-size", default="5GB",
+                    help="largest safetensors file (transformers' default 5GB); more files with an index above it")
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
@@ -209,7 +224,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hvdtrain.serving import export
 
-    for path in export.command(args.model, args.output, args.format, args.allow_unsafe):
+    if args.format == "huggingface":
+        from hvdtrain.formats import huggingface
+
+        written = huggingface.export(args.model, args.output, args.merge, args.dtype, args.max_shard_size,
+                                     args.allow_unsafe)
+    else:
+        if args.merge:
+            from hvdtrain.errors import UsageError
+
+            raise UsageError("--merge goes with --format huggingface")
+        written = export.command(args.model, args.output, args.format, args.allow_unsafe)
+    for path in written:
         console.say(f"written: {path}")
     return 0
 

@@ -542,6 +542,9 @@ def validate_pretrained(cfg: Config) -> None:
     if cfg.model.name not in models.language_models():
         raise ConfigError(f"train.lora_rank adapts a language model ({', '.join(models.language_models())}), not "
                           f"'{cfg.model.name}'")
+    if not cfg.model.pretrained:
+        raise ConfigError("train.lora_rank adapts a pretrained model (its base weights stay as the checkpoint "
+                          "gives them): set model.pretrained")
     if cfg.train.elastic:
         raise ConfigError("train.lora_rank with elastic training is not supported; drop --elastic")
     try:

@@ -76,6 +76,8 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
         scratch.append(tempfile.mkdtemp(prefix="hvdtrain-autotune-"))
         autotune_log = os.path.join(scratch[-1], "autotune.csv")
     mesh = runtime.begin(cfg, autotune_log)
+    for note in cfg.notes:
+        log(f"note: {note}")
     from hvdtrain import data
 
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
@@ -89,6 +91,11 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
         log(mesh.describe() + (sequence if cfg.parallel.sequence else ""))
     log(plan.describe())
     layout = runtime.make_layout(cfg, source, mesh)
+    if cfg.model.pretrained:
+        log(f"model: {cfg.model.name} {layout.spec['params']} from {cfg.model.pretrained} (each rank reads its "
+            "slices of the checkpoint)")
+    if layout.spec.get("lora"):
+        log(describe_lora(layout))
     if mesh.pipeline > 1:
         log(f"pipeline ({cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches): "
             f"{layout.split_description}")
@@ -108,11 +115,34 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
         if source.tokenizer is not None:
             from hvdtrain.data import tokenizer
 
-            tokenizer.save(source.tokenizer, run_dir)
+            tokenizer.save(source.tokenizer, run_dir, cfg.model.pretrained)
     if cfg.distributed.timeline and error is None:
         distributed.start_timeline(str(run_dir.local(cfg.distributed.timeline)) if run_dir else os.devnull)
     return Run(cfg, source, plan, layout, model, run_dir, output, error, started, tuple(callbacks), progress, scratch,
                utilization(cfg, source))
+
+
+def describe_lora(layout) -> str:
+    """One line: the adapters a LoRA run trains and their share of the model's parameters."""
+    lora = layout.spec["lora"]
+    plan = layout.plan
+    trained = sum(w.size for w in plan.weights if w.trainable)
+    total = sum(w.size for w in plan.weights)
+    return (f"LoRA: rank {lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['targets'])}: {trained:,} "
+            f"trainable parameters of {total:,} ({trained / total:.2%}); the rest frozen in "
+            f"{layout.compute_dtype.name}")
+
+
+def pretrained_row(run: Run) -> dict[str, Any]:
+    """The metrics row of epoch 0: the pretrained model on the validation split before any step (every rank
+    evaluates its part)."""
+    from hvdtrain.exact_metrics import evaluate
+
+    found = evaluate(run.model, run.source, "val", run.plan.batch_size_per_rank,
+                     shard=(run.layout.data_rank, run.layout.data_size), counted=run.layout.counted)
+    row = {"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in found.items() if k != "count"}}
+    log("pretrained model before training: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
+    return row
 
 
 def utilization(cfg: Config, source) -> dict[str, Any] | None:
@@ -180,6 +210,8 @@ def fit(run: Run, plan: BatchPlan, initial_epoch: int, previous_rows: list[dict]
 
     cfg = run.cfg
     rank, size = run.layout.data_rank, run.layout.data_size
+    if initial_epoch == 0 and not previous_rows and cfg.model.pretrained and run.source.num_examples("val"):
+        previous_rows = [pretrained_row(run)]  # where fine-tuning starts: the pretrained model's own loss
 
     def validation():
         return evaluate(run.model, run.source, "val", plan.batch_size_per_rank, shard=(rank, size),

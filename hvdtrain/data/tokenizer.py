@@ -16,10 +16,14 @@ under a second, and it is a single wheel with no compiled dependency of its own.
 A run saves its tokenizer as ``tokenizer.json`` in its run directory (beside ``model.keras``); ``generate``,
 ``evaluate``, ``compress`` and ``export`` read it from there, and byte-level models have none. Bits per byte stays
 the metric that compares tokenizers: a split's loss in nats per token times its tokens per byte, over ln 2.
+
+Published tokenizers (a pretrained checkpoint's ``tokenizer.json``: GPT-2's or Llama 3's, with their regex
+pre-split, special tokens and templates) are read by ``tokenizers`` as they are. Training text is encoded without
+special tokens (windows of a corpus); a prompt to generate from is encoded as the tokenizer's template says (Llama's
+begin-of-text first), and generation stops at the end-of-sequence ids of the model's ``generation_config.json`` or
+``config.json`` (kept beside the run's tokenizer.json).
 """
 from __future__ import annotations
-
-
 
 import json
 
@@ -33,12 +37,13 @@ class Bytes:
 
     name = "bytes"
     vocab_size = 256
+    eos: tuple[int, ...] = ()
 
-    def encode(self, text: bytes | str) -> list[int]:
+    def encode(self, text: bytes | str, special: bool = False) -> list[int]:
         """Token ids of ``text``."""
         return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, special: bool = True) -> str:
         """The text of ``ids`` (invalid UTF-8 shown as U+FFFD)."""
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
@@ -52,9 +57,10 @@ class BPE:
 
     name = "bpe"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, eos: tuple[int, ...] = ()):
         self.tokenizer = tokenizer
         self.vocab_size = int(tokenizer.get_vocab_size())
+        self.eos = tuple(eos)  # end-of-sequence ids (generation stops at the first)
 
     @classmethod
     def train(cls, corpus: bytes, vocab_size: int) -> BPE:
@@ -79,15 +85,15 @@ class BPE:
         except Exception as e:  # tokenizers raises a plain Exception for a malformed file
             raise DataError(f"{where} is not a tokenizer.json that Hugging Face tokenizers reads ({e})") from None
 
-    def encode(self, text: bytes | str) -> list[int]:
-        """Token ids of ``text``."""
+    def encode(self, text: bytes | str, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special``: with the special tokens of the tokenizer's template (a prompt's)."""
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8", errors="replace")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
 
-    def decode(self, ids) -> str:
-        """The text of ``ids``."""
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids, special: bool = True) -> str:
+        """The text of ``ids`` (``special=False``: without the special tokens' text)."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=not special)
 
     def to_json(self) -> str:
         """The ``tokenizer.json`` text."""
@@ -127,9 +133,10 @@ class InGraph:
         else:
             spec = json.loads(tokenizer.to_json())
             model = spec["model"]
-            if model.get("type") != "BPE" or (spec.get("pre_tokenizer") or {}).get("use_regex", False):
-                raise DataError("this tokenizer.json cannot run inside the exported graph (a byte-level BPE without "
-                                "a regex pre-split can: data.tokenizer=bpe trains one)")
+            reason = graph_blocker(spec)
+            if reason:
+                raise DataError(f"this tokenizer.json cannot run inside the exported graph ({reason}; a byte-level "
+                                "BPE without a regex pre-split can: data.tokenizer=bpe trains one)")
             unbyte = {c: b for b, c in _byte_alphabet().items()}
             vocab = model["vocab"]
             pieces = [b""] * self.vocab_size
@@ -192,6 +199,24 @@ class InGraph:
         return tf.strings.reduce_join(tf.gather(self.pieces, ids))
 
 
+def graph_blocker(spec: dict) -> str:
+    """Why a tokenizer.json's encoding cannot be reproduced exactly by :class:`InGraph` (``""``: it can): only a
+    byte-level BPE whose merges apply to the whole text, with no regex pre-split (GPT-2's and Llama 3's split words
+    with a regex that TensorFlow's RE2 cannot run: lookaheads), no normalizer and no byte fallback."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE":
+        return f"a {model.get('type')} model, not BPE"
+    if pre.get("type") != "ByteLevel":
+        return f"its pre-tokenizer is {pre.get('type') or 'none'}, not a byte-level one"
+    if pre.get("use_regex", True):
+        return "a regex pre-split"
+    if spec.get("normalizer"):
+        return f"a {spec['normalizer'].get('type')} normalizer"
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "byte fallback or word affixes"
+    return ""
+
+
 def _lines(corpus: bytes):
     # training sees lines (pair counts per line are fast); encoding applies the merges to any text
     yield from corpus.decode("utf-8", errors="replace").splitlines(keepends=True)
@@ -213,13 +238,42 @@ def make(spec: str, corpus: bytes | None = None, vocab_size: int = 0):
     return BPE.from_json(storage.read_bytes(spec).decode("utf-8"), spec)
 
 
-def save(tokenizer, run_dir) -> None:
-    """Write ``tokenizer.json`` into the run directory (nothing for bytes)."""
+# what a pretrained checkpoint says of its tokens, kept beside its tokenizer.json in a run directory
+SIDE_FILES = ("tokenizer_config.json", "generation_config.json")
+
+
+def save(tokenizer, run_dir, pretrained: str = "") -> None:
+    """Write ``tokenizer.json`` into the run directory (nothing for bytes), with a pretrained checkpoint's
+    ``tokenizer_config.json`` and ``generation_config.json`` (its special tokens, where generation stops)."""
     from hvdtrain import storage
 
     text = tokenizer.to_json()
     if text is not None:
         storage.write_text(run_dir.path(FILE), text)
+    for name in SIDE_FILES if pretrained else ():
+        if storage.exists(storage.join(pretrained, name)):
+            storage.write_text(run_dir.path(name), storage.read_text(storage.join(pretrained, name)))
+
+
+def eos_of(folder: str, tokenizer=None) -> tuple[int, ...]:
+    """The end-of-sequence ids a model directory names: its ``generation_config.json``'s, else ``config.json``'s,
+    else its ``tokenizer_config.json``'s ``eos_token``."""
+    from hvdtrain import storage
+
+    for name in ("generation_config.json", "config.json"):
+        path = storage.join(folder, name)
+        if storage.exists(path):
+            eos = json.loads(storage.read_text(path)).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos if isinstance(eos, list) else [eos])
+    path = storage.join(folder, "tokenizer_config.json")
+    if tokenizer is not None and storage.exists(path):
+        token = json.loads(storage.read_text(path)).get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        found = tokenizer.token_to_id(token) if token else None
+        if found is not None:
+            return (int(found),)
+    return ()
 
 
 def load_beside(uri: str):
@@ -233,7 +287,9 @@ def load_beside(uri: str):
         candidates += [storage.join(parent, FILE), storage.join(storage.parent(parent) or parent, FILE)]
     for candidate in candidates:
         if storage.exists(candidate) and not storage.is_dir(candidate):
-            return BPE.from_json(storage.read_bytes(candidate).decode("utf-8"), candidate)
+            found = BPE.from_json(storage.read_bytes(candidate).decode("utf-8"), candidate)
+            found.eos = eos_of(storage.parent(candidate), found.tokenizer)
+            return found
     return Bytes()
 
 

@@ -332,12 +332,39 @@ def assemble(checkpoint_uri: str):
         named = keras_variables(model, plan_of_spec(spec))
     else:
         named = {keras_name(i, v): v for i, v in enumerate(model.variables)}
+    values = model_values(reader)
     for name, var in named.items():
         try:
-            var.assign(reader.read(name).astype(var.dtype.as_numpy_dtype))
+            var.assign(values(name).astype(var.dtype.as_numpy_dtype))
         except CheckpointError as exc:
             raise ModelFileError(f"cannot assemble the model of {checkpoint_uri}: {exc}") from None
     return model
+
+
+def model_values(reader: Reader):
+    """``values(name)``: a weight's whole value in the model a checkpoint holds: the checkpoint's own, or, for a
+    LoRA run (whose checkpoints hold its adapters only), the pretrained checkpoint's with the adapter merged in
+    (``W + alpha / rank x A B``)."""
+    from models.lora import factor_names, lora_of, merged
+
+    spec = spec_of(reader)
+    lora = lora_of(spec)
+    if lora is None:
+        return reader.read
+    from hvdtrain.formats import huggingface
+
+    plan = plan_of_spec(spec)
+    base = huggingface.open_checkpoint(spec["pretrained"], int(spec["input_shape"][0]))
+
+    def values(name: str) -> np.ndarray:
+        with huggingface.one_line_errors():
+            value = base.read(plan, name)
+        a, b = factor_names(name)
+        if a in reader.variables:
+            value = merged(value, reader.read(a), reader.read(b), lora.scale, plan.weight(name).inputs)
+        return value
+
+    return values
 
 
 def fits(reader: Reader) -> None:

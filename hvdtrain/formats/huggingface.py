@@ -208,7 +208,7 @@ def export(model_path: str, output: str, merge: bool = False, dtype: str = "floa
     max_bytes = parse_size(max_shard_size)
     import models  # noqa: F401 - registers the families and their adapters
     from hvdtrain.data import tokenizer as tokenizers
-    from hvdtrain.formats.checkpoint import plan_of_spec
+    from hvdtrain.formats.checkpoint import model_values, plan_of_spec
     from models import hub
 
     source = _Source(model_path, allow_unsafe)
@@ -233,30 +233,12 @@ def export(model_path: str, output: str, merge: bool = False, dtype: str = "floa
             if source.lora is not None and not merge:
                 written = _write_adapter(folder, adapter, plan, config, source, pretrained)
             else:
-                values = _merged(source, plan) if source.lora is not None else source.values
+                values = model_values(source.reader) if source.lora is not None else source.values
                 written = hub.write_weights(folder, adapter, plan, config, values, dtype, max_bytes)
                 (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
                 written.append(CONFIG)
                 written += _write_side_files(folder, base, config, tok, context)
         return _publish(folder, output, written)
-
-
-def _merged(source: _Source, plan):
-    """``values(name)`` of a LoRA run's weights with each adapter merged in (the base from the checkpoint it
-    started from)."""
-    from models.lora import factor_names, merged
-
-    base = open_checkpoint(source.spec["pretrained"], int(source.spec["input_shape"][0]))
-    targets = set(source.reader.variables)
-
-    def values(name):
-        value = base.read(plan, name)
-        a, b = factor_names(name)
-        if a in targets:
-            value = merged(value, source.values(a), source.values(b), source.lora.scale, plan.weight(name).inputs)
-        return value
-
-    return values
 
 
 def _write_adapter(folder: Path, adapter, plan, config: dict, source: _Source, pretrained: str) -> list[str]:

@@ -26,19 +26,20 @@ from hvdtrain.errors import ModelFileError
 def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
     """Write the model of the checkpoint at ``checkpoint_uri`` to ``uri`` (``.keras``), one variable at a time.
 
-    ``values(name)``: a weight's whole value (default: the checkpoint's; a LoRA run's merges its adapters in)."""
+    ``values(name)``: a weight's whole value (default: the model's, :func:`~hvdtrain.formats.checkpoint.model_values`:
+    a LoRA run's adapters merged into its pretrained weights)."""
     import h5py
     import tensorflow as tf
 
     import models
     from models.plan import keras_variables
 
-    from hvdtrain.formats.checkpoint import Reader, plan_of_spec, spec_of
+    from hvdtrain.formats.checkpoint import Reader, model_values, plan_of_spec, spec_of
 
     reader = Reader(checkpoint_uri)
     spec = spec_of(reader)
     plan = plan_of_spec(spec)
-    values = values or reader.read
+    values = values or model_values(reader)
     twin_params = {**spec["params"], **plan.twin["params"]}
     twin = models.build(spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"],
                         **twin_params)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hvdtrain.errors import UsageError
 
-FORMATS = ("saved_model", "tflite", "tflite-int8")
+FORMATS = ("saved_model", "tflite", "tflite-int8", "huggingface")  # huggingface: hvdtrain.formats.huggingface
 
 
 def generation_module(model, tokenizer=None):
@@ -116,6 +116,8 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
         from hvdtrain.errors import closest
 
         raise UsageError(f"unknown --format '{fmt}'{closest(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+    if fmt == "huggingface":
+        raise UsageError("--format huggingface is written by hvdtrain.formats.huggingface.export")
     decoding.check_model(model)
     written = []
     if tokenizer is not None and tokenizer.to_json() is not None:

@@ -61,7 +61,10 @@ def command(model_path: str, prompts: list[str], max_tokens: int, temperature: f
             draft_path: str | None = None, full_window: bool = False, draft_tokens: int = 4,
             allow_unsafe: bool = False) -> tuple[list[str], decoding.Stats, str]:
     """``hvdtrain generate``: load the model (and draft), check them and the run's tokenizer, generate a text for
-    every prompt; returns the texts (prompt included), what the run did and the method used."""
+    every prompt; returns the texts (prompt included), what the run did and the method used.
+
+    A prompt is encoded with the tokenizer's special tokens (a Llama's begin-of-text first), and each text ends at
+    the model's first end-of-sequence token (its generation_config.json's), as transformers' ``generate`` does."""
     from hvdtrain import formats
     from hvdtrain.errors import UsageError
 
@@ -78,6 +81,14 @@ def command(model_path: str, prompts: list[str], max_tokens: int, temperature: f
     tok = tokenizers.load_beside(model_path)
     tokenizers.check_vocabulary(tok, vocab, f"--model {model_path}")
     prompts = prompts or [""]
-    ids = [tok.encode(p) or tok.encode("\n") for p in prompts]
+    ids = [tok.encode(p, special=True) or tok.encode("\n") for p in prompts]
     texts, stats = run(model, ids, max_tokens, temperature, top_k, seed, method, draft, draft_tokens)
-    return [p + tok.decode(t) for p, t in zip(prompts, texts)], stats, method
+    return [p + tok.decode(until_eos(t, tok.eos), special=False) for p, t in zip(prompts, texts)], stats, method
+
+
+def until_eos(tokens: list[int], eos) -> list[int]:
+    """``tokens`` up to (without) the first end-of-sequence id."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return list(tokens[:i])
+    return list(tokens)
