@@ -245,8 +245,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
     for name in config.recipe_names():
         raw = config.load_recipe_dict(name)
-        model, data = raw.get("model", {}).get("name", "?"), raw.get("data", {}).get("source", "?")
-        console.say(f"{name:24s} model={model:13s} data={data}")
+        model = raw.get("model", {}).get("name") or raw.get("model", {}).get("pretrained", "?")
+        data = raw.get("data", {}).get("source", "?")
+        console.say(f"{name:24s} model={model:20s} data={data}")
     return 0
 
 

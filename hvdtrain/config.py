@@ -451,8 +451,8 @@ def resolve_pretrained(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[
         params.setdefault(key, value)
     model.update(name=info.family, params=params)
     if tokenizer:
-        if data.get("tokenizer", "bytes") != tokenizer:
-            differs("data.tokenizer", data.get("tokenizer", "bytes"), tokenizer, notes)
+        if data.get("tokenizer", tokenizer) != tokenizer:
+            differs("data.tokenizer", data["tokenizer"], tokenizer, notes)
         data["tokenizer"] = tokenizer
     if data.get("num_classes", 0) not in (0, info.vocabulary):
         differs("data.num_classes", data["num_classes"], info.vocabulary, notes)

@@ -29,6 +29,30 @@ def peak_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # kilobytes on Linux, bytes on macOS
 
 
+def reset_peak() -> int:
+    """Start measuring a phase: the kernel's peak resident set of this process (``VmHWM``) is set back to the
+    resident set now (Linux: ``/proc/self/clear_refs``), which is returned; :func:`peak_since_reset` then gives the
+    phase's peak. Returns 0 where the peak cannot be reset (then :func:`peak_since_reset` is the process's peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return 0
+    return resident_bytes()
+
+
+def peak_since_reset() -> int:
+    """The peak resident set since :func:`reset_peak` (Linux: ``VmHWM``; elsewhere the process's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_bytes()
+
+
 def resident_bytes() -> int:
     """The resident set of this process now (Linux; 0 elsewhere)."""
     try:

@@ -318,13 +318,10 @@ def make_layout(cfg: Config, source, mesh):
     else:
         model = build_model(cfg.model, source)
         if plan is not None:
-            from models.plan import initialize, keras_variables
+            from models.plan import initialize
 
             # dropout: this replica's examples start at data_rank x batch in each global batch
-            initialize(model, plan, cfg.train.seed, mesh.data_rank * cfg.data.batch_size_per_rank)
-            if initial is not None:
-                for name, var in keras_variables(model, plan).items():
-                    var.assign(initial(plan.weight(name), None))
+            initialize(model, plan, cfg.train.seed, mesh.data_rank * cfg.data.batch_size_per_rank, initial)
         layout = parallel.DataParallel(model, mesh, plan)
     layout.spec = {"name": cfg.model.name, "params": dict(cfg.model.params), "input_shape": list(source.input_shape),
                    "num_classes": int(source.num_classes), "pretrained": cfg.model.pretrained or None,

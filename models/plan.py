@@ -387,12 +387,15 @@ def keras_variables(model, plan: Plan) -> dict[str, Any]:
     return out
 
 
-def initialize(model, plan: Plan, seed: int, example_offset: int = 0) -> None:
-    """Give a one-process Keras model of the family the plan's initial weights (each from its own seed), and its
-    dropout masks the run's seed (``example_offset``: a data-parallel replica's first example in the global
-    batch)."""
+def initialize(model, plan: Plan, seed: int, example_offset: int = 0, values=None) -> None:
+    """Give a one-process Keras model of the family the plan's initial weights (each from its own seed, or
+    ``values(weight, None)`` where that is not None: a pretrained checkpoint's), and its dropout masks the run's
+    seed (``example_offset``: a data-parallel replica's first example in the global batch)."""
     for name, var in keras_variables(model, plan).items():
-        var.assign(initial_value(plan.weight(name), seed))
+        weight = plan.weight(name)
+        given = values(weight, None) if values is not None else None
+        var.assign(given if given is not None else initial_value(weight, seed))
+        del given
     for layer in model.layers:
         if hasattr(layer, "dropout_seed"):
             layer.dropout_seed, layer.dropout_offset = int(seed), int(example_offset)

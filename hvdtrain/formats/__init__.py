@@ -110,15 +110,15 @@ def run_config(model_path: str, recipe: str | None = None, config_file: str | No
     """The config of the run that made ``model_path`` (its config.yaml), unless a recipe or a config file (the
     commands' --recipe/--config) says otherwise; ``overrides`` (--set) on top.
 
-    A Hugging Face directory has no run: its config is the ``pretrained`` recipe (the embedded corpus, windows of
-    :data:`~hvdtrain.formats.huggingface.DEFAULT_CONTEXT` tokens at most) with ``model.pretrained`` set to it.
+    A Hugging Face directory has no run: its config is the ``llama-finetune`` recipe's (the embedded corpus, windows
+    of 64 tokens) with ``model.pretrained`` set to it, unless a recipe or a config file says otherwise.
     """
     from hvdtrain import config
 
     overrides = list(overrides or [])
     if is_huggingface(resolve(model_path)):
         pretrained = [f"model.pretrained={huggingface_uri(model_path)}"]
-        return config.load(recipe or (None if config_file else "pretrained"), config_file, pretrained + overrides)
+        return config.load(recipe or (None if config_file else "llama-finetune"), config_file, pretrained + overrides)
     if recipe or config_file:
         return config.load(recipe, config_file, overrides)
     found = storage.join(run_dir_of(model_path), "config.yaml")
