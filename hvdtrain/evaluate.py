@@ -42,7 +42,7 @@ def evaluate_file(path: str, cfg, allow_unsafe: bool = False) -> dict | None:
         result = evaluate(layout.training_model, source, "test", cfg.data.batch_size_per_rank,
                           shard=(layout.data_rank, layout.data_size), counted=layout.counted)
     else:
-        model = formats.load_model(resolved, allow_unsafe=allow_unsafe)
+        model = formats.load_model(resolved, allow_unsafe=allow_unsafe, context_length=cfg.data.context_length)
         formats.check_fit(model, source, f"'{resolved}'")
         result = evaluate(model, source, "test", cfg.data.batch_size_per_rank)
     return {"model": resolved, **result} if distributed.is_chief() else None

@@ -181,7 +181,7 @@ def run(method: str, model_path: str, cfg: Config, output_dir: str | None,
 
     # compression makes float32 models whatever the teacher trained in (TFLite converts from float32)
     tf.keras.mixed_precision.set_global_policy("float32")
-    teacher = formats.load_model(model_path, allow_unsafe=allow_unsafe)
+    teacher = formats.load_model(model_path, allow_unsafe=allow_unsafe, context_length=cfg.data.context_length)
     source = data.load(cfg.data, seed=cfg.train.seed, model_name=cfg.model.name)
     formats.check_fit(teacher, source, f"'{model_path}'")
     run_dir, error = rundir.prepare(output_dir, to_yaml(cfg), distributed.is_chief())

@@ -32,6 +32,12 @@ def quantization_aware(model, source, cfg: Config, model_name: str, epochs: int 
     import tensorflow_model_optimization as tfmot
 
     unsupported = unsupported_layers(model)
+    weighted = [layer.name for layer in model.layers if layer.weights]
+    if weighted and {n for n, _ in unsupported} >= set(weighted):
+        names = ", ".join(f"{n} ({t})" for n, t in unsupported)
+        raise HvdtrainError(
+            f"quantization-aware training has no layer of '{model_name}' it can quantize (its layers are the "
+            f"family's own: {names}); use --method ptq-int8 or ptq-dynamic")
     if unsupported and not cfg.compression.qat_fallback:
         names = ", ".join(f"{n} ({t})" for n, t in unsupported)
         raise HvdtrainError(

@@ -57,10 +57,11 @@ class BPE:
 
     name = "bpe"
 
-    def __init__(self, tokenizer, eos: tuple[int, ...] = ()):
+    def __init__(self, tokenizer, eos: tuple[int, ...] = (), text: str | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = int(tokenizer.get_vocab_size())
         self.eos = tuple(eos)  # end-of-sequence ids (generation stops at the first)
+        self.text = text  # the tokenizer.json it was read from, kept as it was (saved and exported unchanged)
 
     @classmethod
     def train(cls, corpus: bytes, vocab_size: int) -> BPE:
@@ -81,7 +82,7 @@ class BPE:
         from tokenizers import Tokenizer
 
         try:
-            return cls(Tokenizer.from_str(text))
+            return cls(Tokenizer.from_str(text), text=text)
         except Exception as e:  # tokenizers raises a plain Exception for a malformed file
             raise DataError(f"{where} is not a tokenizer.json that Hugging Face tokenizers reads ({e})") from None
 
@@ -96,8 +97,9 @@ class BPE:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=not special)
 
     def to_json(self) -> str:
-        """The ``tokenizer.json`` text."""
-        return self.tokenizer.to_str()
+        """The ``tokenizer.json`` text (a file's own text when read from one: a newer release of tokenizers may
+        have written fields this one would drop)."""
+        return self.text if self.text is not None else self.tokenizer.to_str()
 
 
 def _byte_alphabet() -> dict[int, str]:
