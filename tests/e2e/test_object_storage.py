@@ -126,6 +126,40 @@ print(json.dumps([storage.listdir({bucket + '/small'!r}), storage.listdir({bucke
     assert any(name.endswith(".tflite") for name in found[0]) and "saved_model.pb" in found[1]
 
 
+def test_a_hugging_face_checkpoint_in_a_bucket_is_fine_tuned_at_tensor_2_and_exported_back_to_it(
+        s3_server, bucket, tmp_path):
+    """model.pretrained as an s3:// prefix (a tied bfloat16 Llama in 4 shards, made by transformers): each rank of
+    tensor=2 reads its slices by ranged requests; the first logged validation loss is the checkpoint's own
+    (computed here from the local copy); the run goes back to the bucket as a Hugging Face directory, from which
+    generate reads it."""
+    from hvdtrain import config, data, formats
+    from hvdtrain.data import text
+    from hvdtrain.exact_metrics import local_sums
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "llama-tied-bf16"
+    (tmp_path / "corpus.txt").write_bytes(text.embedded_corpus()[:8_000])
+    s3(s3_server, f"storage.upload({str(fixture)!r}, {bucket + '/tied'!r})")
+    out = tmp_path / "run"
+    hvdtrain_2_ranks(s3_server, ["train", "--recipe", "llama-finetune", "--set", f"model.pretrained={bucket}/tied",
+                                 "--set", f"data.path={tmp_path / 'corpus.txt'}", "--set", "data.context_length=16",
+                                 "--set", "train.epochs=1", "--set", "parallel.tensor=2", "--output", str(out)])
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    cfg = config.load("llama-finetune", overrides=[f"model.pretrained={fixture}", "data.context_length=16",
+                                                   f"data.path={tmp_path / 'corpus.txt'}"])
+    source = data.load(cfg.data, seed=0, model_name=cfg.model.name)
+    loss, _, count = local_sums(formats.load_model(fixture, context_length=16),
+                                source.eval_dataset("val", 0, 1, 16, equal=False))
+    assert first["epoch"] == 0 and first["val_loss"] == pytest.approx(loss / count, rel=1e-5)
+    hvd = str(BIN / "hvdtrain")
+    run([hvd, "export", "--model", str(out), "--format", "huggingface", "--dtype", "bfloat16", "--output",
+         f"{bucket}/hf"], env=s3_env(s3_server))
+    found = json.loads(s3(s3_server, f"import json; print(json.dumps(storage.listdir({bucket + '/hf'!r})))"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(found)
+    generated = run([hvd, "generate", "--model", f"{bucket}/hf", "--prompt", "The ", "--max-tokens", "8",
+                     "--temperature", "0"], env=s3_env(s3_server)).stdout
+    assert generated.startswith("The ")
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing bucket", "bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
     ("wrong credentials", "refused access to bucket"),

@@ -1,7 +1,7 @@
 """Peak memory per rank of loading a Hugging Face checkpoint into a layout (each rank reads its slices).
 
-Usage: pretrained_memory.py OUTDIR CHECKPOINT [LAYOUT]   (LAYOUT: parallel.* overrides, e.g.
-"parallel.tensor=2,parallel.pipeline=2", or "" for one process). The phase is measured alone: the kernel's peak
+Usage: pretrained_memory.py OUTDIR CHECKPOINT[,LAYOUT]   (LAYOUT: parallel.* overrides, e.g.
+"parallel.tensor=2,parallel.pipeline=2"; none for one process). The phase is measured alone: the kernel's peak
 resident set is reset before the layout is made (hvdtrain.memory.reset_peak), so what the process did before does
 not count. Each rank writes rank{r}.json: {"growth": bytes, "parameters": n, "held": bytes it holds}.
 """
@@ -13,8 +13,8 @@ import common
 from hvdtrain import config, data, distributed, memory, runtime
 from hvdtrain.distributed.sharded import bytes_of
 
-outdir, checkpoint = Path(sys.argv[1]), sys.argv[2]
-layout_sets = [s for s in (sys.argv[3] if len(sys.argv) > 3 else "").split(",") if s]
+outdir = Path(sys.argv[1])
+checkpoint, *layout_sets = sys.argv[2].split(",")
 (outdir / "corpus.txt").write_text("The pretrained model reads its share of the checkpoint. " * 200)
 cfg = config.load("llama-tiny", overrides=[f"model.pretrained={checkpoint}", f"data.path={outdir / 'corpus.txt'}",
                                            "data.context_length=64", "data.batch_size_per_rank=2", *layout_sets])
