@@ -55,6 +55,14 @@ def shard(dataset: "tf.data.Dataset", batch_size: int | None = None, num_example
     return shard_dataset(dataset, rank(), size(), batch_size=batch_size, num_examples=num_examples)
 
 
+def from_pretrained(path: str, context_length: int = 0, adapter: str | None = None):
+    """A Hugging Face checkpoint (a directory, an ``s3://`` prefix, or ``builtin:NAME``) as the family's Keras
+    model, with a PEFT LoRA adapter merged in when given: :func:`models.from_pretrained` on hvdtrain's storage."""
+    from hvdtrain.formats import huggingface
+
+    return huggingface.load_model(path, context_length, adapter)
+
+
 def exit(code: int = 0) -> None:  # noqa: A001 - the one way a script should end after using tensorflow-io
     """End a script: flush, shut Horovod down, and (after tensorflow-io's ``hdfs://`` was used) leave without the
     interpreter's teardown, during which tensorflow-io 0.36 aborts (see :func:`hvdtrain.process.exit_process`)."""
@@ -77,6 +85,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "allreduce", "barrier", "broadcast_object", "callbacks", "exit", "init", "is_chief", "local_rank", "local_size",
-    "rank", "ray", "shard", "size", "wrap_optimizer", "WarmupSchedule",
+    "allreduce", "barrier", "broadcast_object", "callbacks", "exit", "from_pretrained", "init", "is_chief",
+    "local_rank", "local_size", "rank", "ray", "shard", "size", "wrap_optimizer", "WarmupSchedule",
 ]

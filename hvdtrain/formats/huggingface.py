@@ -153,48 +153,43 @@ def parse_size(text: str) -> int:
 
 
 class _Source:
-    """What an export reads: the model's spec and each weight's whole value (from a checkpoint, one variable at a
-    time, or from a model in memory)."""
+    """What an export reads: the model's spec and each weight's whole value, from a checkpoint (one variable at a
+    time: a run, its ``model.keras`` beside its checkpoints, a checkpoint folder) or from a model in memory (a
+    ``.keras`` file alone, a Hugging Face directory); a LoRA run's adapter factors from its checkpoint."""
 
     def __init__(self, model_path: str, allow_unsafe: bool):
         from hvdtrain import formats
+        from hvdtrain.formats import checkpoint
 
         resolved = formats.resolve(model_path)
         self.run_dir = formats.run_dir_of(model_path)
-        self.lora = None
-        if formats.is_checkpoint(resolved) or (not formats.is_huggingface(resolved) and self._checkpoint_of(resolved)):
-            from hvdtrain.formats.checkpoint import Reader, spec_of
+        found = resolved if formats.is_checkpoint(resolved) else None
+        if found is None and resolved.endswith("model.keras"):
+            newest = checkpoint.latest(storage.parent(resolved))
+            found = newest if newest is not None and checkpoint.is_sharded(newest) else None
+        if found is not None:
             from models.lora import lora_of
 
-            self.reader = Reader(resolved if formats.is_checkpoint(resolved) else self._checkpoint_of(resolved))
-            self.spec = spec_of(self.reader)
+            self.reader = checkpoint.Reader(found)
+            self.spec = checkpoint.spec_of(self.reader)
             self.lora = lora_of(self.spec)
-            self.values = self.reader.read
-        else:
-            import models
-            from models.plan import keras_variables
-            from models.registry import _FROM_MODEL
+            self.values = checkpoint.model_values(self.reader)  # (a LoRA run's: its adapters merged in)
+            return
+        import models
+        from models.plan import keras_variables
+        from models.registry import _FROM_MODEL
 
-            model = formats.load_model(resolved, allow_unsafe=allow_unsafe)
-            plan = models.plan_of(model)
-            if plan is None:
-                raise UsageError(f"--model {model_path} is not a language model of a family with a plan "
-                                 f"({', '.join(models.language_models())})")
-            variables = keras_variables(model, plan)
-            self.spec = {"name": plan.family, "params": _FROM_MODEL[plan.family](model),
-                         "input_shape": list(model.input_shape[1:]), "num_classes": int(model.output_shape[-1]),
-                         "pretrained": resolved if formats.is_huggingface(resolved) else None}
-            self.values = lambda name: variables[name].numpy()
-
-    @staticmethod
-    def _checkpoint_of(resolved: str) -> str | None:
-        """The newest checkpoint of the run a ``model.keras`` belongs to (it streams one variable at a time)."""
-        from hvdtrain.formats import checkpoint
-
-        if not resolved.endswith("model.keras"):
-            return None
-        newest = checkpoint.latest(storage.parent(resolved))
-        return newest if newest is not None and checkpoint.is_sharded(newest) else None
+        model = formats.load_model(resolved, allow_unsafe=allow_unsafe)
+        plan = models.plan_of(model)
+        if plan is None:
+            raise UsageError(f"--model {model_path} is not a language model of a family with a plan "
+                             f"({', '.join(models.language_models())})")
+        variables = keras_variables(model, plan)
+        self.lora = None
+        self.spec = {"name": plan.family, "params": _FROM_MODEL[plan.family](model),
+                     "input_shape": list(model.input_shape[1:]), "num_classes": int(model.output_shape[-1]),
+                     "pretrained": resolved if formats.is_huggingface(resolved) else None}
+        self.values = lambda name: variables[name].numpy()
 
 
 def export(model_path: str, output: str, merge: bool = False, dtype: str = "float32",
@@ -206,85 +201,75 @@ def export(model_path: str, output: str, merge: bool = False, dtype: str = "floa
     if dtype not in DTYPES:
         raise UsageError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
+    _check_output(output)
     import models  # noqa: F401 - registers the families and their adapters
     from hvdtrain.data import tokenizer as tokenizers
-    from hvdtrain.formats.checkpoint import model_values, plan_of_spec
+    from hvdtrain.formats.checkpoint import plan_of_spec
     from models import hub
 
     source = _Source(model_path, allow_unsafe)
     spec = source.spec
+    context, vocabulary = int(spec["input_shape"][0]), int(spec["num_classes"])
     with one_line_errors():
         adapter = hub.family_of(spec["name"])
-        plan = plan_of_spec({**spec, "params": {k: v for k, v in spec["params"].items()}})
-        pretrained = spec.get("pretrained")
-        context, vocabulary = int(spec["input_shape"][0]), int(spec["num_classes"])
-        if pretrained:
-            base = open_checkpoint(pretrained, context)
-            config = dict(base.config)
-        else:
-            base = None
-            config = adapter.write_config(spec["params"], vocabulary, context)
+        plan = plan_of_spec(spec)
+        base = open_checkpoint(spec["pretrained"], context) if spec.get("pretrained") else None
+        # a fine-tune keeps its checkpoint's config (a Mistral stays a Mistral); a model of hvdtrain's own gets one
+        config = dict(base.config) if base else adapter.write_config(spec["params"], vocabulary, context)
         config = hub.dtype_config(config, dtype)
     tok = tokenizers.load_beside(source.run_dir)
     with tempfile.TemporaryDirectory(prefix="hvdtrain-hf-") as tmp:
-        folder = Path(tmp) / "export"
-        folder.mkdir()
+        folder = Path(tmp)
         with one_line_errors():
             if source.lora is not None and not merge:
-                written = _write_adapter(folder, adapter, plan, config, source, pretrained)
+                written = _write_adapter(folder, adapter, plan, config, source)
             else:
-                values = model_values(source.reader) if source.lora is not None else source.values
-                written = hub.write_weights(folder, adapter, plan, config, values, dtype, max_bytes)
+                written = hub.write_weights(folder, adapter, plan, config, source.values, dtype, max_bytes)
                 (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-                written.append(CONFIG)
-                written += _write_side_files(folder, base, config, tok, context)
+                written += [CONFIG, *_write_side_files(folder, base, config, tok, context)]
         return _publish(folder, output, written)
 
 
-def _write_adapter(folder: Path, adapter, plan, config: dict, source: _Source, pretrained: str) -> list[str]:
-    """A PEFT LoRA adapter: per module, ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``. A module that fuses
+def _write_adapter(folder: Path, adapter, plan, config: dict, source: _Source) -> list[str]:
+    """A LoRA run's PEFT adapter: per module, ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``. A module that fuses
     several adapted weights (GPT-2's c_attn) gets their factors stacked (``A`` by rows, ``B`` block-diagonal), and
     every module the same rank (padded with zeros), so one ``r`` and ``lora_alpha`` give every update exactly."""
     from models import hub
     from models.lora import factor_names
 
-    lora = source.lora
-    tensors = adapter.tensors(plan, config)
+    lora, read = source.lora, source.reader.read
     modules: dict[str, list] = {}
-    for name, t in tensors.items():
+    for name, t in adapter.tensors(plan, config).items():
         if factor_names(name)[0] in source.reader.variables:
             modules.setdefault(hub.module_of(t), []).append((name, t))
     rank = lora.rank * max(len(parts) for parts in modules.values())
-    entries, arrays = [], {}
-    for module, parts in modules.items():
-        t0, w0 = parts[0][1], plan.weight(parts[0][0])
-        fan_in = hub.fan_in_first(t0, w0)
-        in_axis = 0 if fan_in else 1
-        a_all = np.zeros((rank, t0.shape[in_axis]), np.float32)
-        b_all = np.zeros((t0.shape[1 - in_axis], rank), np.float32)
+    fan_in = hub.fan_in_first(*next((t, plan.weight(n)) for parts in modules.values() for n, t in parts))
+    out_axis = 1 if fan_in else 0  # of the Hugging Face tensor: [in, out] (Conv1D) or [out, in] (nn.Linear)
+    factors = {}
+    for parts in modules.values():
+        shape = parts[0][1].shape
+        a_all = np.zeros((rank, shape[1 - out_axis]), np.float32)
+        b_all = np.zeros((shape[out_axis], rank), np.float32)
         for k, (name, t) in enumerate(parts):
-            weight = plan.weight(name)
             a_name, b_name = factor_names(name)
-            a = source.values(a_name).reshape(-1, lora.rank)  # (in, r)
-            b = source.values(b_name).reshape(lora.rank, -1)  # (r, out)
-            at = (t.offset or (0, 0))[1 - in_axis]
+            a = read(a_name).reshape(-1, lora.rank)  # (in, r): the kernel's input axes flattened as the tensor's
+            b = read(b_name).reshape(lora.rank, -1)  # (r, out)
+            at = (t.offset or (0, 0))[out_axis]
             a_all[k * lora.rank:(k + 1) * lora.rank] = a.T
             b_all[at:at + b.shape[1], k * lora.rank:(k + 1) * lora.rank] = b.T
-            del weight
-        for factor, value in (("lora_A", a_all), ("lora_B", b_all)):
-            entries.append((hub.peft_name(t0, factor), "F32", value.shape))
-            arrays[entries[-1][0]] = value
-    with hub.SafetensorsWriter(folder / hub.ADAPTER_WEIGHTS, entries) as writer:
-        for name, _, _ in entries:
-            writer.write(name, arrays[name])
+        factors[hub.peft_name(parts[0][1], "lora_A")] = a_all
+        factors[hub.peft_name(parts[0][1], "lora_B")] = b_all
+    with hub.SafetensorsWriter(folder / hub.ADAPTER_WEIGHTS, [(n, "F32", v.shape) for n, v in factors.items()]) as w:
+        for name, value in factors.items():
+            w.write(name, value)
+    pretrained = source.spec["pretrained"]
     peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": lora.alpha * rank / lora.rank,
-            "lora_dropout": lora.dropout, "target_modules": hub.lora_modules(adapter, lora.targets),
-            "bias": "none", "fan_in_fan_out": any(hub.fan_in_first(t, plan.weight(n)) for parts in modules.values()
-                                                  for n, t in parts),
-            "base_model_name_or_path": str(storage.local_path(pretrained).resolve()) if storage.is_local(pretrained)
-            else pretrained, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-            "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+            "lora_dropout": lora.dropout, "target_modules": hub.lora_modules(adapter, lora.targets), "bias": "none",
+            "fan_in_fan_out": fan_in, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+            "base_model_name_or_path": str(storage.local_path(pretrained).resolve())
+            if storage.is_local(pretrained) else pretrained}
     (folder / hub.ADAPTER_CONFIG).write_text(json.dumps(peft, indent=2) + "\n")
     return [hub.ADAPTER_WEIGHTS, hub.ADAPTER_CONFIG]
 
@@ -316,15 +301,27 @@ def _write_side_files(folder: Path, base, config: dict, tok, context: int) -> li
     return written
 
 
+def _is_export_file(name: str) -> bool:
+    return name in (CONFIG, INDEX, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "adapter_config.json", "adapter_model.safetensors") or (
+        name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _check_output(output: str) -> None:
+    """A local ``--output`` must be new, empty, or an earlier export (which the new one replaces whole)."""
+    if storage.is_local(output):
+        target = storage.local_path(output)
+        if target.exists() and (not target.is_dir() or not all(_is_export_file(p.name) for p in target.iterdir())):
+            raise UsageError(f"--output {output} already holds other files; give a new or empty directory")
+
+
 def _publish(folder: Path, output: str, written: list[str]) -> list[str]:
     """Move the finished export to ``output`` (local: renamed into place, replacing an earlier export; object
     storage: uploaded file by file, config.json last). Returns the URIs written."""
-    first = [n for n in written if n not in (CONFIG, "adapter_config.json")]
-    order = first + [n for n in written if n not in first]
+    order = [n for n in written if n not in (CONFIG, "adapter_config.json")]
+    order += [n for n in written if n not in order]
     if storage.is_local(output):
         target = storage.local_path(output)
-        if target.exists() and any(p.name not in written for p in target.iterdir()):
-            raise UsageError(f"--output {output} already holds other files; give a new or empty directory")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         for name in order:
