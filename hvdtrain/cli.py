@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-baseline", action="store_true",
                    help="compare `hvdtrain train` with the canonical Horovod+Keras loop, interleaved")
     p.add_argument("--layouts", nargs="?", const="default", default=None, metavar="LIST",
-                   help="compare layouts of a gpt, e.g. \"dp=1;dp=2;tp=2;dp=2,zero;pp=2,m=4,gpipe\" "
+                   help="compare layouts of the recipe's language model (gpt-tiny by default), e.g. "
+                        "\"dp=1;dp=2;tp=2;dp=2,zero;pp=2,m=4,gpipe\" "
                         "(default: the data, tensor and pipeline layouts at up to 4 ranks)")
     p.add_argument("--controllers", default="gloo", help="with --layouts: gloo and/or mpi, e.g. gloo,mpi")
     p.add_argument("--global-batch", type=int, default=32, help="with --layouts: the global batch of every layout")

@@ -460,7 +460,8 @@ def resolve_pretrained(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[
     context = data.get("context_length", DataConfig.context_length)
     if isinstance(context, int) and context > info.max_context:
         raise ConfigError(f"data.context_length={context} is longer than the pretrained model's "
-                          f"{info.max_context} positions; set data.context_length={info.max_context} or less")
+                          f"{info.max_context} positions (its max_position_embeddings, or a sliding window: "
+                          f"attention within it is exact); set data.context_length={info.max_context} or less")
     return {**raw, "model": model, "data": data}, notes
 
 

@@ -371,13 +371,11 @@ def read_hf_config(config: dict):
     if inner % width:
         raise PretrainedError(f"n_inner {inner} is not a multiple of n_embd {width}: not supported")
     positions = int(config.get("n_positions", 1024))
-    eos = config.get("eos_token_id")
     params = {"num_layers": int(config.get("n_layer", 12)), "num_heads": int(config.get("n_head", 12)),
               "width": width, "mlp_ratio": inner // width, "tie_embeddings": True, "positions": positions,
               "activation": ACTIVATION_OF[act], "norm_epsilon": float(config.get("layer_norm_epsilon", 1e-5))}
     return Pretrained("gpt", params, int(config["vocab_size"]), positions,
-                      {"dropout": float(config.get("resid_pdrop", 0.1))},
-                      tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+                      {"dropout": float(config.get("resid_pdrop", 0.1))})
 
 
 def write_hf_config(params: dict, vocabulary: int, context: int) -> dict:

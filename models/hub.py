@@ -348,7 +348,6 @@ class Pretrained:
     vocabulary: int
     max_context: int  # the longest window the checkpoint supports (its positions, or its sliding window)
     training: dict[str, Any] = field(default_factory=dict)  # builder parameters a run may change (dropout)
-    eos: tuple[int, ...] = ()  # end-of-sequence token ids (generation stops there)
 
 
 @dataclass(frozen=True)
@@ -403,15 +402,16 @@ def supported() -> list[str]:
 
 
 def adapter_of(config: dict, where: str = CONFIG) -> Adapter:
-    """The adapter of the architecture ``config.json`` names (a one-line error for any other)."""
-    names = config.get("architectures") or []
-    for adapter in adapters().values():
-        if any(n in adapter.architectures for n in names):
-            return adapter
+    """The adapter of the architecture ``config.json`` names (a one-line error for any other, and for a quantized
+    checkpoint)."""
     quantized = config.get("quantization_config")
     if quantized:
         raise PretrainedError(f"{where}: a quantized checkpoint ({quantized.get('quant_method', 'quantization')}) "
                               "cannot be read; give its float32, bfloat16 or float16 weights")
+    names = config.get("architectures") or []
+    for adapter in adapters().values():
+        if any(n in adapter.architectures for n in names):
+            return adapter
     what = ", ".join(names) or f"model_type '{config.get('model_type', '?')}' without architectures"
     raise PretrainedError(f"{where}: architecture {what} is not supported; supported: {', '.join(supported())}")
 
@@ -442,11 +442,6 @@ class Checkpoint:
         self.files = files
         self.config = read_json(files, CONFIG)
         self.adapter = adapter_of(self.config, files.where(CONFIG))
-        quantized = self.config.get("quantization_config")
-        if quantized:
-            raise PretrainedError(f"{files.where(CONFIG)}: a quantized checkpoint "
-                                  f"({quantized.get('quant_method', 'quantization')}) cannot be read; give its "
-                                  "float32, bfloat16 or float16 weights")
         self.pretrained = self.adapter.read_config(self.config)
         self.context = context or min(self.pretrained.max_context, DEFAULT_CONTEXT)
         if self.context > self.pretrained.max_context:
@@ -502,12 +497,6 @@ class Checkpoint:
         t = self.tensors(plan)[name]
         start, size = box or ((0,) * len(weight.shape), weight.shape)
         return t.to_weight(self.weights.read(t.name, t.box(weight.shape, start, size)), size)
-
-    def dtype(self, plan) -> str:
-        """The dtype the checkpoint stores its weights in (``float32``, ``bfloat16``, ``float16``)."""
-        codes = {self.weights.dtype(t.name) for t in self.tensors(plan).values()}
-        names = {v: k for k, v in CODES.items()}
-        return names.get(codes.pop(), "float32") if len(codes) == 1 else "float32"
 
     def tokenizer(self):
         """The checkpoint's ``tokenizers.Tokenizer`` (None when it has no tokenizer.json)."""

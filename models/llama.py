@@ -431,15 +431,13 @@ def read_hf_config(config: dict):
     window = config.get("sliding_window")
     if window and (kind == "mistral" or config.get("use_sliding_window")):
         longest = min(longest, int(window))  # exact up to the window; beyond it Mistral attends to the last window
-    eos = config.get("eos_token_id")
     params = {"num_layers": int(config["num_hidden_layers"]), "num_heads": heads,
               "kv_heads": int(config.get("num_key_value_heads") or heads), "width": width,
               "mlp_hidden": int(config["intermediate_size"]), "rope_theta": theta, "rope_scaling": scaling,
               "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
               "tie_embeddings": bool(config.get("tie_word_embeddings", False)), "qkv_bias": kind == "qwen2"}
     return Pretrained("llama", params, int(config["vocab_size"]), longest,
-                      {"dropout": float(config.get("attention_dropout", 0.0))},
-                      tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+                      {"dropout": float(config.get("attention_dropout", 0.0))})
 
 
 def write_hf_config(params: dict, vocabulary: int, context: int) -> dict:

@@ -145,11 +145,12 @@ def cast(value, dtype):
     return value.cast(dtype) if isinstance(value, Adapted) else tf.cast(value, dtype)
 
 
-def merged(kernel, a, b, scale: float, inputs: int):
-    """``kernel + scale x A B`` (NumPy): the weight a LoRA fine-tune ends with."""
+def merged(kernel, a, b, scale: float):
+    """``kernel + scale x A B`` (NumPy; ``A`` ``(in..., rank)``, ``B`` ``(rank, out...)``): the weight a LoRA
+    fine-tune ends with."""
     import numpy as np
 
-    return kernel + scale * np.tensordot(a, b, axes=1).reshape(kernel.shape)
+    return kernel + scale * np.tensordot(a, b, axes=1)
 
 
 def lora_of(spec) -> Lora | None:

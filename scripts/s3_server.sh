@@ -100,12 +100,13 @@ osd_id=$(ceph -c "$conf" --connect-timeout 20 osd create)
 mkdir -p "$dir/osd/osd.$osd_id"
 ceph-osd -c "$conf" -i "$osd_id" --mkfs >/dev/null 2>&1
 # An OSD's first mon command can race its monitor client and be refused ("wrong fsid": the monmap not read yet);
-# the OSD then exits at start. It is harmless to start it again.
-for attempt in 1 2 3; do
+# the OSD then exits at start. It is harmless to start it again. On a loaded machine the race was lost three times
+# in a row (seen once, with both cores busy): up to 8 attempts, waiting longer each time.
+for attempt in 1 2 3 4 5 6 7 8; do
   if ceph-osd -c "$conf" -i "$osd_id" 2>"$dir/log/osd-start.err"; then break; fi
-  if [ "$attempt" = 3 ]; then cat "$dir/log/osd-start.err" >&2; stop; exit 1; fi
+  if [ "$attempt" = 8 ]; then cat "$dir/log/osd-start.err" >&2; stop; exit 1; fi
   log "the OSD stopped at start (attempt $attempt, see $dir/log/osd.$osd_id.log); starting it again"
-  sleep 1
+  sleep "$attempt"
 done
 
 log "starting the S3 gateway on 127.0.0.1:$port"

@@ -72,7 +72,7 @@ def load_model(path: str | Path, allow_unsafe: bool = False, context_length: int
     """The whole Keras model at ``path``, whatever its format (see the module doc).
 
     ``context_length``: for a Hugging Face directory, the model's window (0: the checkpoint's, at most
-    :data:`~hvdtrain.formats.huggingface.DEFAULT_CONTEXT`).
+    :data:`models.hub.DEFAULT_CONTEXT`).
 
     Raises:
         ModelFileError: the file is missing, is a TFLite model, or is not a readable model.
@@ -117,7 +117,7 @@ def run_config(model_path: str, recipe: str | None = None, config_file: str | No
 
     overrides = list(overrides or [])
     if is_huggingface(resolve(model_path)):
-        pretrained = [f"model.pretrained={huggingface_uri(model_path)}"]
+        pretrained = [f"model.pretrained={str(model_path).rstrip('/')}"]
         return config.load(recipe or (None if config_file else "llama-finetune"), config_file, pretrained + overrides)
     if recipe or config_file:
         return config.load(recipe, config_file, overrides)
@@ -134,8 +134,3 @@ def run_config(model_path: str, recipe: str | None = None, config_file: str | No
     raw.pop("compression", None)
     raw.pop("parallel", None)
     return config.from_dict(config.apply_overrides(raw, overrides))
-
-
-def huggingface_uri(model_path: str | Path) -> str:
-    """``model_path`` as given (``builtin:NAME`` stays as it is), without a trailing slash."""
-    return str(model_path).rstrip("/")

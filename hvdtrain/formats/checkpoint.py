@@ -361,7 +361,7 @@ def model_values(reader: Reader):
             value = base.read(plan, name)
         a, b = factor_names(name)
         if a in reader.variables:
-            value = merged(value, reader.read(a), reader.read(b), lora.scale, plan.weight(name).inputs)
+            value = merged(value, reader.read(a), reader.read(b), lora.scale)
         return value
 
     return values

@@ -31,7 +31,6 @@ from hvdtrain.errors import ModelFileError, UsageError
 
 # the file names of the format (as models.hub names them; repeated here so that resolving a path needs no TensorFlow)
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-DEFAULT_CONTEXT = 1024
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -89,7 +88,7 @@ def one_line_errors():
 
 def open_checkpoint(uri: str, context: int = 0):
     """The :class:`models.hub.Checkpoint` at ``uri`` for a model of ``context`` tokens (0: the checkpoint's, at
-    most :data:`DEFAULT_CONTEXT`)."""
+    most :data:`models.hub.DEFAULT_CONTEXT`)."""
     from models.hub import Checkpoint
 
     if not is_pretrained(uri):
@@ -123,17 +122,6 @@ def initial_values(checkpoint, plan):
             return checkpoint.read(plan, weight.name, box)
 
     return values
-
-
-def eos_ids(uri: str) -> tuple[int, ...]:
-    """The end-of-sequence token ids of the checkpoint at ``uri`` (its generation_config.json, else config.json)."""
-    for name in ("generation_config.json", CONFIG):
-        path = storage.join(uri, name)
-        if storage.exists(path):
-            eos = json.loads(storage.read_text(path)).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos if isinstance(eos, list) else [eos])
-    return ()
 
 
 # ---------------------------------------------------------------------------------------------------------------

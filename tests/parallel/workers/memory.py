@@ -1,7 +1,7 @@
 """Peak memory per rank through every phase where a whole copy of the model could appear: construction, training,
 a checkpoint written, the checkpoint read back (a resume), model.keras streamed by the chief.
 
-Usage: memory.py OUTDIR LAYOUT   (LAYOUT: parallel.* overrides, e.g. "parallel.tensor=2,parallel.pipeline=2", or "")
+Usage: memory.py OUTDIR [LAYOUT]   (LAYOUT: parallel.* overrides, e.g. "parallel.tensor=2,parallel.pipeline=2")
 A small gpt first, then a larger one in the same process: the peak resident set is a high-water mark, so the
 larger model's growth over the small one's is what its size costs (TensorFlow's own start-up is in both).
 Each rank writes rank{r}.json: {"small": bytes, "large": bytes, "large_parameters": n}.
@@ -17,7 +17,7 @@ from hvdtrain.formats import checkpoint, keras_file
 from hvdtrain.rundir import RunDir
 
 outdir = Path(sys.argv[1])
-layout_sets = [s for s in sys.argv[2].split(",") if s]
+layout_sets = [s for s in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if s]
 SIZES = {"small": "{num_layers: 2, width: 64, num_heads: 8, dropout: 0.0}",
          "large": "{num_layers: 2, width: 1024, num_heads: 8, dropout: 0.0}"}
 peaks, params = {}, 0
