@@ -23,7 +23,10 @@ SHIPPED = ROOT / "hvdtrain" / "pretrained" / "tiny-llama"
 SMALL = ["data.context_length=16", "train.epochs=2", "train.lr_scaling=none"]
 COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "val_bits_per_byte", "lr")
 LAYOUTS = {"one": (1, []), "tp2": (2, ["parallel.tensor=2"]),
-           "pp2": (2, ["parallel.pipeline=2", "parallel.microbatches=2"])}
+           "pp2": (2, ["parallel.pipeline=2", "parallel.microbatches=2"]),
+           "dp2xtp2": (4, ["data.batch_size_per_rank=8", "parallel.tensor=2", "parallel.shard_optimizer=true",
+                           "parallel.sequence=true"])}
+LORA_DROPOUT = "train.lora_dropout=0.1"  # the adapters' input masks: each layout draws its part of one process's
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +62,12 @@ def assert_same_metrics(out, reference):
                 assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["epoch"], key)
 
 
-def resumed(corpus, tmp_path_factory, recipe, first, then, name):
+def resumed(corpus, tmp_path_factory, recipe, first, then, name, *sets):
     """The run killed right after its first checkpoint at layout ``first``, then run again at ``then``."""
     out = tmp_path_factory.mktemp(name) / "run"
-    killed = train(corpus, out, recipe, first, failpoint="after-checkpoint@1", check=False)
+    killed = train(corpus, out, recipe, first, *sets, failpoint="after-checkpoint@1", check=False)
     assert killed.returncode != 0 and [r["epoch"] for r in rows(out)] == [0, 1]
-    again = train(corpus, out, recipe, then)
+    again = train(corpus, out, recipe, then, *sets)
     assert "resuming after epoch 1" in again.stdout
     return out, killed, again
 
@@ -79,10 +82,10 @@ def full(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora(corpus, tmp_path_factory):
-    """LoRA: one process, and pipeline=2 killed then resumed at tensor=2."""
+    """LoRA with dropout on the adapters' input: one process, and pipeline=2 killed then resumed at tensor=2."""
     one = tmp_path_factory.mktemp("lora-one") / "run"
-    train(corpus, one, "llama-lora", "one")
-    return one, resumed(corpus, tmp_path_factory, "llama-lora", "pp2", "tp2", "lora-pp2-tp2")
+    train(corpus, one, "llama-lora", "one", LORA_DROPOUT)
+    return one, resumed(corpus, tmp_path_factory, "llama-lora", "pp2", "tp2", "lora-pp2-tp2", LORA_DROPOUT)
 
 
 def pretrained_validation_loss(run_dir) -> float:
@@ -131,6 +134,15 @@ def test_a_lora_finetune_at_pipeline_2_resumed_at_tensor_2_is_the_one_process_ru
     base = models.from_pretrained(SHIPPED, context_length=16)
     x = np.arange(32, dtype=np.int32).reshape(2, 16) % 384
     assert np.abs(merged(x).numpy() - base(x).numpy()).max() > 1e-3
+
+
+def test_lora_at_data_2_x_tensor_2_with_zero_and_sequence_parallelism_is_the_one_process_run(corpus, lora, tmp_path):
+    """The adapters' optimizer state sharded over the data-parallel pair (ZeRO), their factors split over the
+    tensor pair, the positions too between split regions: the factor a member holds whole has a gradient that covers
+    its heads (and, with sequence parallelism, its positions) only, summed over the group once."""
+    out = tmp_path / "run"
+    train(corpus, out, "llama-lora", "dp2xtp2", LORA_DROPOUT)
+    assert_same_metrics(out, lora[0])
 
 
 def test_the_exports_are_the_format_transformers_and_peft_read(full, lora, tmp_path):
