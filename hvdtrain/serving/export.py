@@ -77,6 +77,9 @@ def generation_module(model, tokenizer=None):
             self.model = model  # tracked: its variables are saved once, shared by every signature
             self.text = text
             self.tables = text.tables() if text else []  # tracked: the tokenizer's tables are saved with it
+            if text is not None:  # (a tokenizer that cannot run in the graph: no text signature to trace at all)
+                self.generate_text = tf.function(
+                    self._generate_text, input_signature=[tf.TensorSpec([None], tf.string, name="prompt"), *options])
 
         @tf.function(input_signature=[tf.TensorSpec([None, context], tf.int32, name="tokens")])
         def serve(self, tokens):
@@ -87,8 +90,7 @@ def generation_module(model, tokenizer=None):
         def generate(self, prompt, lengths, max_new_tokens, temperature, top_k, seed):
             return {"tokens": generate_ids(prompt, lengths, max_new_tokens, temperature, top_k, seed)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt"), *options])
-        def generate_text(self, prompt, max_new_tokens, temperature, top_k, seed):
+        def _generate_text(self, prompt, max_new_tokens, temperature, top_k, seed):
             # text in: each prompt encoded by the tokenizer in the graph (an empty prompt starts from a newline),
             # its last `context - 1` tokens kept; text out: the new tokens' text
             def encode(p):

@@ -5,6 +5,7 @@ same code through its own plan: tests/unit/test_decoding.py.)"""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,35 @@ def test_export_and_generate_reject_an_unknown_format_and_an_image_model(lm_run,
                 "--prompt", "The "], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and proc.stdout == ""
     assert f"--draft {tmp_path / 'mlp.keras'} takes inputs of shape (8, 8, 1)" in proc.stderr
+
+
+def test_a_model_trained_here_goes_out_as_a_hugging_face_checkpoint_and_one_comes_in_as_a_savedmodel(lm_run, models_,
+                                                                                                     tmp_path):
+    """The llama trained from scratch over its own BPE is written as a LlamaForCausalLM directory (config made from
+    its settings, its tokenizer.json with a tokenizer_config.json transformers reads) that reads back with its
+    logits; a checkpoint of transformers' with a published tokenizer (Llama 3's regex pre-split) exports as a
+    SavedModel whose token signature gives its logits, and says why it has no text signature."""
+    import tensorflow as tf
+
+    from hvdtrain import formats
+
+    model, _ = models_
+    out = tmp_path / "hf"
+    run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", "huggingface", "--output", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == VOCAB
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokens = np.random.default_rng(2).integers(0, VOCAB, size=(2, CONTEXT)).astype(np.int32)
+    np.testing.assert_allclose(formats.load_model(out, context_length=CONTEXT)(tokens).numpy(), model(tokens).numpy(),
+                               atol=1e-5)
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "llama-gqa"
+    proc = run([str(BIN / "hvdtrain"), "export", "--model", str(fixture), "--format", "saved_model", "--output",
+                str(tmp_path / "sm")])
+    assert "no generate_text signature" in proc.stdout
+    assert "its pre-tokenizer is Sequence" in proc.stdout
+    served = tf.saved_model.load(str(tmp_path / "sm" / "saved_model")).signatures["serving_default"]
+    reference = np.load(fixture / "reference.npz")
+    ids = np.zeros((2, 128), np.int32)
+    ids[:, :12] = reference["input_ids"]
+    logits = served(tokens=tf.constant(ids))["logits"].numpy()[:, :12]
+    assert np.abs(logits - reference["logits"]).max() < 1e-5 * np.abs(reference["logits"]).mean()

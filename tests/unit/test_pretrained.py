@@ -189,6 +189,8 @@ def test_checkpoints_that_cannot_be_read_give_one_line_each(tmp_path):
     fails(yarn, "rope scaling of type 'yarn' is not supported")
     edit(yarn, rope_parameters=None, quantization_config={"quant_method": "gptq"})
     fails(yarn, r"a quantized checkpoint \(gptq\) cannot be read")
+    with pytest.raises(hub.PretrainedError, match="a gpt with untied embeddings has a logits layer with a bias"):
+        hub.family_of("gpt").write_config({"tie_embeddings": False}, 256, 64)  # no GPT2LMHeadModel for it
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((FIXTURES / "gpt2" / "config.json").read_text())
