@@ -292,14 +292,21 @@ def check(width: int, num_heads: int, kv_heads: int, rope_scaling: dict | None =
         raise ValueError(f"num_heads={num_heads} must divide width={width} into an even head size (rotary pairs)")
     if kv_heads < 1 or num_heads % kv_heads:
         raise ValueError(f"kv_heads={kv_heads} must divide num_heads={num_heads}")
-    if rope_scaling:
-        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-        if kind not in ROPE_SCALING:
-            raise ValueError(f"rope_scaling of type '{kind}' is not implemented (implemented: none, "
-                             f"{', '.join(ROPE_SCALING)})")
-        missing = [k for k in LLAMA3_KEYS if k not in rope_scaling]
-        if missing:
-            raise ValueError(f"rope_scaling of type llama3 needs {', '.join(missing)}")
+    scaling_of(rope_scaling)
+
+
+def scaling_of(given: dict | None) -> dict | None:
+    """A rope scaling setting (``rope_type`` or ``type``, and its keys) as the family keeps it, or None for none
+    (``default``); ValueError for a type not implemented or a key missing."""
+    kind = (given or {}).get("rope_type", (given or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_SCALING:
+        raise ValueError(f"rope scaling of type '{kind}' is not supported (supported: none, {', '.join(ROPE_SCALING)})")
+    missing = [k for k in LLAMA3_KEYS if k not in given]
+    if missing:
+        raise ValueError(f"rope scaling of type {kind} needs {', '.join(missing)}")
+    return {"rope_type": kind, **{k: given[k] for k in LLAMA3_KEYS}}
 
 
 def block_weights(prefix: str, width: int, num_heads: int, kv_heads: int, mlp_hidden: int,
@@ -397,16 +404,10 @@ def _rope_settings(config: dict) -> tuple[float, dict | None]:
 
     given = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = float(given.get("rope_theta", config.get("rope_theta", 10000.0)))
-    kind = given.get("rope_type", given.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
-    if kind not in ROPE_SCALING:
-        raise PretrainedError(f"rope scaling of type '{kind}' is not supported (supported: none, "
-                              f"{', '.join(ROPE_SCALING)})")
-    missing = [k for k in LLAMA3_KEYS if k not in given]
-    if missing:
-        raise PretrainedError(f"rope scaling of type llama3 without {', '.join(missing)}")
-    return theta, {"rope_type": kind, **{k: given[k] for k in LLAMA3_KEYS}}
+    try:
+        return theta, scaling_of(given)
+    except ValueError as exc:
+        raise PretrainedError(str(exc)) from None
 
 
 def read_hf_config(config: dict):

@@ -46,6 +46,17 @@ def horovodrun(args: list, np: int = 2, timeout: float = 300, check: bool = True
     return run(cmd, timeout=timeout, check=check, cwd=cwd, env={**env(), **(environment or {})})
 
 
+def hvdtrain_at(np: int, args: list, failpoint: str | None = None, check: bool = True,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``hvdtrain ARGS`` as a user runs it: in one process at ``np`` 1, else under ``horovodrun --gloo -np N``;
+    ``failpoint``: ``HVDTRAIN_FAILPOINT`` (a SIGKILL at a point of the run: hvdtrain.rundir.failpoint)."""
+    e = {**env(), **({"HVDTRAIN_FAILPOINT": failpoint} if failpoint else {})}
+    cmd = [str(BIN / "hvdtrain"), *map(str, args)]
+    if np > 1:
+        cmd = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", *cmd]
+    return run(cmd, timeout=timeout, check=check, env=e)
+
+
 def mpirun(args: list, np: int = 2, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """OpenMPI's ``mpirun`` at ``np`` local ranks, with the flags needed as root and on few cores."""
     e = env()

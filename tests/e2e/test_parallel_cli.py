@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import BIN, ROOT, env, horovodrun, run
+from tests.helpers import BIN, ROOT, horovodrun, hvdtrain_at, run
 
 pytestmark = pytest.mark.e2e
 
@@ -52,13 +52,9 @@ def corpus(tmp_path_factory):
 
 def train(corpus, out, layout, *sets, failpoint=None, check=True, recipe="gpt-tiny", model=SMALL_GPT):
     np_, layout_sets = LAYOUTS[layout]
-    args = [BIN / "hvdtrain", "train", "--recipe", recipe, "--set", f"data.path={corpus}",
-            *(a for s in [*model, *layout_sets, *sets] for a in ("--set", s)), "--output", out]
-    e = {**env(), **({"HVDTRAIN_FAILPOINT": failpoint} if failpoint else {})}
-    if np_ == 1:
-        return run([str(a) for a in args], timeout=600, check=check, env=e)
-    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *map(str, args)]
-    return run(cmd, timeout=600, check=check, env=e)
+    return hvdtrain_at(np_, ["train", "--recipe", recipe, "--set", f"data.path={corpus}",
+                             *(a for s in [*model, *layout_sets, *sets] for a in ("--set", s)), "--output", out],
+                       failpoint, check)
 
 
 def rows(out):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import BIN, ROOT, env, run
+from tests.helpers import BIN, ROOT, env, hvdtrain_at, run
 
 pytestmark = pytest.mark.e2e
 
@@ -40,13 +40,9 @@ def corpus(tmp_path_factory):
 
 def train(corpus, out, recipe, layout, *sets, failpoint=None, check=True):
     np_, layout_sets = LAYOUTS[layout]
-    args = [BIN / "hvdtrain", "train", "--recipe", recipe, "--set", f"data.path={corpus}",
-            *(a for s in [*SMALL, *layout_sets, *sets] for a in ("--set", s)), "--output", out]
-    e = {**env(), **({"HVDTRAIN_FAILPOINT": failpoint} if failpoint else {})}
-    if np_ == 1:
-        return run([str(a) for a in args], timeout=600, check=check, env=e)
-    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *map(str, args)]
-    return run(cmd, timeout=600, check=check, env=e)
+    return hvdtrain_at(np_, ["train", "--recipe", recipe, "--set", f"data.path={corpus}",
+                             *(a for s in [*SMALL, *layout_sets, *sets] for a in ("--set", s)), "--output", out],
+                       failpoint, check)
 
 
 def rows(out):
