@@ -155,6 +155,14 @@ def test_a_model_written_back_is_the_checkpoint_transformers_wrote(tmp_path):
             (FIXTURES / name / "config.json").read_text())
         for key in ("architectures", "model_type", "vocab_size", "tie_word_embeddings"):
             assert config[key] == reference[key]
+    # float16 (Qwen2's q/k/v biases too): read back within float16's rounding of transformers' logits
+    model = models.from_pretrained(FIXTURES / "qwen2", context_length=CONTEXT)
+    hub.save_pretrained(model, tmp_path / "half", dtype="float16")
+    half = hub.Weights(hub.LocalFiles(tmp_path / "half"))
+    assert {s.dtype for s in half.stored.values()} == {"F16"} and "model.layers.0.self_attn.q_proj.bias" in half
+    reference = np.load(FIXTURES / "qwen2" / "reference.npz")
+    logits = models.from_pretrained(tmp_path / "half", context_length=CONTEXT)(padded(reference["input_ids"]))
+    assert np.abs(logits.numpy()[:, :12] - reference["logits"]).max() < 0.02 * np.abs(reference["logits"]).mean()
 
 
 def test_checkpoints_that_cannot_be_read_give_one_line_each(tmp_path):
