@@ -95,14 +95,16 @@ class Validation(tf.keras.callbacks.Callback):
 
     Args:
         evaluate: returns ``{"loss": ..., "accuracy": ...}`` of the validation split (empty when there is none).
+        every, last: validate at the end of every ``every``-th epoch (interval of a run counted in steps) and of
+            epoch ``last`` (0: every epoch).
     """
 
-    def __init__(self, evaluate):
+    def __init__(self, evaluate, every: int = 1, last: int = 0):
         super().__init__()
-        self.evaluate = evaluate
+        self.evaluate, self.every, self.last = evaluate, max(1, every), last
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
+        if logs is None or ((epoch + 1) % self.every and epoch + 1 != self.last):
             return
         for key, value in (self.evaluate() or {}).items():
             if key in ("loss", "accuracy"):
@@ -200,17 +202,21 @@ class ProgressLogger(tf.keras.callbacks.Callback):
     In ``bar`` mode (a plain process on a terminal) one line is redrawn in place. In ``lines`` mode (under
     horovodrun, mpirun or srun, which prefix and interleave the ranks' output, or when the output is a file) only
     whole lines are printed: one per epoch, plus one every ``interval`` seconds inside long epochs.
+
+    A run counted in steps (``unit="step"``) shows the step of the run, its tokens per second (``tokens_per_step``)
+    and the time left; one counted in epochs, the epoch and its step.
     """
 
     def __init__(self, epochs: int, steps_per_epoch: int, mode: str | None = None, interval: float = 30.0,
-                 stream=None):
+                 stream=None, unit: str = "epoch", tokens_per_step: int = 0):
         super().__init__()
         self.epochs, self.steps_per_epoch, self.interval = epochs, steps_per_epoch, interval
+        self.unit, self.tokens_per_step = unit, tokens_per_step
         self.stream = stream or sys.stdout
         self.mode = mode or default_progress_mode(self.stream)
         self._supports_tf_logs = True  # read the logs only when printing
-        self._epoch_start = self._last = 0.0
-        self._epoch = 0
+        self._epoch_start = self._last = self._run_start = 0.0
+        self._epoch = self._first = 0
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -219,32 +225,65 @@ class ProgressLogger(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start = self._last = time.perf_counter()
+        if not self._run_start:
+            self._run_start, self._first = self._epoch_start, epoch
+
+    def _where(self, batch: int) -> tuple[str, float]:
+        """``(where the run is, the share of the unit done)``: an epoch and its step, or the run's step."""
+        if self.unit == "step":
+            total = self.epochs * self.steps_per_epoch
+            step = self._epoch * self.steps_per_epoch + batch + 1
+            return f"step {step}/{total}", step / max(1, total)
+        return f"epoch {self._epoch + 1}/{self.epochs}", (batch + 1) / max(1, self.steps_per_epoch)
+
+    def _speed(self, now: float, batch: int) -> str:
+        """Tokens per second since this launch's first step, and the time left (runs counted in steps)."""
+        if self.unit != "step":
+            return ""
+        done = (self._epoch - self._first) * self.steps_per_epoch + batch + 1
+        left = self.epochs * self.steps_per_epoch - (self._epoch * self.steps_per_epoch + batch + 1)
+        per_step = (now - self._run_start) / max(1, done)
+        speed = f"{self.tokens_per_step / per_step:.4g} tokens/s, " if self.tokens_per_step and per_step > 0 else ""
+        return f"{speed}ETA {_duration(left * per_step)}, "
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
         if self.mode == "off":
             return
+        where, done = self._where(batch)
         if self.mode == "bar":
             if now - self._last < 0.1 and batch + 1 < self.steps_per_epoch:
                 return
-            done = (batch + 1) / max(1, self.steps_per_epoch)
             bar = "=" * int(done * 24)
-            eta = (now - self._epoch_start) / done * (1 - done)
-            self._write(f"\repoch {self._epoch + 1}/{self.epochs} [{bar:<24}] {batch + 1}/{self.steps_per_epoch}"
-                        f" {_format_logs(logs, train_only=True)} ETA {eta:.0f}s\033[K")
+            eta = "" if self.unit == "step" else f" ETA {(now - self._epoch_start) / done * (1 - done):.0f}s"
+            speed = self._speed(now, batch).rstrip(", ")
+            self._write(f"\r{where.split('/')[0]} [{bar:<24}] {where.split()[1]} {speed} "
+                        f"{_format_logs(logs, train_only=True)}{eta}\033[K")
         elif now - self._last >= self.interval and batch + 1 < self.steps_per_epoch:
-            self._write(f"epoch {self._epoch + 1}/{self.epochs}: step {batch + 1}/{self.steps_per_epoch}, "
-                        f"{now - self._epoch_start:.0f} s, {_format_logs(logs, train_only=True)}\n")
+            inside = "" if self.unit == "step" else f": step {batch + 1}/{self.steps_per_epoch}"
+            self._write(f"{where}{inside}, {now - self._epoch_start:.0f} s, {self._speed(now, batch)}"
+                        f"{_format_logs(logs, train_only=True)}\n")
         self._last = now
 
     def on_epoch_end(self, epoch, logs=None):
         if self.mode == "off":
             return
-        seconds = time.perf_counter() - self._epoch_start
+        now = time.perf_counter()
+        seconds = now - self._epoch_start
         start = "\r" if self.mode == "bar" else ""
         end = "\033[K\n" if self.mode == "bar" else "\n"
-        self._write(f"{start}epoch {epoch + 1}/{self.epochs}: {self.steps_per_epoch} steps, {seconds:.3g} s, "
-                    f"{_format_logs(logs)}{end}")
+        where, _ = self._where(self.steps_per_epoch - 1)
+        self._write(f"{start}{where}: {self.steps_per_epoch} steps, {seconds:.3g} s, "
+                    f"{self._speed(now, self.steps_per_epoch - 1)}{_format_logs(logs)}{end}")
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``3.2 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def default_progress_mode(stream=None) -> str:
@@ -272,14 +311,18 @@ class MetricsLogger(tf.keras.callbacks.Callback):
     ``metrics.jsonl``."""
 
     def __init__(self, run_dir: RunDir | None, examples_per_epoch: int, rows: list[dict] | None = None,
-                 utilization: dict | None = None):
+                 utilization: dict | None = None, label=None, unit: str = "epoch"):
         """``rows``: the lines of epochs already done (a resumed run keeps them). ``utilization``: a language
         model's ``tokens_per_example``, ``model_flops_per_token`` and ``peak_flops_per_rank`` (and
-        ``hardware_flops_per_token``), for tokens/s and the model FLOPs utilization (``mfu``) of every epoch."""
+        ``hardware_flops_per_token``), for tokens/s and the model FLOPs utilization (``mfu``) of every epoch.
+        ``label(n)``: what a row says of where the run is after ``n`` epochs (intervals of a run counted in steps:
+        :meth:`hvdtrain.batch_plan.BatchPlan.row`); default ``{"epoch": n}``."""
         super().__init__()
         self.run_dir = run_dir
         self.utilization = utilization
         self.examples_per_epoch = examples_per_epoch
+        self.label = label or (lambda n: {"epoch": n})
+        self.unit = unit  # the failpoints name the epoch, or the step of a run counted in steps
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._start = 0.0
 
@@ -288,7 +331,7 @@ class MetricsLogger(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._start
-        row = {"epoch": epoch + 1}
+        row = dict(self.label(epoch + 1))
         row.update(scalars(logs))
         row["epoch_seconds"] = seconds
         row["examples_per_sec"] = self.examples_per_epoch / seconds if seconds > 0 else None
@@ -304,7 +347,7 @@ class MetricsLogger(tf.keras.callbacks.Callback):
         self.rows.append(row)
         if self.run_dir is not None:
             self.run_dir.write_metrics(self.rows)
-            failpoint("after-metrics", epoch + 1)
+            failpoint("after-metrics", row["step"] if self.unit == "step" else epoch + 1)
 
 
 class CheckpointCallback(tf.keras.callbacks.Callback):
@@ -322,7 +365,8 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: RunDir | None, every_epochs: int = 1, keep: int = 3, steps_per_epoch: int = 0,
-                 metrics: MetricsLogger | None = None, layout=None, output_uri: str | None = None):
+                 metrics: MetricsLogger | None = None, layout=None, output_uri: str | None = None,
+                 unit: str = "epoch", last: int = 0):
         super().__init__()
         self.run_dir = run_dir
         self.output_uri = output_uri or (run_dir.uri if run_dir is not None else None)
@@ -331,10 +375,11 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.metrics = metrics
         self.layout = layout
+        self.unit, self.last = unit, last  # a run counted in steps names its checkpoints by step; always the last
 
     def on_epoch_end(self, epoch, logs=None):
         logs = scalars(logs)
-        if (epoch + 1) % self.every_epochs:
+        if (epoch + 1) % self.every_epochs and not (self.unit == "step" and epoch + 1 == self.last):
             return
         if not all(math.isfinite(v) for v in logs.values()):
             return  # never keep a diverged model (the logs are averaged: every rank decides alike)
@@ -344,10 +389,11 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
             self.layout = DataParallel(self.model, None)
         if self.run_dir is None and not self.layout.collective_checkpoint:
             return
-        checkpoint.save(self.output_uri, self.run_dir, epoch + 1, self.layout, {
-            "steps_per_epoch": self.steps_per_epoch, "step": (epoch + 1) * self.steps_per_epoch, "logs": logs,
+        step = (epoch + 1) * self.steps_per_epoch
+        checkpoint.save(self.output_uri, self.run_dir, step if self.unit == "step" else epoch + 1, self.layout, {
+            "steps_per_epoch": self.steps_per_epoch, "step": step, "logs": logs,
             "metrics": self.metrics.rows if self.metrics is not None else [],
-        }, distributed.rank())
+        }, distributed.rank(), self.unit)
         if self.run_dir is not None:
             self.run_dir.prune_checkpoints(self.keep)
 
@@ -382,6 +428,8 @@ def default_callbacks(
     output_uri: str | None = None,
     validation=None,
     utilization: dict | None = None,
+    plan=None,
+    tokens_per_example: int = 0,
 ) -> list[tf.keras.callbacks.Callback]:
     """The callbacks of a data-parallel ``model.fit``, in the order documented at the top of this module.
 
@@ -403,6 +451,10 @@ def default_callbacks(
         output_uri: the output directory as given, for every rank of a layout that writes from every rank.
         validation: a function giving the validation split's metrics (:class:`Validation`), after the averaging.
         utilization: for a language model, what :class:`MetricsLogger` needs for tokens/s and MFU per epoch.
+        plan: a run's :class:`~hvdtrain.batch_plan.BatchPlan`: a run counted in steps (``train.steps``) has its
+            rows say the step, validates and checkpoints at the plan's cadence and names checkpoints by step;
+            ``steps_per_epoch``, ``epochs`` and ``checkpoint_every_epochs`` are then the plan's intervals.
+        tokens_per_example: for the progress lines of a run counted in steps (tokens/s).
 
     Returns:
         A list for ``model.fit(callbacks=...)``.
@@ -410,10 +462,14 @@ def default_callbacks(
     chief = distributed.is_chief()
     run_dir = output_dir if isinstance(output_dir, RunDir) or output_dir is None else RunDir(output_dir)
     run_dir = run_dir if chief else None
+    unit, eval_every, label = "epoch", 1, None
+    if plan is not None:
+        steps_per_epoch, epochs, checkpoint_every_epochs = plan.interval_steps, plan.intervals, plan.checkpoint_every
+        unit, eval_every, label = plan.unit, plan.eval_every, plan.row
     broadcast = layout.broadcast_callback() if layout is not None else broadcast_initial_state(0)
     cbs: list[tf.keras.callbacks.Callback] = [c for c in (broadcast, metric_average()) if c is not None]
     if validation is not None:
-        cbs.append(Validation(validation))
+        cbs.append(Validation(validation, eval_every, epochs))
     if language_model:
         cbs.append(LanguageModelMetrics(language_model if isinstance(language_model, dict) else None))
     groups = layout.consistency_groups if layout is not None else None
@@ -422,14 +478,15 @@ def default_callbacks(
         cbs.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
                                                     restore_best_weights=True))
     if chief and progress != "off":
-        cbs.append(ProgressLogger(epochs, steps_per_epoch, progress))
-    metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows, utilization)
+        tokens_per_step = tokens_per_example * (plan.global_batch_size if plan is not None else 0)
+        cbs.append(ProgressLogger(epochs, steps_per_epoch, progress, unit=unit, tokens_per_step=tokens_per_step))
+    metrics = MetricsLogger(run_dir, examples_per_epoch, previous_rows, utilization, label, unit)
     cbs.append(metrics)
     collective = layout is not None and layout.collective_checkpoint and distributed.size() > 1
     if output_dir is not None and (run_dir is not None or collective):
         uri = output_uri or (output_dir.uri if isinstance(output_dir, RunDir) else str(output_dir))
         cbs.append(CheckpointCallback(run_dir, checkpoint_every_epochs, keep_checkpoints, steps_per_epoch, metrics,
-                                      layout, uri))
+                                      layout, uri, unit, epochs))
     if run_dir is not None:
         if tensorboard:
             cbs.append(tf.keras.callbacks.TensorBoard(log_dir=run_dir.tensorboard, profile_batch=0))

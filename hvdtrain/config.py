@@ -61,13 +61,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation: epochs, optimizer, learning rate and its schedule, precision, checkpoints."""
+    """The optimisation: its length (epochs, or steps), optimizer, learning rate and its schedule, precision,
+    checkpoints and validation."""
 
     epochs: int = 10
+    # the run's length in optimizer steps instead of epochs (0: epochs), for corpora a pass over which nobody waits
+    # for; then validation every eval_every_steps (0: a tenth of the run) on eval_batches global batches of the
+    # validation split (0: all of it), checkpoints every checkpoint_every_steps (0: at each validation)
+    steps: int = 0
+    eval_every_steps: int = 0
+    eval_batches: int = 0
+    checkpoint_every_steps: int = 0
     optimizer: Literal["sgd", "momentum", "adam", "adamw"] = "adam"
     learning_rate: float = 1e-3
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     warmup_epochs: float = 1.0
+    warmup_steps: int = 0  # > 0: the warmup in steps, in place of warmup_epochs
     schedule: Literal["constant", "cosine", "step"] = "constant"
     step_decay_epochs: float = 10.0
     step_decay_factor: float = 0.1
@@ -467,6 +476,15 @@ def resolve_pretrained(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[
 
 def validate(cfg: Config) -> None:
     """Checks that span keys or need ranges; types were checked while building."""
+    for key in ("steps", "eval_every_steps", "eval_batches", "checkpoint_every_steps", "warmup_steps"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key} must be 0 or more, got {getattr(cfg.train, key)}")
+    if cfg.train.steps and cfg.train.elastic:
+        raise ConfigError("train.steps with elastic training is not supported (an elastic run's global batch "
+                          "follows the world size: count it in epochs); set train.steps=0 or drop --elastic")
+    if not cfg.train.steps and (cfg.train.eval_every_steps or cfg.train.checkpoint_every_steps):
+        raise ConfigError("train.eval_every_steps and train.checkpoint_every_steps count a run in steps: set "
+                          "train.steps (the run's length) too, or use train.checkpoint_every_epochs")
     positive = {
         "data.batch_size_per_rank": cfg.data.batch_size_per_rank,
         "train.epochs": cfg.train.epochs,

@@ -56,8 +56,9 @@ def metrics_from_sums(sums, language_model: bool, bytes_per_token: float = 1.0) 
 
 
 def evaluate(model, source, split: str, batch_size: int, shard: tuple[int, int] | None = None,
-             counted: bool = True) -> dict[str, float]:
-    """Metrics of ``model`` on the whole ``split`` of ``source``; the same result on every rank.
+             counted: bool = True, limit: int = 0) -> dict[str, float]:
+    """Metrics of ``model`` on the whole ``split`` of ``source`` (its first ``limit`` examples when given); the same
+    result on every rank.
 
     Args:
         shard: ``(index, count)`` of this rank's part of the split (default: its rank among all ranks). Ranks
@@ -67,7 +68,7 @@ def evaluate(model, source, split: str, batch_size: int, shard: tuple[int, int] 
     if not source.num_examples(split):
         return {}
     rank, size = shard or (distributed.rank(), distributed.size())
-    sums = local_sums(model, source.eval_dataset(split, rank, size, batch_size, equal=False))
+    sums = local_sums(model, source.eval_dataset(split, rank, size, batch_size, equal=False, limit=limit))
     sums = sums if counted else np.zeros_like(sums)
     if distributed.size() > 1:
         sums = distributed.allreduce(sums, op="sum", name=f"evaluate_{split}")

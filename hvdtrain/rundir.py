@@ -8,9 +8,10 @@ gets there.
 A training run's directory::
 
     config.yaml         the resolved config (written first, before training)
-    metrics.jsonl       one line per epoch, rewritten whole at each epoch's end
-    checkpoints/epoch-NNNN/   the writers' bundles and manifest.json, then state.json: a checkpoint is complete only
-                        once its state.json exists (hvdtrain.formats.checkpoint)
+    metrics.jsonl       one line per epoch (or per interval of a run counted in steps), rewritten whole each time
+    checkpoints/epoch-NNNN/ (or step-NNNNNNNN/ in a run counted in steps)   the writers' bundles and manifest.json,
+                        then state.json: a checkpoint is complete only once its state.json exists
+                        (hvdtrain.formats.checkpoint)
     tensorboard/        TensorBoard event files (on s3://, written to a local folder and uploaded after every epoch:
                         TensorFlow has no S3 file system)
     summary.json, model.keras, curves.png, and files written by code that knows only local paths (Horovod's
@@ -21,9 +22,9 @@ disks the folder is also renamed into place. ``state.json`` holds the epoch and 
 resumed run rewrites ``metrics.jsonl`` from the checkpoint it restores: whatever instant a crash comes, each
 epoch's line is kept exactly once.
 
-Failpoints (for the crash tests): ``HVDTRAIN_FAILPOINT=NAME@EPOCH`` kills the process with SIGKILL at that point
-of that epoch; NAME is ``after-metrics``, ``mid-checkpoint`` (files written, marker not yet) or
-``after-checkpoint``.
+Failpoints (for the crash tests): ``HVDTRAIN_FAILPOINT=NAME@N`` kills the process with SIGKILL at that point of
+epoch N (of step N in a run counted in steps); NAME is ``after-metrics``, ``mid-checkpoint`` (files written, marker
+not yet) or ``after-checkpoint``.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from typing import Any
 from hvdtrain import artifacts, storage
 
 CHECKPOINT_MARKER = "state.json"
-_CHECKPOINT = re.compile(r"^epoch-(\d{4,})$")
+_CHECKPOINT = re.compile(r"^(epoch|step)-(\d{4,})$")
+DIGITS = {"epoch": 4, "step": 8}  # epoch-0003, step-00000200
 
 
 def failpoint(name: str, epoch: int) -> None:
@@ -50,10 +52,11 @@ def failpoint(name: str, epoch: int) -> None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A complete checkpoint: its epoch and where it is."""
+    """A complete checkpoint: the epoch (or step) it ends and where it is."""
 
-    epoch: int
+    number: int
     uri: str
+    unit: str = "epoch"
 
 
 class RunDir:
@@ -175,19 +178,19 @@ class RunDir:
 
     # ---- checkpoints
 
-    def checkpoint_uri(self, epoch: int) -> str:
-        """Where the checkpoint of ``epoch`` goes."""
-        return self.path("checkpoints", f"epoch-{epoch:04d}")
+    def checkpoint_uri(self, number: int, unit: str = "epoch") -> str:
+        """Where the checkpoint at the end of epoch (or step) ``number`` goes."""
+        return self.path("checkpoints", f"{unit}-{number:0{DIGITS[unit]}d}")
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """Complete checkpoints (with their marker), oldest first."""
+    def checkpoints(self, unit: str | None = None) -> list[Checkpoint]:
+        """Complete checkpoints (with their marker), oldest first (of ``unit`` alone when given)."""
         folder = self.path("checkpoints")
         found = []
         for name in storage.listdir(folder):
             m = _CHECKPOINT.match(name)
-            if m and storage.exists(storage.join(folder, name, CHECKPOINT_MARKER)):
-                found.append(Checkpoint(int(m.group(1)), storage.join(folder, name)))
-        return sorted(found, key=lambda c: c.epoch)
+            if m and unit in (None, m.group(1)) and storage.exists(storage.join(folder, name, CHECKPOINT_MARKER)):
+                found.append(Checkpoint(int(m.group(2)), storage.join(folder, name), m.group(1)))
+        return sorted(found, key=lambda c: (c.unit, c.number))
 
     def clean_incomplete_checkpoints(self) -> list[str]:
         """Remove checkpoints a crash left without their marker, and temporary folders; returns what went."""
@@ -196,32 +199,34 @@ class RunDir:
         for name in storage.listdir(folder):
             uri = storage.join(folder, name)
             partial = _CHECKPOINT.match(name) and not storage.exists(storage.join(uri, CHECKPOINT_MARKER))
-            if partial or name.startswith(".epoch-"):  # a staging folder, or a replaced one not yet removed
+            if partial or name.startswith((".epoch-", ".step-")):  # staging, or a replaced one not yet removed
                 storage.remove(uri)
                 removed.append(uri)
         return removed
 
-    def checkpoint_staging(self, epoch: int) -> str:
-        """Where the writers of the checkpoint of ``epoch`` put their files: on a local disk a temporary folder,
-        renamed into place once complete; on object storage the checkpoint's own prefix (its marker comes last)."""
-        target = self.checkpoint_uri(epoch)
+    def checkpoint_staging(self, number: int, unit: str = "epoch") -> str:
+        """Where the writers of the checkpoint of epoch (or step) ``number`` put their files: on a local disk a
+        temporary folder, renamed into place once complete; on object storage the checkpoint's own prefix (its
+        marker comes last)."""
+        target = self.checkpoint_uri(number, unit)
         if storage.is_local(target):
-            return self.path("checkpoints", f".epoch-{epoch:04d}.tmp")
+            return self.path("checkpoints", f".{unit}-{number:0{DIGITS[unit]}d}.tmp")
         return target
 
-    def begin_checkpoint(self, epoch: int) -> None:
-        """Remove what an earlier, interrupted attempt at this epoch's checkpoint left (chief only, before anyone
+    def begin_checkpoint(self, number: int, unit: str = "epoch") -> None:
+        """Remove what an earlier, interrupted attempt at this checkpoint left (chief only, before anyone
         writes)."""
-        staging = self.checkpoint_staging(epoch)
+        staging = self.checkpoint_staging(number, unit)
         storage.remove(staging)
         if storage.is_local(staging):
             storage.makedirs(staging)
 
-    def finish_checkpoint(self, epoch: int, state: dict[str, Any]) -> str:
-        """Write the marker of ``epoch``'s checkpoint, whose files are all in :meth:`checkpoint_staging` (chief
-        only); on a local disk the folder then takes its place, replacing an older one of the same epoch."""
-        staging, target = self.checkpoint_staging(epoch), self.checkpoint_uri(epoch)
-        marker = artifacts.to_json({**state, "epoch": epoch}) + "\n"
+    def finish_checkpoint(self, number: int, state: dict[str, Any], unit: str = "epoch") -> str:
+        """Write the marker of the checkpoint of epoch (or step) ``number``, whose files are all in
+        :meth:`checkpoint_staging` (chief only); on a local disk the folder then takes its place, replacing an
+        older one of the same number."""
+        staging, target = self.checkpoint_staging(number, unit), self.checkpoint_uri(number, unit)
+        marker = artifacts.to_json({**state, unit: number}) + "\n"
         storage.write_text(storage.join(staging, CHECKPOINT_MARKER), marker)
         if staging != target:
             final, tmp = storage.local_path(target), storage.local_path(staging)
@@ -230,7 +235,7 @@ class RunDir:
                 os.rename(final, old)
             os.rename(tmp, final)
             storage.remove(str(old))
-        failpoint("after-checkpoint", epoch)
+        failpoint("after-checkpoint", number)
         return target
 
     def prune_checkpoints(self, keep: int) -> None:

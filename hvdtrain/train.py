@@ -24,7 +24,7 @@ from hvdtrain.batch_plan import BatchPlan, plan_for
 from hvdtrain.rundir import RunDir
 
 SUMMARY_KEYS = [
-    "model", "world_size", "global_batch_size", "epochs", "test_accuracy", "test_loss",
+    "model", "world_size", "global_batch_size", "epochs", "total_steps", "test_accuracy", "test_loss",
     "test_bits_per_byte", "test_perplexity", "examples_per_sec", "tokens_per_sec", "mfu", "wall_seconds",
 ]
 
@@ -177,15 +177,16 @@ def check_shared(output: str) -> None:
 
 def resume(run: Run) -> tuple[int, list[dict]]:
     """Continue an interrupted run: restore the newest good checkpoint (every rank reads its own part, or the
-    chief reads and shares it) and return ``(epochs_done, metrics_rows)`` (the rows from the checkpoint itself).
-    ``(0, [])`` for a new run."""
-    found = bool(run.run_dir is not None and run.cfg.train.resume and run.run_dir.checkpoints())
+    chief reads and shares it) and return ``(intervals_done, metrics_rows)`` (epochs, or intervals of a run
+    counted in steps; the rows from the checkpoint itself). ``(0, [])`` for a new run."""
+    unit = run.plan.unit
+    found = bool(run.run_dir is not None and run.cfg.train.resume and run.run_dir.checkpoints(unit))
     if not (distributed.broadcast_object(found) if distributed.size() > 1 else found):
         return 0, []
     run.layout.build_optimizer()
-    epoch, rows = 0, []
+    number, rows = 0, []
     if run.run_dir is not None or run.layout.collective_checkpoint:
-        epoch, state, warnings = checkpoint.restore_latest(run.output, run.run_dir, run.layout)
+        number, state, warnings = checkpoint.restore_latest(run.output, run.run_dir, run.layout, unit)
         for w in warnings:
             checkpoint.warn(w)
         rows = state.get("metrics", [])
@@ -194,11 +195,14 @@ def resume(run: Run) -> tuple[int, list[dict]]:
             # will be trained again, so the file goes back to the checkpoint's lines now.
             run.run_dir.write_metrics(rows)
     if distributed.size() > 1:
-        epoch = distributed.broadcast_object(epoch)
+        number = distributed.broadcast_object(number)
     run.layout.distribute_restored()
-    if epoch:
-        log(f"resuming after epoch {epoch} (step {epoch * run.plan.steps_per_epoch}) from {run.run_dir or 'rank 0'}")
-    return epoch, rows
+    done = run.plan.intervals_done(number)
+    if number:
+        where = (f"step {number}" if unit == "step" else
+                 f"epoch {number} (step {number * run.plan.steps_per_epoch})")
+        log(f"resuming after {where} from {run.run_dir or 'rank 0'}")
+    return done, rows
 
 
 def fit(run: Run, plan: BatchPlan, initial_epoch: int, previous_rows: list[dict], skip_batches: int,
@@ -215,23 +219,24 @@ def fit(run: Run, plan: BatchPlan, initial_epoch: int, previous_rows: list[dict]
 
     def validation():
         return evaluate(run.model, run.source, "val", plan.batch_size_per_rank, shard=(rank, size),
-                        counted=run.layout.counted)
+                        counted=run.layout.counted, limit=cfg.train.eval_batches * plan.global_batch_size)
 
     callbacks = [*cb.default_callbacks(
         steps_per_epoch=plan.steps_per_epoch, output_dir=run.run_dir or run.output, previous_rows=previous_rows,
-        examples_per_epoch=plan.steps_per_epoch * plan.global_batch_size, epochs=plan.epochs,
+        examples_per_epoch=plan.interval_steps * plan.global_batch_size, epochs=plan.epochs,
         checkpoint_every_epochs=cfg.train.checkpoint_every_epochs, keep_checkpoints=cfg.train.keep_checkpoints,
         early_stopping_patience=cfg.train.early_stopping_patience, language_model=run.source.is_language_model and {
             "": run.source.bytes_of_token("train"), "val_": run.source.bytes_of_token("val")},
         divergence_check_epochs=cfg.distributed.divergence_check_epochs,
         divergence_tolerance=cfg.distributed.divergence_tolerance, progress=run.progress, layout=run.layout,
         output_uri=run.output, validation=validation if run.source.num_examples("val") else None,
-        utilization=run.utilization,
+        utilization=run.utilization, plan=plan,
+        tokens_per_example=run.source.input_shape[0] if run.source.is_language_model else 0,
     ), *extra, *run.callbacks]
-    train_ds = run.source.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer)
-    # Continue the data order where the checkpoint left it (the pipeline is deterministic for a seed).
-    train_ds = train_ds.skip(skip_batches) if skip_batches else train_ds
-    run.model.fit(train_ds, epochs=plan.epochs, initial_epoch=initial_epoch, steps_per_epoch=plan.steps_per_epoch,
+    # from where the checkpoint left the data (the order is deterministic for a seed)
+    train_ds = run.source.train_dataset(rank, size, plan.batch_size_per_rank, cfg.train.seed, cfg.data.shuffle_buffer,
+                                        start=skip_batches)
+    run.model.fit(train_ds, epochs=plan.intervals, initial_epoch=initial_epoch, steps_per_epoch=plan.interval_steps,
                   callbacks=callbacks, verbose=0)
     return next(c for c in callbacks if isinstance(c, cb.MetricsLogger)).rows
 
@@ -285,21 +290,23 @@ def throughput(rows: list[dict[str, Any]]) -> float | None:
 
 
 def final_checkpoint(run: Run, plan: BatchPlan, rows: list[dict]) -> str | None:
-    """The checkpoint of the trained model: the newest one when it is of the last epoch, else one written now
-    (every rank of a layout that writes from every rank takes part). Returns its URI on the chief."""
-    epoch = rows[-1]["epoch"] if rows else 0
-    newest = run.run_dir.checkpoints()[-1] if run.run_dir is not None and run.run_dir.checkpoints() else None
-    current = newest is not None and newest.epoch == epoch and not run.cfg.train.early_stopping_patience
+    """The checkpoint of the trained model: the newest one when it is of the last epoch (or step), else one written
+    now (every rank of a layout that writes from every rank takes part). Returns its URI on the chief."""
+    last = rows[-1] if rows else {}
+    steps = last.get("step", last.get("epoch", 0) * plan.steps_per_epoch)  # (rows written before steps were logged)
+    number = plan.checkpoint_number(steps // plan.interval_steps)
+    found = run.run_dir.checkpoints(plan.unit) if run.run_dir is not None else []
+    newest = found[-1] if found else None
+    current = newest is not None and newest.number == number and not run.cfg.train.early_stopping_patience
     if run.layout.collective_checkpoint and distributed.size() > 1:
         current = distributed.broadcast_object(current)
     if current:
         return newest.uri if newest else None
     if run.run_dir is None and not (run.layout.collective_checkpoint and run.output is not None):
         return None
-    state = {"steps_per_epoch": plan.steps_per_epoch, "step": epoch * plan.steps_per_epoch,
-             "logs": {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float))},
-             "metrics": rows}
-    return checkpoint.save(run.output, run.run_dir, epoch, run.layout, state, distributed.rank())
+    state = {"steps_per_epoch": plan.interval_steps, "step": steps,
+             "logs": {k: v for k, v in last.items() if isinstance(v, (int, float))}, "metrics": rows}
+    return checkpoint.save(run.output, run.run_dir, number, run.layout, state, distributed.rank(), plan.unit)
 
 
 def finish(run: Run, plan: BatchPlan, rows: list[dict], fit_seconds: float) -> dict[str, Any]:
@@ -401,7 +408,7 @@ def run(cfg: Config, output: str | None = None, *, callbacks=(), progress: str |
         rows, plan = fit_elastic(r)
     else:
         initial_epoch, previous_rows = resume(r)
-        rows, plan = fit(r, r.plan, initial_epoch, previous_rows, initial_epoch * r.plan.steps_per_epoch), r.plan
+        rows, plan = fit(r, r.plan, initial_epoch, previous_rows, initial_epoch * r.plan.interval_steps), r.plan
     return finish(r, plan, rows, time.perf_counter() - fit_started)
 
 

@@ -69,12 +69,16 @@ class Source(abc.ABC):
         """Number of examples in ``train``, ``val`` or ``test``."""
 
     @abc.abstractmethod
-    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
-        """An endless, shuffled, batched pipeline of this rank's equal shard of the training split."""
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int,
+                      start: int = 0) -> tf.data.Dataset:
+        """An endless, shuffled, batched pipeline of this rank's equal shard of the training split, from its
+        ``start``-th batch (a resumed run's data position)."""
 
     @abc.abstractmethod
-    def eval_dataset(self, split: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
-        """This rank's part of ``split`` (equal counts on every rank with ``equal``); None when it is empty."""
+    def eval_dataset(self, split: str, rank: int, size: int, batch_size: int, equal: bool,
+                     limit: int = 0) -> tf.data.Dataset | None:
+        """This rank's part of ``split`` (equal counts on every rank with ``equal``; of its first ``limit`` examples
+        when given, the same ones at any number of ranks); None when it is empty."""
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The whole ``split`` as arrays (read from the pipeline for streamed sources)."""
@@ -128,8 +132,9 @@ class ArraySource(Source):
         """Up to ``count`` training inputs drawn at random with a fixed seed."""
         return self.x_train[np.random.default_rng(seed).permutation(len(self.x_train))[:count]]
 
-    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
-        """An endless, batched pipeline of this replica's part of every global batch.
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int,
+                      start: int = 0) -> tf.data.Dataset:
+        """An endless, batched pipeline of this replica's part of every global batch, from the ``start``-th.
 
         Each epoch is one permutation of the training split, drawn from ``(seed, epoch)`` the same way whatever
         the layout, cut into global batches of ``size x batch_size`` examples (the last, partial one is left
@@ -138,7 +143,7 @@ class ArraySource(Source):
         data-parallel replicas (tested). ``shuffle_buffer`` is not needed: the whole split is permuted.
         """
         x, y = tf.constant(self.x_train), tf.constant(self.y_train)
-        return self.train_indices(rank, size, batch_size, seed).map(
+        return self.train_indices(rank, size, batch_size, seed).skip(start).map(
             lambda idx: (tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
     def train_indices(self, rank: int, size: int, batch_size: int, seed: int) -> tf.data.Dataset:
@@ -157,14 +162,18 @@ class ArraySource(Source):
 
         return tf.data.Dataset.range(2**62).flat_map(epoch)
 
-    def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
-        """This rank's shard of ``val`` or ``test``, batched; None when the split is empty.
+    def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool,
+                     limit: int = 0) -> tf.data.Dataset | None:
+        """This rank's shard of ``val`` or ``test`` (of its first ``limit`` examples when given), batched; None
+        when the split is empty.
 
         With ``equal`` every rank gets the same count (for averaged validation metrics); without it the shards
         cover the whole split (for exact test metrics summed over ranks). A split smaller than the number of
         ranks goes whole to rank 0.
         """
         x, y = self.arrays(name)
+        if limit:
+            x, y = x[:limit], y[:limit]
         if len(x) == 0:
             return None
         if len(x) < size:

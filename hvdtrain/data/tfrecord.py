@@ -125,14 +125,15 @@ class TFRecordSource(Source):
                                  num_parallel_calls=AUTOTUNE)
         return tf.data.TFRecordDataset([storage.local_copy(f) for f in files]).shard(size, rank)
 
-    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
-        """This rank's endless, shuffled, augmented, batched training stream."""
+    def train_dataset(self, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int,
+                      start: int = 0) -> tf.data.Dataset:
+        """This rank's endless, shuffled, augmented, batched training stream (``start``: batches skipped)."""
         ds = self._records(self.train_files, rank, size, seed)
         if self._cache:
             ds = ds.cache()
         ds = ds.shuffle(shuffle_buffer, seed=seed + rank, reshuffle_each_iteration=True).repeat()
         ds = ds.map(lambda r: self._parse(r, True), num_parallel_calls=AUTOTUNE)
-        return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True).skip(start).prefetch(AUTOTUNE)
 
     def missing_split_note(self, split: str) -> str | None:
         """The test split is the ``validation-*`` shards; there is no separate validation split."""
@@ -141,8 +142,10 @@ class TFRecordSource(Source):
                     "skipped; put validation-* TFRecord shards next to the train-* ones to get them")
         return None
 
-    def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool) -> tf.data.Dataset | None:
-        """This rank's part of the test shards, resized and centre-cropped (``equal`` is not guaranteed here)."""
+    def eval_dataset(self, name: str, rank: int, size: int, batch_size: int, equal: bool,
+                     limit: int = 0) -> tf.data.Dataset | None:
+        """This rank's part of the test shards, resized and centre-cropped (``equal`` is not guaranteed here; there
+        is no validation split, so no ``limit`` to apply)."""
         if name != "test" or not self.test_files:
             return None
         ds = self._records(self.test_files, rank, size, None)

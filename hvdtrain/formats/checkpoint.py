@@ -88,9 +88,11 @@ def write_bundle(prefix: str, pieces: list[Piece]) -> list[list]:
     return [[p.name, p.kind, p.part, p.start, p.stop, k] for p, k in zip(pieces, keys)]
 
 
-def save(run_dir_uri: str, chief: RunDir | None, epoch: int, layout, state: dict[str, Any], rank: int) -> str | None:
-    """Write the checkpoint of ``epoch``; every rank of ``layout`` calls it when ``layout.collective_checkpoint``,
-    only the chief otherwise. Returns the checkpoint's URI on the chief.
+def save(run_dir_uri: str, chief: RunDir | None, number: int, layout, state: dict[str, Any], rank: int,
+         unit: str = "epoch") -> str | None:
+    """Write the checkpoint at the end of epoch (or step, with ``unit="step"``) ``number``; every rank of
+    ``layout`` calls it when ``layout.collective_checkpoint``, only the chief otherwise. Returns the checkpoint's URI
+    on the chief.
 
     Order: the chief removes an earlier partial attempt at this epoch; every writer writes its bundle; the chief
     writes the manifest, then the marker (last, so that a crash anywhere before leaves an incomplete checkpoint
@@ -100,9 +102,9 @@ def save(run_dir_uri: str, chief: RunDir | None, epoch: int, layout, state: dict
 
     collective = layout.collective_checkpoint and distributed.size() > 1
     target = RunDir(run_dir_uri)
-    staging = target.checkpoint_staging(epoch)
+    staging = target.checkpoint_staging(number, unit)
     if chief is not None:
-        chief.begin_checkpoint(epoch)
+        chief.begin_checkpoint(number, unit)
     if collective:
         distributed.barrier()  # the cleanup above before anyone writes
     pieces = layout.checkpoint_pieces()
@@ -133,8 +135,8 @@ def save(run_dir_uri: str, chief: RunDir | None, epoch: int, layout, state: dict
             entry = manifest["variables"].setdefault(name, {**meta[name], "pieces": {}})
             entry["pieces"].setdefault(kind, []).append([file, key, part, start, stop])
     storage.write_text(storage.join(staging, MANIFEST), json.dumps(manifest) + "\n")
-    failpoint("mid-checkpoint", epoch)
-    return chief.finish_checkpoint(epoch, state)
+    failpoint("mid-checkpoint", number)
+    return chief.finish_checkpoint(number, state, unit)
 
 
 class Reader:
@@ -236,18 +238,20 @@ class Reader:
         return out
 
 
-def restore_latest(run_dir_uri: str, chief: RunDir | None, layout) -> tuple[int, dict[str, Any], list[str]]:
+def restore_latest(run_dir_uri: str, chief: RunDir | None, layout, unit: str = "epoch"
+                   ) -> tuple[int, dict[str, Any], list[str]]:
     """Restore the newest readable checkpoint into ``layout`` (a collective on every rank when the layout reads on
     every rank, the chief's alone otherwise).
 
     The chief lists the complete checkpoints; every reading rank tries the newest, and if any rank fails to read
     its part (truncated, corrupt, from another model) every rank goes back to the one before, with a warning.
-    Returns ``(epoch, state, warnings)``; epoch 0 and an empty state when none could be read.
+    Returns ``(number, state, warnings)`` (the epoch, or the step with ``unit="step"``, that the checkpoint ends); 0
+    and an empty state when none could be read.
     """
     from hvdtrain import distributed
 
     collective = layout.collective_checkpoint and distributed.size() > 1
-    found = [(c.epoch, c.uri) for c in chief.checkpoints()] if chief is not None else []
+    found = [(c.number, c.uri) for c in chief.checkpoints(unit)] if chief is not None else []
     if collective:
         found = distributed.broadcast_object(found)
     warnings = []
