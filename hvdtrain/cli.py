@@ -1,4 +1,4 @@
-"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | export | recipes | models.
+"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | export | data | recipes | models.
 
 Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
 """
@@ -140,6 +140,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
+    p = sub.add_parser("data", help="prepare a corpus of any size once into token shards (data.source: tokens)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    p = data_sub.add_parser("prepare", help="tokenize files (local or s3://) into token shards and a manifest")
+    p.add_argument("--input", required=True, help="the corpus: a file or glob, local or s3://, e.g. 'corpus/*.jsonl'")
+    p.add_argument("--output", required=True, help="the prepared directory (local or s3://; train with "
+                                                    "data.source=tokens data.path=DIR)")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (trained here on the first --sample-bytes), bytes, a tokenizer.json, or a Hugging Face "
+                        "model directory")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens of a trained bpe")
+    p.add_argument("--sample-bytes", default="64MB", help="the text a bpe is trained on (the corpus' first)")
+    p.add_argument("--validation-fraction", type=float, default=0.01, help="documents held out for validation")
+    p.add_argument("--test-fraction", type=float, default=0.01, help="documents held out for testing")
+    p.add_argument("--documents", default="auto", choices=("auto", "file", "blank-line", "jsonl"),
+                   help="what a document is: each file, each blank-line-separated record, or each JSON line's "
+                        "text (auto: JSON lines for .jsonl/.json, else files)")
+    p.add_argument("--text-key", default="text", help="the field of a JSON line that holds its text")
+    p.add_argument("--eod", default="", help="the end-of-document token of a given tokenizer (default: its end of "
+                                              "sequence)")
+    p.add_argument("--segment-bytes", default="64MB",
+                   help="text tokenized and written at a time (the memory used; a rerun continues after the last)")
+    _common(p)
+
     p = sub.add_parser("recipes", help="list the shipped recipes")
     _common(p)
     p = sub.add_parser("models", help="list the registered models and their parameters")
@@ -241,6 +264,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from hvdtrain.data import prepare
+
+    settings = prepare.Settings(
+        input=args.input, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        validation_fraction=args.validation_fraction, test_fraction=args.test_fraction, documents=args.documents,
+        text_key=args.text_key, sample_bytes=prepare.parse_bytes(args.sample_bytes, "--sample-bytes"),
+        segment_bytes=prepare.parse_bytes(args.segment_bytes, "--segment-bytes"), eod=args.eod)
+    prepare.prepare(settings, args.output)
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from hvdtrain import config
 
@@ -262,7 +297,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "compress": cmd_compress, "evaluate": cmd_evaluate,
-            "generate": cmd_generate, "export": cmd_export, "recipes": cmd_recipes, "models": cmd_models}
+            "generate": cmd_generate, "export": cmd_export, "data": cmd_data, "recipes": cmd_recipes,
+            "models": cmd_models}
 
 
 # Options whose value is itself a command line (launcher flags): "--launcher-args --mpi" is joined into

@@ -36,7 +36,8 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from and how they are batched on each rank."""
 
-    source: Literal["digits", "synthetic", "tfrecord", "text", "npz"] = "digits"
+    # tokens: a corpus prepared by `hvdtrain data prepare` (data.path: its directory), streamed
+    source: Literal["digits", "synthetic", "tfrecord", "text", "npz", "tokens"] = "digits"
     path: str = ""
     batch_size_per_rank: int = 64
     test_fraction: float = 0.2
@@ -534,9 +535,9 @@ def validate(cfg: Config) -> None:
     except models.ModelParamError as exc:
         raise ConfigError(str(exc).replace("model.params.", "compression.student_params.")) from None
     validate_parallel(cfg)
-    if cfg.data.source in ("tfrecord", "npz") and not cfg.data.path:
+    if cfg.data.source in ("tfrecord", "npz", "tokens") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; add --set data.path=/path/to/data")
-    if cfg.data.tokenizer != "bytes" and cfg.data.source != "text":
+    if cfg.data.tokenizer != "bytes" and cfg.data.source not in ("text", "tokens"):
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} reads text: it needs data.source=text")
     if cfg.model.pretrained or cfg.train.lora_rank:
         validate_pretrained(cfg)
@@ -550,9 +551,9 @@ def validate_pretrained(cfg: Config) -> None:
     import models
 
     t = cfg.train
-    if cfg.model.pretrained and cfg.data.source not in ("text", "synthetic"):
-        raise ConfigError(f"model.pretrained is a language model: it trains on data.source=text (or synthetic), not "
-                          f"{cfg.data.source}")
+    if cfg.model.pretrained and cfg.data.source not in ("text", "tokens", "synthetic"):
+        raise ConfigError(f"model.pretrained is a language model: it trains on data.source=text or tokens (or "
+                          f"synthetic), not {cfg.data.source}")
     if not t.lora_rank:
         return
     if t.lora_rank < 0 or t.lora_alpha <= 0 or not 0.0 <= t.lora_dropout < 1.0:

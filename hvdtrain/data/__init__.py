@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from hvdtrain.data.sharding import shard_dataset, shard_files, shard_indices
 from hvdtrain.data.source import ArraySource, Source, without_autotune
+from hvdtrain.errors import DataError
 
 def load(cfg, seed: int = 0, model_name: str = "") -> Source:
     """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`); ``data.path`` may be a
     local path or a storage URI (``s3://bucket/prefix``)."""
-    if cfg.path and cfg.source in ("text", "npz", "tfrecord"):
+    if cfg.path and cfg.source in ("text", "npz", "tfrecord", "tokens"):
         from hvdtrain import storage
 
         storage.check(cfg.path)
@@ -28,6 +29,16 @@ def load(cfg, seed: int = 0, model_name: str = "") -> Source:
 
         return text.load(cfg.path, cfg.context_length, cfg.validation_fraction, cfg.test_fraction, cfg.tokenizer,
                          cfg.vocab_size, cfg.num_classes)
+    if cfg.source == "tokens":
+        from hvdtrain.data.tokens import TokenSource
+
+        source = TokenSource(cfg.path, cfg.context_length, cfg.tokenizer, cfg.shuffle_buffer)
+        if cfg.num_classes and cfg.num_classes < source.num_classes:
+            raise DataError(f"data.path='{cfg.path}' was prepared with {source.num_classes} tokens, more than the "
+                            f"model's vocabulary of {cfg.num_classes} (data.num_classes)")
+        source.num_classes = cfg.num_classes or source.num_classes
+        source.check_shards()
+        return source
     if cfg.source == "tfrecord":
         from hvdtrain.data.tfrecord import TFRecordSource
 

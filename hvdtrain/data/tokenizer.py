@@ -44,8 +44,9 @@ class Bytes:
         return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
 
     def decode(self, ids, special: bool = True) -> str:
-        """The text of ``ids`` (invalid UTF-8 shown as U+FFFD)."""
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        """The text of ``ids`` (invalid UTF-8 shown as U+FFFD; a prepared corpus' end of document, 256, as
+        nothing)."""
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
     def to_json(self) -> str | None:
         """Nothing to save."""
