@@ -52,6 +52,7 @@ class Run:
     progress: str | None = None
     scratch: list = field(default_factory=list)  # local temporary folders, removed at the end
     utilization: dict | None = None  # a language model's FLOPs per token and the job's peak (utilization())
+    fit_started: float = 0.0  # when training began (perf_counter)
 
     @property
     def run_dir(self) -> RunDir | None:
@@ -350,6 +351,8 @@ def finish(run: Run, plan: BatchPlan, rows: list[dict], fit_seconds: float) -> d
         "test_accuracy": test.get("accuracy"),
         "examples_per_sec": throughput(rows),
         "fit_seconds": fit_seconds,
+        # from the start of the run to its first step: Horovod, the data's first read, the model, a resume
+        "startup_seconds": run.fit_started - run.started if run.fit_started else None,
         "precision": cfg.train.precision,
         "controller": distributed.controller(),
         "parallel": {"data": layout.mesh.data, "tensor": layout.mesh.tensor, "pipeline": layout.mesh.pipeline,
@@ -403,7 +406,7 @@ def run(cfg: Config, output: str | None = None, *, callbacks=(), progress: str |
             :class:`hvdtrain.callbacks.ProgressLogger`).
     """
     r = start(cfg, output, callbacks, progress)
-    fit_started = time.perf_counter()
+    fit_started = r.fit_started = time.perf_counter()
     if cfg.train.elastic:
         rows, plan = fit_elastic(r)
     else:

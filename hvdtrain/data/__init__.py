@@ -1,15 +1,28 @@
 """Data sources by name, and sharding across ranks (``sharding.py``).
 
 Every source is a :class:`~hvdtrain.data.source.Source`: :class:`~hvdtrain.data.source.ArraySource` for in-memory
-data (digits, npz, text, synthetic), :class:`~hvdtrain.data.tfrecord.TFRecordSource` for TFRecord shards.
+data (digits, npz, text, synthetic), :class:`~hvdtrain.data.tfrecord.TFRecordSource` for TFRecord shards,
+:class:`~hvdtrain.data.tokens.TokenSource` for a corpus prepared by ``hvdtrain data prepare`` (``prepare.py``, which
+needs no TensorFlow: importing this package does not load it).
 """
 from __future__ import annotations
 
-from hvdtrain.data.sharding import shard_dataset, shard_files, shard_indices
-from hvdtrain.data.source import ArraySource, Source, without_autotune
 from hvdtrain.errors import DataError
 
-def load(cfg, seed: int = 0, model_name: str = "") -> Source:
+_LAZY = {"shard_dataset": "sharding", "shard_files": "sharding", "shard_indices": "sharding", "ArraySource": "source",
+         "Source": "source", "without_autotune": "source"}
+
+
+def __getattr__(name: str):
+    # these import TensorFlow: loaded on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"hvdtrain.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'hvdtrain.data' has no attribute '{name}'")
+
+
+def load(cfg, seed: int = 0, model_name: str = ""):
     """Load the source named by ``cfg.source`` (a :class:`~hvdtrain.config.DataConfig`); ``data.path`` may be a
     local path or a storage URI (``s3://bucket/prefix``)."""
     if cfg.path and cfg.source in ("text", "npz", "tfrecord", "tokens"):
