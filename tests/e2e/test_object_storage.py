@@ -160,6 +160,41 @@ def test_a_hugging_face_checkpoint_in_a_bucket_is_fine_tuned_at_tensor_2_and_exp
     assert generated.startswith("The ")
 
 
+def test_a_corpus_prepared_into_a_bucket_is_trained_on_by_steps_killed_and_resumed_there(s3_server, bucket,
+                                                                                         tmp_path):
+    """`hvdtrain data prepare` from files in a bucket into the bucket; a 2-rank run counted in steps reads its
+    windows by ranged requests, writes its checkpoints there, is SIGKILLed as its step-20 checkpoint appears, and
+    resumes from the bucket to every metric of the same run on a local copy of the shards, never interrupted."""
+    from tests.e2e.test_corpus import STEPS, corpus_files, prepare_command
+
+    local = corpus_files(tmp_path / "in", 0.5)
+    s3(s3_server, f"storage.upload({str(local)!r}, {bucket + '/raw'!r})")
+    shards = f"{bucket}/tokens"
+    command = prepare_command(f"{bucket}/raw", shards)
+    run(command, env=s3_env(s3_server))
+    s3(s3_server, f"storage.download({shards!r}, {str(tmp_path / 'tokens')!r})")
+    assert (tmp_path / "tokens" / "manifest.json").exists() and (tmp_path / "tokens" / "segments").is_dir()
+
+    def args(data, out):
+        return ["train", "--recipe", "llama-tiny", "--set", "data.source=tokens", "--set", f"data.path={data}",
+                *(a for s in STEPS for a in ("--set", s)), "--output", out]
+
+    reference = tmp_path / "reference"
+    hvdtrain_2_ranks(s3_server, args(tmp_path / "tokens", reference))
+    out = f"{bucket}/run"
+    killed = hvdtrain_2_ranks(s3_server, args(shards, out), failpoint="after-checkpoint@20", check=False)
+    assert killed.returncode != 0
+    again = hvdtrain_2_ranks(s3_server, args(shards, out))
+    assert "resuming after step 20" in again.stdout
+    got = [json.loads(line) for line in s3(s3_server, f"print(storage.read_text({out + '/metrics.jsonl'!r}))")
+           .strip().splitlines()]
+    want = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [10, 20, 30]
+    for g, w in zip(got, want):
+        for key in ("loss", "val_loss", "lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing bucket", "bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
     ("wrong credentials", "refused access to bucket"),
