@@ -1,4 +1,5 @@
-"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | export | data | recipes | models.
+"""The ``hvdtrain`` command: train | benchmark | compress | evaluate | generate | serve | export | data | recipes |
+models.
 
 Errors a user can fix print one line and exit 2 (usage) or 1 (runtime); ``--debug`` shows the traceback.
 """
@@ -77,13 +78,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chain-length", type=int, default=200, help="with --collectives: collectives per chain")
     p.add_argument("--inference", action="store_true",
                    help="generation speed: full window vs key-value cache vs speculative (with --model, --draft)")
-    p.add_argument("--model", help="with --inference: a trained language model (run directory, model.keras or a "
-                                    "Hugging Face directory)")
-    p.add_argument("--draft", help="with --inference: a small model of the same vocabulary for speculative decoding")
+    p.add_argument("--model", help="with --inference, --serving: a trained language model (run directory, "
+                                    "model.keras or a Hugging Face directory)")
+    p.add_argument("--draft", help="with --inference, --serving: a small model of the same vocabulary for "
+                                    "speculative decoding")
     p.add_argument("--batch", default="1,8", help="with --inference: batch sizes, e.g. 1,8")
-    p.add_argument("--max-tokens", type=int, default=256, help="with --inference: tokens generated per prompt")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="with --inference and --serving: tokens generated per prompt")
     p.add_argument("--methods", default="full,cached,speculative", help="with --inference: which to time")
     p.add_argument("--temperature", type=float, default=0.8, help="with --inference: sampling temperature")
+    p.add_argument("--serving", action="store_true",
+                   help="the OpenAI server under N concurrent streaming clients against one (with --model; a second "
+                        "server with --draft; or --url of a running one)")
+    p.add_argument("--url", help="with --serving: the base URL of a running server (http://HOST:PORT/v1)")
+    p.add_argument("--concurrency", default="1,4,16", help="with --serving: concurrent clients, e.g. 1,4,16")
+    p.add_argument("--requests", type=int, default=32, help="with --serving: requests per level and repeat")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="with --serving: tokens in each prompt")
+    p.add_argument("--slots", type=int, default=16, help="with --serving: the server's --slots")
     p.add_argument("--launcher-args", default="--gloo",
                    help="extra horovodrun arguments, as typed: --launcher-args --mpi, or in quotes for several")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
@@ -126,10 +137,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
     _common(p)
 
+    p = sub.add_parser("serve", help="serve a language model over HTTP with the OpenAI API (continuous batching; "
+                                     "across a tensor group under horovodrun)")
+    p.add_argument("--model", required=True, help="a run directory, its model.keras, or a Hugging Face directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one, printed at start)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: its directory's name)")
+    p.add_argument("--slots", type=int, default=16,
+                   help="sequences decoded at once, each with a key-value cache of the model's context")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond, requests get 503 with Retry-After")
+    p.add_argument("--draft", help="a small model of the same tokenizer proposing tokens (speculative decoding)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    p.add_argument("--chat-template", help="a Jinja chat template file (default: the model's tokenizer_config.json "
+                                           "template, else plain 'role: content' lines)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds the requests in flight get to finish after SIGTERM")
+    p.add_argument("--set", action="append", default=[], metavar="parallel.tensor=N",
+                   help="parallel.tensor=N: split the model over N ranks (horovodrun -np N)")
+    p.add_argument("--allow-unsafe", action="store_true", help="load models with Lambda layers (runs their code)")
+    _common(p)
+
     p = sub.add_parser("export", help="export a language model: SavedModel (TF Serving), TFLite, or Hugging Face")
     p.add_argument("--model", required=True, help="a run directory, its model.keras, or a Hugging Face directory")
     p.add_argument("--format", default="saved_model", help="saved_model | tflite | tflite-int8 | huggingface")
-    p.add_argument("--output", required=True, help="directory for the export")
+    p.add_argument("--output", required=True,
+                   help="directory for the export (saved_model: a TensorFlow Serving model base path)")
+    p.add_argument("--version", type=int, default=1,
+                   help="saved_model: the version folder written under --output (TensorFlow Serving's)")
     hf = p.add_argument_group("--format huggingface")
     hf.add_argument("--merge", action="store_true",
                     help="a LoRA run: the merged full model (default: its PEFT adapter over the checkpoint it "
@@ -245,6 +280,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hvdtrain.serving import serve
+
+    return serve.main_args(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hvdtrain.serving import export
 
@@ -258,7 +299,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             from hvdtrain.errors import UsageError
 
             raise UsageError("--merge goes with --format huggingface")
-        written = export.command(args.model, args.output, args.format, args.allow_unsafe)
+        written = export.command(args.model, args.output, args.format, args.allow_unsafe, args.version)
     for path in written:
         console.say(f"written: {path}")
     return 0
@@ -297,8 +338,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "benchmark": cmd_benchmark, "compress": cmd_compress, "evaluate": cmd_evaluate,
-            "generate": cmd_generate, "export": cmd_export, "data": cmd_data, "recipes": cmd_recipes,
-            "models": cmd_models}
+            "generate": cmd_generate, "serve": cmd_serve, "export": cmd_export, "data": cmd_data,
+            "recipes": cmd_recipes, "models": cmd_models}
 
 
 # Options whose value is itself a command line (launcher flags): "--launcher-args --mpi" is joined into

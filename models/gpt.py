@@ -331,10 +331,11 @@ def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, width=128, 
             return block(params, unit.name, x, ctx, dropout, site, epsilon=norm_epsilon, tanh_gelu=tanh_gelu)
         return head(params, x, ctx, tied=tie_embeddings, epsilon=norm_epsilon)
 
-    def decode(params, tokens, at, attention):
-        """One process, new tokens at positions ``at`` ``(batch, n)``; ``attention(i, q, k, v)`` for block i."""
-        ctx = LocalContext()
-        x = tf.gather(params["embed/tokens/embeddings"], tokens) + tf.gather(
+    def decode(params, tokens, at, attention, ctx=None):
+        """New tokens at positions ``at`` ``(batch, n)``; ``attention(i, q, k, v)`` for block i; ``ctx``: one process
+        (the default) or a tensor-parallel member (its heads, and its slice of the vocabulary's logits)."""
+        ctx = ctx or LocalContext()
+        x = vocabulary_lookup(params["embed/tokens/embeddings"], tokens, ctx) + tf.gather(
             params["embed/positions/embeddings"], tf.minimum(at, context - 1))
         for i in range(num_layers):
             x = block(params, f"block_{i}", x, ctx, attention=lambda q, k, v, i=i: attention(i, q, k, v),

@@ -372,9 +372,10 @@ def plan(*, input_shape, num_classes=256, num_layers=2, num_heads=4, kv_heads=2,
                          scaling=rope_scaling)
         return head(params, x, ctx, tied=tie_embeddings, epsilon=norm_epsilon)
 
-    def decode(params, tokens, positions, attention):
-        """One process, new tokens at ``positions`` ``(batch, n)``; ``attention(i, q, k, v)`` for block i."""
-        ctx = LocalContext()
+    def decode(params, tokens, positions, attention, ctx=None):
+        """New tokens at ``positions`` ``(batch, n)``; ``attention(i, q, k, v)`` for block i; ``ctx``: one process
+        (the default) or a tensor-parallel member (its heads, and its slice of the vocabulary's logits)."""
+        ctx = ctx or LocalContext()
         x = embed(params, tokens, ctx)
         for i in range(num_layers):
             x = block(params, f"block_{i}", x, ctx, rope_theta, positions=positions,

@@ -304,9 +304,11 @@ class Plan:
         twin: ``{"params": ..., "restore": {key: value}}``: builder parameters of a model of the same structure
             but tiny weights, and the layer config keys to set back to the real values:
             :mod:`hvdtrain.formats.keras_file` writes a ``.keras`` file from the twin's and streams the real weights.
-        decode: for language models, ``decode(params, tokens, positions, attention) -> logits``: one process, new
+        decode: for language models, ``decode(params, tokens, positions, attention, ctx=None) -> logits``: new
             ``tokens`` ``(batch, n)`` at ``positions`` ``(batch, n)``, each block's attention replaced by
-            ``attention(i, q, k, v)`` (keys and values with their own heads): the cached decoder's forward pass.
+            ``attention(i, q, k, v)`` (keys and values with their own heads): the cached decoder's forward pass, in
+            one process or (``ctx``) as a tensor-parallel member over its slices (its heads; its slice of the
+            vocabulary's logits).
         cache: ``(blocks, key-value heads, head size)``: the shape of the decoder's key-value cache per position.
     """
 

@@ -107,6 +107,45 @@ def demo_run(tmp_path_factory):
     return base / "run", base / "traces", (base / "stdout.txt").read_text()
 
 
+LLAMA_CONTEXT = 32  # the window of llama_run, in tokens
+
+
+@pytest.fixture(scope="session")
+def llama_run(tmp_path_factory):
+    """A small llama (2 blocks, width 64, 4 query and 2 key-value heads, context 32 tokens) and its BPE of 512
+    tokens, trained 8 epochs on 60 KB of the embedded corpus (23 steps of under a second each): the language model
+    of the serving tests (tests/e2e/test_serving.py, test_server.py), made once per session."""
+    from hvdtrain.data import text
+    from tests.helpers import BIN, run
+
+    def build(base):
+        (base / "corpus.txt").write_bytes(text.embedded_corpus()[:60_000])
+        run([str(BIN / "hvdtrain"), "train", "--recipe", "llama-tiny", "--set", f"data.path={base / 'corpus.txt'}",
+             "--set", "model.params={num_layers: 2, width: 64, num_heads: 4, kv_heads: 2}", "--set",
+             f"data.context_length={LLAMA_CONTEXT}", "--set", "data.vocab_size=512", "--set",
+             "data.batch_size_per_rank=32", "--set", "train.epochs=8", "--output", str(base / "run")], timeout=600)
+
+    return shared_once(tmp_path_factory, "llama-run", build) / "run"
+
+
+@pytest.fixture(scope="session")
+def llama_draft(llama_run, tmp_path_factory):
+    """The family's default llama student distilled from llama_run at 2 ranks (`hvdtrain compress --method
+    distill`), one seed against the same student without the teacher: a draft for speculative decoding, not an
+    accuracy claim (that one is digits-cnn's, tests/e2e/test_compression.py). ``(folder, the command's stdout)``."""
+    from tests.helpers import BIN, horovodrun
+
+    def build(base):
+        proc = horovodrun([BIN / "hvdtrain", "compress", "--model", llama_run, "--method", "distill", "--set",
+                           "compression.latency_rounds=1", "--set", "compression.latency_calls=3", "--set",
+                           "compression.distill_epochs=5", "--set", "compression.baseline_seeds=1", "--output",
+                           base / "distill"], extra=["--gloo"], timeout=900)
+        (base / "stdout.txt").write_text(proc.stdout + proc.stderr)
+
+    base = shared_once(tmp_path_factory, "llama-draft", build)
+    return base / "distill", (base / "stdout.txt").read_text()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server on 127.0.0.1 (Ceph's radosgw on a one-OSD, memory-backed cluster) and its environment."""

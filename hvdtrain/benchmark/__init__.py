@@ -6,6 +6,7 @@ worker (``python -m hvdtrain.benchmark SPEC RESULT``) that times its part and re
 - :mod:`~hvdtrain.benchmark.layouts`: data, tensor and pipeline layouts of a language model at the same global
   batch, and the widest model each layout trains within a per-rank memory budget.
 - :mod:`~hvdtrain.benchmark.inference`: generation speed (full window, cached, speculative).
+- :mod:`~hvdtrain.benchmark.serving`: the OpenAI server under concurrent clients (it starts ``hvdtrain serve``).
 - :mod:`~hvdtrain.benchmark.collectives`: the cost of one collective through Horovod against the MPI floor.
 
 Figures on a shared machine are noisy: every comparison is interleaved (the order rotates each repeat) and repeated,
@@ -50,6 +51,19 @@ def command(args) -> None:
                                         else args.collectives).split(";") if s.strip()]
         report = collectives.run(settings, max(nps), args.repeats, args.chain_length, args.windows, args.timeout)
         show = collectives.plot, collectives.print_report
+    elif args.serving:
+        from hvdtrain.benchmark import serving
+
+        if not args.model:
+            raise UsageError("--serving needs --model RUN (a trained language model)")
+        try:
+            levels = sorted({int(n) for n in args.concurrency.split(",") if n.strip()})
+        except ValueError:
+            raise UsageError(f"--concurrency '{args.concurrency}' must be client counts separated by commas, "
+                             "e.g. 1,4,16") from None
+        report = serving.run(args.model, args.draft, args.url, levels, args.requests, args.prompt_tokens,
+                             args.max_tokens, args.repeats, args.slots)
+        show = serving.plot, serving.print_report
     elif args.inference:
         from hvdtrain.benchmark import inference as bench
 

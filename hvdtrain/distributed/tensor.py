@@ -216,6 +216,14 @@ def cross_entropy(logits, labels, ctx) -> tuple:
     return ce, hit
 
 
+def gather_vocabulary(logits, group: Group):
+    """The whole vocabulary's logits ``(batch, vocabulary)`` from each member's slice ``(batch, vocabulary / size)``
+    (serving: every member samples from, or rank 0 reads, the same whole row; no gradient)."""
+    if group.size == 1:
+        return logits
+    return tf.transpose(group.allgather(tf.transpose(logits)))
+
+
 def split(value, parts: int, index: int, axis: int | None):
     """The ``index``-th of ``parts`` equal slices of ``value`` along ``axis`` (``value`` itself when None)."""
     if axis is None or parts == 1:

@@ -94,6 +94,38 @@ def load_model(path: str | Path, allow_unsafe: bool = False, context_length: int
     return keras_file.load(uri, allow_unsafe)
 
 
+def open_slices(path: str | Path, context_length: int = 0):
+    """``(plan, initial)`` for a member of a tensor-parallel group to build its part of the model at ``path``
+    without the whole: ``initial(weight, box)`` reads the box ``(start, size)`` of a weight (the bytes of it
+    alone, where the format allows). ``path``: a Hugging Face directory, a checkpoint, or a run directory (its
+    newest checkpoint); a LoRA run's weights come merged (``W + alpha / rank x A B``, one weight at a time)."""
+    from hvdtrain.formats import checkpoint, huggingface
+
+    uri = resolve(path)
+    if is_huggingface(uri):
+        found = huggingface.open_checkpoint(uri, context_length)
+        plan = found.plan()
+        return plan, huggingface.initial_values(found, plan)
+    if not is_checkpoint(uri):
+        newest = checkpoint.latest(run_dir_of(uri)) if uri.endswith(".keras") else None
+        if newest is None or not checkpoint.is_sharded(newest):
+            raise ModelFileError(f"'{uri}' is a model file; a tensor-parallel layout reads its slices from a run "
+                                 "directory with checkpoints, a checkpoint or a Hugging Face directory")
+        uri = newest
+    reader = checkpoint.Reader(uri)
+    spec = checkpoint.spec_of(reader)
+    plan = checkpoint.plan_of_spec(spec)
+    if spec.get("lora"):
+        values = checkpoint.model_values(reader)
+
+        def merged(weight, box):
+            start, size = box
+            return values(weight.name)[tuple(slice(a, a + n) for a, n in zip(start, size))]
+
+        return plan, merged
+    return plan, lambda weight, box: reader.read(weight.name, "param", box)
+
+
 def check_fit(model, source, what: str = "the model") -> None:
     """Fail clearly when a model's input or output does not match the data."""
     want_in, got_in = tuple(source.input_shape), tuple(model.input_shape[1:])

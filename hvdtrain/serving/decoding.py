@@ -71,29 +71,57 @@ class CachedDecoder:
     Args:
         model: a language model built by :func:`models.build` (or loaded from its ``.keras`` file): a family with a
             decoding plan (``gpt``, ``llama``).
+        shard: instead of ``model``, a tensor-parallel member's part of one: ``(plan, params, group)``, its slices
+            of the plan's weights by name and its tensor group (:func:`shard_of`). The member caches its own
+            key-value heads; the logits it returns are the whole vocabulary's (gathered over the group), so every
+            member runs the same calls in the same order.
     """
 
-    def __init__(self, model):
+    def __init__(self, model=None, shard=None):
         import tensorflow as tf
 
         import models
         from models.plan import keras_variables
 
-        self.context, self.vocab = check_model(model)
-        plan = models.plan_of(model)
-        if plan is None or plan.decode is None:
-            raise UsageError(f"the model '{model.name}' is not a language model of a registered family "
-                             f"({', '.join(models.language_models())}): generate and export need one")
-        self.params = keras_variables(model, plan)
+        self.group, self.ctx = None, None
+        if shard is None:
+            self.context, self.vocab = check_model(model)
+            plan = models.plan_of(model)
+            if plan is None or plan.decode is None:
+                raise UsageError(f"the model '{model.name}' is not a language model of a registered family "
+                                 f"({', '.join(models.language_models())}): generate and export need one")
+            self.params = keras_variables(model, plan)
+        else:
+            from hvdtrain.distributed.tensor import TensorContext
+
+            plan, self.params, self.group = shard
+            if plan.decode is None:
+                raise UsageError(f"the model '{plan.family}' has no cached decoder at this layout (a LoRA run: merge "
+                                 "its adapters first, hvdtrain export --format huggingface --merge)")
+            self.context, self.vocab = plan.activation[0], plan.vocabulary
+            self.ctx = TensorContext(self.group, tf.float32, False)
         self.plan = plan
-        self.layers, self.kv_heads, self.head_dim = plan.cache
+        self.layers, kv_heads, self.head_dim = plan.cache
+        self.kv_heads = kv_heads // (self.group.size if self.group is not None else 1)
         cache_spec = tf.TensorSpec([self.layers, 2, None, self.kv_heads, self.context, self.head_dim], tf.float32)
         self.extend = tf.function(self._extend, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), cache_spec])
         self.propose = tf.function(self._propose, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), cache_spec,
-            tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
-            tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)])
+
+    def whole(self, logits):
+        """The whole vocabulary's logits from this member's slice (the logits themselves in one process)."""
+        if self.group is None:
+            return logits
+        import tensorflow as tf
+
+        from hvdtrain.distributed.tensor import gather_vocabulary
+
+        shape = tf.shape(logits)
+        flat = gather_vocabulary(tf.reshape(logits, [-1, shape[-1]]), self.group)
+        return tf.reshape(flat, tf.concat([shape[:-1], [self.vocab]], 0))
 
     def empty_cache(self, batch: int):
         """A cache for ``batch`` rows."""
@@ -127,14 +155,16 @@ class CachedDecoder:
             out = tf.einsum("bkgtc,bkcd->btkgd", tf.nn.softmax(scores, axis=-1), values)
             return tf.cast(tf.reshape(out, tf.shape(q)), q.dtype)
 
-        logits = self.plan.decode(self.params, tokens, positions, cached)
-        return tf.cast(logits, tf.float32), tf.stack(caches)
+        logits = self.plan.decode(self.params, tokens, positions, cached, self.ctx)
+        return self.whole(tf.cast(logits, tf.float32)), tf.stack(caches)
 
-    def _propose(self, tokens, start, cache, lengths, k, temperature, top_k, seed):
+    def _propose(self, tokens, start, cache, lengths, k, temperature, top_k, noise):
         """The draft's side of speculative decoding in one call: encode ``tokens`` (right-padded; row b has
-        ``lengths[b]``), then draw ``k`` bytes one by one (greedy at temperature 0, else sampled with stateless
-        random ops from ``seed``). Returns ``(proposals (batch, k), their distributions (batch, k, vocabulary),
-        cache)``; the last proposal is not encoded."""
+        ``lengths[b]``), then draw ``k`` tokens one by one, row b greedy at ``temperature[b] == 0``, else sampled
+        under its temperature and ``top_k[b]`` by inverting the distribution's cumulative sum at ``noise[b, i]``
+        (uniform draws of the row's own generator, so a row's proposals do not depend on the other rows). Returns
+        ``(proposals (batch, k), their distributions (batch, k, vocabulary), cache)``; the last proposal is not
+        encoded."""
         import tensorflow as tf
 
         logits, cache = self._extend(tokens, start, cache)
@@ -142,16 +172,15 @@ class CachedDecoder:
         batch = tf.shape(tokens)[0]
         chosen = tf.TensorArray(tf.int32, size=k)
         dists = tf.TensorArray(tf.float32, size=k)
+        sampled = temperature > 0
 
         def body(i, last, cache, chosen, dists):
-            probs = tf.cond(temperature > 0, lambda: distribution(last, temperature, top_k, self.vocab),
-                            lambda: tf.one_hot(tf.argmax(last, -1), self.vocab))
-            token = tf.cond(
-                temperature > 0,
-                lambda: tf.cast(tf.random.stateless_categorical(tf.math.log(probs + 1e-30), 1,
-                                                               seed=seed + tf.cast(tf.stack([0, i]), tf.int64))[:, 0],
-                                tf.int32),
-                lambda: tf.argmax(last, -1, output_type=tf.int32))
+            greedy = tf.argmax(last, -1, output_type=tf.int32)
+            probs = tf.where(sampled[:, None], distribution(last, tf.where(sampled, temperature, 1.0), top_k,
+                                                            self.vocab),
+                             tf.one_hot(greedy, self.vocab))
+            below = tf.reduce_sum(tf.cast(tf.cumsum(probs, axis=-1) < noise[:, i, None], tf.int32), axis=-1)
+            token = tf.where(sampled, tf.minimum(below, self.vocab - 1), greedy)
             chosen, dists = chosen.write(i, token), dists.write(i, probs)
             nxt, cache = self._extend(token[:, None], start + lengths + i, cache)
             return i + 1, nxt[:, 0], cache, chosen, dists
@@ -160,6 +189,72 @@ class CachedDecoder:
                                                                                dists])
         proposals = tf.transpose(tf.reshape(chosen.stack(), [k, batch]))
         return proposals, tf.transpose(dists.stack(), [1, 0, 2]), cache
+
+
+class SlotCache:
+    """The key-value caches of a fixed number of sequences (*slots*) for continuous batching: each call runs some
+    slots' new tokens at their positions and writes their keys and values into those slots alone, so sequences
+    join and leave between calls. One variable holds every slot (``(slots, layers, 2, key-value heads, context,
+    head size)``); a call gathers its slots' rows, extends them and scatters them back.
+
+    The calls take and return NumPy arrays (rows right-padded; ``lengths`` the real tokens of each):
+    ``last(tokens, start, slots, lengths)`` the logits after each row's last token, ``(rows, vocabulary)``;
+    ``score(tokens, start, slots)`` the logits at every position, ``(rows, n, vocabulary)``;
+    ``propose(tokens, start, slots, lengths, k, temperature, top_k, noise)`` a draft's ``k`` proposals per row
+    (:meth:`CachedDecoder._propose`).
+    """
+
+    def __init__(self, decoder: CachedDecoder, slots: int):
+        import tensorflow as tf
+
+        self.decoder, self.slots = decoder, slots
+        d = decoder
+        self.pool = tf.Variable(tf.zeros([slots, d.layers, 2, d.kv_heads, d.context, d.head_dim]), trainable=False,
+                                name="kv_slots")
+        ints = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)]
+        self._last = tf.function(self._run_last, input_signature=ints + [tf.TensorSpec([None], tf.int32)])
+        self._score = tf.function(self._run_score, input_signature=ints)
+        self._propose = tf.function(self._run_propose, input_signature=ints + [
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)])
+
+    def _rows(self, slots):
+        import tensorflow as tf
+
+        return tf.transpose(tf.gather(self.pool, slots), [1, 2, 0, 3, 4, 5])  # the decoder's cache layout
+
+    def _keep(self, slots, rows) -> None:
+        import tensorflow as tf
+
+        self.pool.scatter_nd_update(slots[:, None], tf.transpose(rows, [2, 0, 1, 3, 4, 5]))
+
+    def _run_last(self, tokens, start, slots, lengths):
+        import tensorflow as tf
+
+        logits, rows = self.decoder._extend(tokens, start, self._rows(slots))
+        self._keep(slots, rows)
+        return tf.gather(logits, lengths - 1, batch_dims=1)
+
+    def _run_score(self, tokens, start, slots):
+        logits, rows = self.decoder._extend(tokens, start, self._rows(slots))
+        self._keep(slots, rows)
+        return logits
+
+    def _run_propose(self, tokens, start, slots, lengths, k, temperature, top_k, noise):
+        proposals, dists, rows = self.decoder._propose(tokens, start, self._rows(slots), lengths, k, temperature,
+                                                       top_k, noise)
+        self._keep(slots, rows)
+        return proposals, dists
+
+    def last(self, tokens, start, slots, lengths) -> np.ndarray:
+        return self._last(tokens, start, slots, lengths).numpy()
+
+    def score(self, tokens, start, slots) -> np.ndarray:
+        return self._score(tokens, start, slots).numpy()
+
+    def propose(self, tokens, start, slots, lengths, k, temperature, top_k, noise) -> tuple[np.ndarray, np.ndarray]:
+        proposals, dists = self._propose(tokens, start, slots, lengths, np.int32(k), temperature, top_k, noise)
+        return proposals.numpy(), dists.numpy().astype(np.float64)
 
 
 class Session:
@@ -225,11 +320,12 @@ class Session:
         padded = np.zeros((len(news), max(len(n) for n in news)), np.int32)
         for b, n in enumerate(news):
             padded[b, : len(n)] = n
-        seed = rng.integers(0, 2**31 - 1, size=2)
+        rows = len(news)
         proposals, dists, self.cache = self.decoder.propose(
             tf.constant(padded), tf.constant(self.done, tf.int32), self.cache,
             tf.constant([len(n) for n in news], tf.int32), tf.constant(k, tf.int32),
-            tf.constant(float(temperature), tf.float32), tf.constant(int(top_k), tf.int32), tf.constant(seed, tf.int64))
+            tf.fill([rows], float(temperature)), tf.fill([rows], int(top_k)),
+            tf.constant(rng.random((rows, k)), tf.float32))
         proposals = proposals.numpy()
         for b, n in enumerate(news):
             self.done[b] += len(n) + k - 1

@@ -1,11 +1,12 @@
 """``hvdtrain export``: a trained language model in the formats serving systems load.
 
-- ``saved_model``: a TensorFlow SavedModel (what TensorFlow Serving, TF-Lite's converter and ``tf.saved_model.load``
-  read) with two signatures: ``serving_default`` (``tokens`` int32 ``(batch, context)`` -> ``logits``
-  ``(batch, context, vocabulary)``) and ``generate`` (``prompt`` int32 ``(batch, length)`` right-padded,
-  ``lengths`` int32 ``(batch,)``, ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: all), ``seed``
-  -> ``tokens`` int32 ``(batch, max_new_tokens)``): the cached decoder of :mod:`hvdtrain.serving.decoding` in one graph,
-  sampling with stateless random ops; and ``generate_text`` (``prompt`` string ``(batch,)`` and the same options
+- ``saved_model``: a TensorFlow SavedModel in a TensorFlow Serving model base path, ``OUT/VERSION/`` (``--version``,
+  1 by default; TF Serving serves the highest number and picks up a new one as it appears; TF-Lite's converter and
+  ``tf.saved_model.load`` read the version folder) with these signatures: ``serving_default`` (``tokens`` int32
+  ``(batch, context)`` -> ``logits`` ``(batch, context, vocabulary)``) and ``generate`` (``prompt`` int32
+  ``(batch, length)`` right-padded, ``lengths`` int32 ``(batch,)``, ``max_new_tokens``, ``temperature`` (0: greedy),
+  ``top_k`` (0: all), ``seed`` -> ``tokens`` int32 ``(batch, max_new_tokens)``): the cached decoder of
+  :mod:`hvdtrain.serving.decoding` in one graph, sampling with stateless random ops; and ``generate_text`` (``prompt`` string ``(batch,)`` and the same options
   -> ``text`` string ``(batch,)``: the new tokens' text), the run's tokenizer running inside the graph
   (:class:`hvdtrain.data.tokenizer.InGraph`). In the graph, generation stops at the context length (the new tokens
   are cut to ``context - max(lengths)``); the CLI's ``generate`` slides past it. A model with a BPE tokenizer gets
@@ -106,9 +107,9 @@ def generation_module(model, tokenizer=None):
     return Generation()
 
 
-def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[str]:
+def export(model, output: str, fmt: str, run_dir=None, tokenizer=None, version: int = 1) -> list[str]:
     """Write ``model`` in ``fmt`` under ``output`` (with ``tokenizer.json`` beside it when the model has a BPE
-    tokenizer); returns the paths written."""
+    tokenizer; a SavedModel in ``output/version``); returns the paths written."""
     import tensorflow as tf
 
     from hvdtrain import storage
@@ -129,7 +130,7 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
         written.append(storage.join(output, FILE))
     if fmt == "saved_model":
         module = generation_module(model, tokenizer)
-        target = storage.join(output, "saved_model")
+        target = storage.join(output, str(version))
         with storage.staged(target) as tmp:
             tf.saved_model.save(module, str(tmp), signatures={
                 "serving_default": module.serve, "generate": module.generate.get_concrete_function(),
@@ -144,7 +145,7 @@ def export(model, output: str, fmt: str, run_dir=None, tokenizer=None) -> list[s
     return [run_dir.path(name), *written]
 
 
-def command(model_path: str, output: str, fmt: str, allow_unsafe: bool = False) -> list[str]:
+def command(model_path: str, output: str, fmt: str, allow_unsafe: bool = False, version: int = 1) -> list[str]:
     """``hvdtrain export``: the model file at ``model_path`` (and its run's tokenizer) in ``fmt`` under ``output``;
     everything is checked before anything is written. Returns the paths written."""
     from hvdtrain import formats, rundir
@@ -154,10 +155,18 @@ def command(model_path: str, output: str, fmt: str, allow_unsafe: bool = False) 
         from hvdtrain.errors import closest
 
         raise UsageError(f"unknown --format '{fmt}'{closest(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+    if fmt == "saved_model":
+        from hvdtrain import storage
+
+        if version < 1:
+            raise UsageError(f"--version {version}: TensorFlow Serving's versions are positive integers")
+        if storage.exists(storage.join(output, str(version))):
+            raise UsageError(f"{storage.join(output, str(version))} exists: give another --version (TensorFlow "
+                             "Serving serves the highest) or another --output")
     model = formats.load_model(model_path, allow_unsafe=allow_unsafe)
     from hvdtrain.data import tokenizer as tokenizers
 
     _, vocab = decoding.check_model(model, f"--model {model_path}")
     tok = tokenizers.load_beside(model_path)
     tokenizers.check_vocabulary(tok, vocab, f"--model {model_path}")
-    return export(model, output, fmt, rundir.for_command(output), tok)
+    return export(model, output, fmt, rundir.for_command(output), tok, version)

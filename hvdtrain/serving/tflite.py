@@ -1,4 +1,4 @@
-"""TFLite export, and running TFLite models in the TFLite interpreter."""
+"""TFLite export, and running TFLite models in LiteRT's interpreter (TensorFlow's where LiteRT is missing)."""
 from __future__ import annotations
 
 import contextlib
@@ -71,6 +71,38 @@ def to_tflite(model, path: Path, mode: str = "float32", representative=None, int
     return path
 
 
+_FALLBACK_SAID = False
+
+
+def interpreter_class():
+    """``(Interpreter, name)``: LiteRT's (``ai-edge-litert``, the TFLite runtime Google develops now), or where it
+    is not installed TensorFlow's ``tf.lite.Interpreter``, which is deprecated and warns at every use: said once
+    here, and its own warning silenced."""
+    global _FALLBACK_SAID
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "litert"
+    except ImportError:
+        import warnings
+
+        import tensorflow as tf
+
+        if not _FALLBACK_SAID:
+            from hvdtrain import console
+
+            console.warn("LiteRT (pip install ai-edge-litert) is not installed: TFLite models run in TensorFlow's "
+                         "deprecated tf.lite.Interpreter")
+            _FALLBACK_SAID = True
+
+        def deprecated(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tf.lite.Interpreter(*args, **kwargs)
+
+        return deprecated, "tensorflow"
+
+
 class TFLiteModel:
     """A ``.tflite`` model in the interpreter, called on float inputs one batch at a time.
 
@@ -79,10 +111,9 @@ class TFLiteModel:
     """
 
     def __init__(self, path: str | Path, num_threads: int = 1):
-        import tensorflow as tf
-
+        interpreter, _ = interpreter_class()
         try:
-            self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=num_threads)
+            self.interpreter = interpreter(model_path=str(path), num_threads=num_threads)
         except ValueError as exc:
             raise HvdtrainError(f"'{path}' is not a TFLite model: {str(exc).splitlines()[0][:200]}") from None
         self.input = self.interpreter.get_input_details()[0]

@@ -121,7 +121,7 @@ print(json.dumps([storage.read_text({lm + '/summary.json'!r}), storage.listdir({
     run([hvd, "export", "--model", lm, "--format", "saved_model", "--output", f"{bucket}/export"],
         env=s3_env(s3_server))
     found = json.loads(s3(s3_server, f"""import json
-print(json.dumps([storage.listdir({bucket + '/small'!r}), storage.listdir({bucket + '/export/saved_model'!r})]))"""))
+print(json.dumps([storage.listdir({bucket + '/small'!r}), storage.listdir({bucket + '/export/1'!r})]))"""))
     assert {"compression_report.json", "compression_tradeoff.png"} <= set(found[0])
     assert any(name.endswith(".tflite") for name in found[0]) and "saved_model.pb" in found[1]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, env, horovodrun, run
+from tests.helpers import BIN, env, run
 
 pytestmark = pytest.mark.e2e
 
@@ -20,19 +20,8 @@ VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    """A small llama (2 blocks, width 64, 4 query and 2 key-value heads, context 32 tokens) and its BPE of 512
-    tokens, trained 8 epochs on 60 KB of the embedded corpus (23 steps of under a second each)."""
-    from hvdtrain.data import text
-
-    base = tmp_path_factory.mktemp("lm")
-    (base / "corpus.txt").write_bytes(text.embedded_corpus()[:60_000])
-    out = base / "run"
-    run([str(BIN / "hvdtrain"), "train", "--recipe", "llama-tiny", "--set", f"data.path={base / 'corpus.txt'}",
-         "--set", "model.params={num_layers: 2, width: 64, num_heads: 4, kv_heads: 2}", "--set",
-         f"data.context_length={CONTEXT}", "--set", f"data.vocab_size={VOCAB}", "--set", "data.batch_size_per_rank=32",
-         "--set", "train.epochs=8", "--output", str(out)], timeout=600)
-    return out
+def lm_run(llama_run):
+    return llama_run
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +37,8 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def draft_run(lm_run, tmp_path_factory):
-    """The family's default llama student distilled from it at 2 ranks (`hvdtrain compress --method distill`), one
-    seed against the same student without the teacher: a draft for speculative decoding, not an accuracy claim (that
-    one is digits-cnn's, tests/e2e/test_compression.py)."""
-    out = tmp_path_factory.mktemp("draft") / "distill"
-    proc = horovodrun([BIN / "hvdtrain", "compress", "--model", lm_run, "--method", "distill", "--set",
-                       "compression.latency_rounds=1", "--set", "compression.latency_calls=3", "--set",
-                       "compression.distill_epochs=5", "--set", "compression.baseline_seeds=1", "--output", out],
-                      extra=["--gloo"], timeout=900)
-    return out, proc
+def draft_run(llama_draft):
+    return llama_draft
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +49,15 @@ def models_(lm_run, draft_run):
 
 
 def test_distilling_a_llama_reports_bits_per_byte_with_and_without_the_teacher(draft_run, lm_run):
-    out, proc = draft_run
+    out, stdout = draft_run
     d = json.loads((out / "compression_report.json").read_text())["distillation"]
     assert d["metric"] == "bits_per_byte" and len(d["distilled"]) == len(d["without_teacher"]) == 1
     assert d["student_params"] * 4 < d["teacher_params"]
     # the report says by how much the teacher helped (or not), for each seed and on average
     assert all(0 < v < 8 for v in d["distilled"] + d["without_teacher"])
-    assert "distillation (bits_per_byte, mean over seeds [0]): with teacher" in proc.stdout
+    assert "distillation (bits_per_byte, mean over seeds [0]): with teacher" in stdout
     # 2 ranks trained one student: the divergence guard (on in fine-tuning) would have stopped a drift
-    assert "ranks diverged" not in proc.stdout + proc.stderr
+    assert "ranks diverged" not in stdout
     # the compressed models read text as the teacher does: the same tokenizer beside them
     assert (out / "tokenizer.json").read_text() == (lm_run / "tokenizer.json").read_text()
 
@@ -167,10 +148,17 @@ def test_saved_model_reloads_in_a_fresh_process_with_the_keras_logits_and_greedy
     model, _ = models_
     run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", "saved_model", "--output",
          str(tmp_path / "export")])
-    saved = tmp_path / "export" / "saved_model"
+    saved = tmp_path / "export" / "1"  # a TensorFlow Serving model base path: version 1
+    again = run([str(BIN / "hvdtrain"), "export", "--model", str(lm_run), "--format", "saved_model", "--output",
+                 str(tmp_path / "export")], check=False)
+    assert again.returncode == 2 and "/1 exists: give another --version" in again.stderr
     assert (tmp_path / "export" / "tokenizer.json").read_text() == (lm_run / "tokenizer.json").read_text()
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(3, CONTEXT)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
+    # TensorFlow's command-line runner of SavedModels (TF Serving's loader) runs the default signature
+    run([str(BIN / "saved_model_cli"), "run", "--dir", str(saved), "--tag_set", "serve", "--signature_def",
+         "serving_default", "--inputs", f"tokens={tmp_path / 'tokens.npy'}", "--outdir", str(tmp_path / "cli")])
+    np.testing.assert_allclose(np.load(tmp_path / "cli" / "logits.npy"), model(tokens).numpy(), atol=1e-4)
     prompts = [tokenizer.encode("The "), tokenizer.encode("def f(x):")]
     code = f"""
 import json, numpy as np, tensorflow as tf
@@ -200,7 +188,10 @@ print(json.dumps([[t.decode("utf-8", errors="replace") for t in text.numpy()], o
     assert texts == [tokenizer.decode(e) for e in expected] and all(texts)
 
 
-def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, models_, tmp_path):
+def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, models_, tmp_path, monkeypatch, capsys):
+    """In LiteRT's interpreter, with no deprecation warning; where LiteRT is missing, in TensorFlow's, said once."""
+    import warnings
+
     from hvdtrain.serving.tflite import TFLiteModel
 
     model, _ = models_
@@ -213,6 +204,14 @@ def test_tflite_int8_export_runs_in_the_interpreter_close_to_keras(lm_run, model
     assert np.abs(TFLiteModel(int8)(tokens) - keras_logits).mean() < 0.1  # int8 weights: close, not equal
     assert f32.stat().st_size > 3 * int8.stat().st_size
     assert "int8" in TFLiteModel(int8).tensor_types()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert type(TFLiteModel(f32).interpreter).__module__.startswith("ai_edge_litert")
+        monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # LiteRT missing
+        fallback = [TFLiteModel(f32), TFLiteModel(f32)]
+    np.testing.assert_allclose(fallback[1](tokens), keras_logits, atol=1e-3)
+    assert not [w for w in seen if "deprecat" in str(w.message).lower()]
+    assert capsys.readouterr().err.count("LiteRT (pip install ai-edge-litert) is not installed") == 1
 
 
 def test_export_and_generate_reject_an_unknown_format_and_an_image_model(lm_run, tmp_path):
@@ -256,7 +255,7 @@ def test_a_model_trained_here_goes_out_as_a_hugging_face_checkpoint_and_one_come
                 str(tmp_path / "sm")])
     assert "no generate_text signature" in proc.stdout
     assert "its pre-tokenizer is Sequence" in proc.stdout
-    served = tf.saved_model.load(str(tmp_path / "sm" / "saved_model")).signatures["serving_default"]
+    served = tf.saved_model.load(str(tmp_path / "sm" / "1")).signatures["serving_default"]
     reference = np.load(fixture / "reference.npz")
     ids = np.zeros((2, 128), np.int32)
     ids[:, :12] = reference["input_ids"]
