@@ -3,14 +3,14 @@
 - ``saved_model``: a TensorFlow SavedModel in a TensorFlow Serving model base path, ``OUT/VERSION/`` (``--version``,
   1 by default; TF Serving serves the highest number and picks up a new one as it appears; TF-Lite's converter and
   ``tf.saved_model.load`` read the version folder) with these signatures: ``serving_default`` (``tokens`` int32
-  ``(batch, context)`` -> ``logits`` ``(batch, context, vocabulary)``) and ``generate`` (``prompt`` int32
+  ``(batch, context)`` -> ``logits`` ``(batch, context, vocabulary)``); ``generate`` (``prompt`` int32
   ``(batch, length)`` right-padded, ``lengths`` int32 ``(batch,)``, ``max_new_tokens``, ``temperature`` (0: greedy),
   ``top_k`` (0: all), ``seed`` -> ``tokens`` int32 ``(batch, max_new_tokens)``): the cached decoder of
-  :mod:`hvdtrain.serving.decoding` in one graph, sampling with stateless random ops; and ``generate_text`` (``prompt`` string ``(batch,)`` and the same options
-  -> ``text`` string ``(batch,)``: the new tokens' text), the run's tokenizer running inside the graph
-  (:class:`hvdtrain.data.tokenizer.InGraph`). In the graph, generation stops at the context length (the new tokens
-  are cut to ``context - max(lengths)``); the CLI's ``generate`` slides past it. A model with a BPE tokenizer gets
-  its ``tokenizer.json`` beside the SavedModel (what serving stacks read).
+  :mod:`hvdtrain.serving.decoding` in one graph, sampling with stateless random ops; and ``generate_text``
+  (``prompt`` string ``(batch,)`` and the same options -> ``text`` string ``(batch,)``: the new tokens' text), the
+  run's tokenizer running inside the graph (:class:`hvdtrain.data.tokenizer.InGraph`). In the graph, generation
+  stops at the context length (the new tokens are cut to ``context - max(lengths)``); the CLI's ``generate`` slides
+  past it. A model with a BPE tokenizer gets its ``tokenizer.json`` in ``OUT`` (what serving stacks read).
 - ``tflite`` and ``tflite-int8``: the logits model for TFLite, in float32 or with int8 weights (dynamic-range
   quantization: weights stored as int8, computed in float).
 """

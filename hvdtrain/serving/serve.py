@@ -120,7 +120,7 @@ def command(model_path: str, host: str = "127.0.0.1", port: int = 8000, draft_pa
         distributed.agree(error)
     elif error:
         raise UsageError(error)
-    return serve(listener, lockstep, decoder, tok, template, name or served_name(model_path), slots, max_queue,
+    return serve(listener, lockstep, cache, tok, template, name or served_name(model_path), max_queue,
                  draft_tokens if draft_path else 0, shutdown_timeout, tensor)
 
 
@@ -137,14 +137,16 @@ def bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def serve(listener, lockstep, decoder, tok, template, name: str, slots: int, max_queue: int, draft_tokens: int,
+def serve(listener, lockstep, cache, tok, template, name: str, max_queue: int, draft_tokens: int,
           shutdown_timeout: float, tensor: int) -> int:
+    """Rank 0: the engine's thread, the API on uvicorn until a signal, then the drain."""
     import uvicorn
 
     from hvdtrain.serving.engine import Engine
     from hvdtrain.serving.metrics import Metrics
     from hvdtrain.serving.openai_api import Served, create_app
 
+    decoder, slots = cache.decoder, cache.slots
     metrics = Metrics(slots)
     engine = Engine(lockstep, decoder.context, slots, tuple(tok.eos), max_queue, draft_tokens, metrics=metrics)
     served = Served(engine, name, decoder.context, decoder.vocab, tok, template, metrics, max_n=slots)
@@ -159,8 +161,14 @@ def serve(listener, lockstep, decoder, tok, template, name: str, slots: int, max
     url_host = f"[{host}]" if ":" in host else host
     extra = (f", draft proposing {draft_tokens} tokens" if draft_tokens else "") + (
         f", tensor={tensor}" if tensor > 1 else "")
+    from hvdtrain import memory
+
+    weights = sum(int(v.shape.num_elements()) * v.dtype.size for v in decoder.params.values())
+    kv = int(cache.pool.shape.num_elements()) * 4
     console.say(f"[hvdtrain] serving '{name}' at http://{url_host}:{port}/v1 ({decoder.plan.family}, context "
-                f"{decoder.context} tokens, {slots} slots{extra}); SIGTERM or Ctrl-C stops it")
+                f"{decoder.context} tokens, {slots} slots{extra}); this rank holds {weights / 2**20:.1f} MB of "
+                f"weights and {kv / 2**20:.1f} MB of key-value cache, peak resident "
+                f"{memory.peak_bytes() / 2**20:.0f} MB; SIGTERM or Ctrl-C stops it")
     reporter = threading.Thread(target=report, args=(engine, server), daemon=True)
     reporter.start()
     try:

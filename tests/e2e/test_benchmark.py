@@ -105,9 +105,10 @@ def test_layouts_benchmark_compares_tensor_and_pipeline_layouts(tmp_path):
     for r in (tp, pp):
         assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"])
         assert 0 < r["mfu"] < 1 and r["peak_source"].startswith("measured")
-        # every timed step's length (the slowest rank's), beside the windows that also hold fit's own work
+        # every timed step's length (the slowest rank's), each within the window that also holds fit's own work (their
+        # sum need not be: the slowest rank of one step is not the slowest of the next)
         [steps_ms], [[window]] = r["steps_ms_all"], r["window_seconds_all"]
-        assert len(steps_ms) == 3 and 0 < sum(steps_ms) <= 1e3 * window and r["median_step_ms"] == sorted(steps_ms)[1]
+        assert len(steps_ms) == 3 and 0 < max(steps_ms) <= 1e3 * window and r["median_step_ms"] == sorted(steps_ms)[1]
     # one peak per host for every row, however the launch split its cores
     assert tp["peak_flops"] == pp["peak_flops"]
 
