@@ -20,7 +20,7 @@ FILE_SECONDS = {
     "tests/e2e/test_serving.py": 168, "tests/e2e/test_object_storage.py": 200, "tests/e2e/test_fault_tolerance.py": 138,
     "tests/e2e/test_train_cli.py": 132, "tests/e2e/test_ray.py": 120, "tests/e2e/test_benchmark.py": 110,
     "tests/e2e/test_corpus.py": 95, "tests/e2e/test_language_model.py": 90, "tests/e2e/test_multihost.py": 66,
-    "tests/e2e/test_launchers.py": 53,
+    "tests/e2e/test_launchers.py": 53, "tests/e2e/test_server.py": 110,
     "tests/e2e/test_bad_input.py": 51, "tests/parallel/test_precision_communication.py": 51,
     "tests/e2e/test_data_cli.py": 50, "tests/e2e/test_slurm.py": 49, "tests/parallel/test_core.py": 16,
 }

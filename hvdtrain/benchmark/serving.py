@@ -141,6 +141,15 @@ async def late_arrival(url: str, name: str, prompts: list[list[int]], running: i
     return {"running": running, "ttft": probe["ttft"], "running_itl_p50": step, "ttft_in_steps": probe["ttft"] / step}
 
 
+def speculation(url: str) -> tuple[float, float]:
+    """The server's counts of draft proposals scored and kept so far (its ``/metrics``)."""
+    import httpx
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    found = dict(re.findall(r"^hvdtrain_(draft|accepted)_tokens_total (\S+)$", text, re.M))
+    return float(found.get("draft", 0)), float(found.get("accepted", 0))
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -189,8 +198,12 @@ def run(model: str, draft: str | None, url: str | None, levels: list[int], reque
             for key, n in order:
                 progress(f"repeat {repeat + 1}/{repeats}: {key}, {n} concurrent ...")
                 wanted = max(requests, n)
-                samples[(key, n)].append(asyncio.run(closed_loop(servers[key][1], names[key], prompts[:wanted], n,
-                                                                 max_tokens)))
+                before = speculation(servers[key][1])
+                sample = asyncio.run(closed_loop(servers[key][1], names[key], prompts[:wanted], n, max_tokens))
+                (drafted, kept), (drafted0, kept0) = speculation(servers[key][1]), before
+                if drafted > drafted0:  # the share of the draft's proposals the model kept
+                    sample["acceptance_rate"] = (kept - kept0) / (drafted - drafted0)
+                samples[(key, n)].append(sample)
         late = []
         if max(levels) > 1:
             for key, (_, base) in servers.items():
@@ -222,7 +235,7 @@ def run(model: str, draft: str | None, url: str | None, levels: list[int], reque
 
 def print_report(report: dict[str, Any]) -> None:
     cols = ["server", "concurrency", "tokens_per_sec", "vs_one_client", "vs_plain", "ttft_p50", "ttft_p99",
-            "itl_p50", "itl_p99"]
+            "itl_p50", "itl_p99"] + (["acceptance_rate"] if report.get("draft") else [])
     console.say(artifacts.format_table(report["results"], cols))
     for late in report["late_arrival"]:
         console.say(f"{late['server']}: a request arriving while {late['running']} stream got its first token in "

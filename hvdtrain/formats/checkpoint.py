@@ -325,7 +325,7 @@ def assemble(checkpoint_uri: str):
     """The whole model of a checkpoint, built in this process (for serving and compression)."""
     import models
     from hvdtrain.distributed.sharded import keras_name
-    from models.plan import keras_variables
+    from models.plan import keras_variables, set_clocks
 
     reader = Reader(checkpoint_uri)
     spec = spec_of(reader)
@@ -342,6 +342,7 @@ def assemble(checkpoint_uri: str):
             var.assign(values(name).astype(var.dtype.as_numpy_dtype))
         except CheckpointError as exc:
             raise ModelFileError(f"cannot assemble the model of {checkpoint_uri}: {exc}") from None
+    set_clocks(model, int(reader.scalars.get("iterations", 0)))  # its dropout continues from the run's step
     return model
 
 

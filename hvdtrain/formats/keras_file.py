@@ -23,6 +23,9 @@ from hvdtrain import storage
 from hvdtrain.errors import ModelFileError
 
 
+CLOCK_MARK = -7  # what a dropout step counter holds in the twin whose weights mark their names
+
+
 def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
     """Write the model of the checkpoint at ``checkpoint_uri`` to ``uri`` (``.keras``), one variable at a time.
 
@@ -32,7 +35,7 @@ def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
     import tensorflow as tf
 
     import models
-    from models.plan import keras_variables
+    from models.plan import keras_variables, set_clocks
 
     from hvdtrain.formats.checkpoint import Reader, model_values, plan_of_spec, spec_of
 
@@ -47,6 +50,8 @@ def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
     for k, (name, var) in enumerate(keras_variables(twin, plan_of_spec(spec, **plan.twin["params"])).items()):
         var.assign(tf.fill(var.shape, float(k + 1)))
         names[k + 1] = name
+    set_clocks(twin, CLOCK_MARK)  # the dropout step counters: the run's step, as a one-process model.keras has
+    step = int(reader.scalars.get("iterations", 0))
     with tempfile.TemporaryDirectory(prefix="hvdtrain-modelfile-") as tmp:
         tmp = Path(tmp)
         twin.save(tmp / "twin.keras")
@@ -64,6 +69,9 @@ def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
             weights.visititems(lambda path, obj: datasets.append(path) if isinstance(obj, h5py.Dataset) else None)
             for path in datasets:
                 marker = weights[path][()].ravel()
+                if weights[path].dtype.kind == "i" and marker.size == 1 and marker[0] == CLOCK_MARK:
+                    weights[path][()] = step
+                    continue
                 name = names.get(int(marker[0])) if marker.size else None
                 if name is None:
                     continue

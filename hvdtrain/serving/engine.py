@@ -342,7 +342,6 @@ class Engine:
             counts = dict(seq.counts)
             for i in range(steps):
                 token = int(proposals[b, i])
-                self.stats.proposed += 1
                 row = penalized(logits[b, first + i], counts, seq.params.presence_penalty,
                                 seq.params.frequency_penalty, dict(seq.params.logit_bias))
                 if seq.params.temperature == 0:
@@ -366,7 +365,10 @@ class Engine:
             else:  # every proposal it may keep was accepted: one token more from the model
                 kept.append(self._sample(seq, logits[b, first + steps], counts))
             accepted = len(kept) - 1
+            self.stats.proposed += steps
             self.stats.accepted += accepted
+            if self.metrics is not None:
+                self.metrics.speculated(steps, accepted)
             seq.encoded = base + accepted  # the accepted proposals are in the model's cache, the last token not
             seq.draft_encoded = min(seq.draft_encoded, base + accepted)
             self._accept(seq, kept)

@@ -11,6 +11,7 @@
 | ``hvdtrain_time_to_first_token_seconds`` | histogram | arrival to first token |
 | ``hvdtrain_inter_token_latency_seconds`` | histogram | between a sequence's tokens (a step's tokens share it) |
 | ``hvdtrain_request_latency_seconds`` | histogram | arrival to the last token |
+| ``hvdtrain_draft_tokens_total``, ``hvdtrain_accepted_tokens_total`` | counter | draft proposals: scored, kept |
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("hvdtrain_request_latency_seconds", "arrival to last token of a sequence",
                                  buckets=REQUEST_BUCKETS, registry=r)
+        self.drafted = Counter("hvdtrain_draft_tokens", "the draft's proposals the model scored", registry=r)
+        self.accepted = Counter("hvdtrain_accepted_tokens", "the draft's proposals the model kept", registry=r)
 
     def answered(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -56,6 +59,10 @@ class Metrics:
             previous = seq.last
         for _ in range(added):  # a step's tokens share its time
             self.itl.observe((now - previous) / max(1, added))
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        self.drafted.inc(proposed)
+        self.accepted.inc(accepted)
 
     def finished(self, seq, reason: str) -> None:
         self.sequences.labels(reason).inc()

@@ -187,6 +187,16 @@ def test_llama_with_dropout_killed_at_tensor_resumes_at_pipeline_equal_to_one_pr
     assert rows(one)[0]["loss"] != rows(one)[1]["loss"]  # it trained
     assert (out / "tokenizer.json").read_bytes() == tokenizer
     assert summary(out)["test_loss"] == pytest.approx(summary(one)["test_loss"], rel=1e-5)
+    # the model.keras streamed from the sharded checkpoint holds what the one process's holds: its weights, and its
+    # dropout step counters at the run's step (not 0), so that training it further draws the masks one process would
+    import numpy as np
+
+    from hvdtrain import formats
+
+    ours, theirs = formats.load_model(out / "model.keras"), formats.load_model(one / "model.keras")
+    clocks = [[int(v.numpy()) for v in m.variables if "dropout_step" in v.name] for m in (ours, theirs)]
+    assert clocks[0] == clocks[1] and len(clocks[0]) >= 2 and min(clocks[0]) == summary(one)["total_steps"] > 0
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ours.trainable_weights, theirs.trainable_weights)) < 1e-4
 
 
 def test_a_failing_stage_stops_every_stage(tmp_path, corpus):

@@ -242,6 +242,9 @@ def test_a_draft_in_the_loop_gives_the_models_greedy_text_a_full_queue_503_and_s
         client = s.client()
         assert "draft proposing 4 tokens" in s.output
         assert [completion(client, "tiny", p, max_tokens=20, temperature=0) for p in PROMPTS] == plain
+        counts = metrics(s)  # the draft's proposals scored, and the share kept (a distilled student: most)
+        drafted, kept = counts[("hvdtrain_draft_tokens_total",)], counts[("hvdtrain_accepted_tokens_total",)]
+        assert drafted >= 3 * 4 and 0 < kept <= drafted
         sampled = client.completions.create(model="tiny", prompt="The ", max_tokens=20, temperature=0.8, seed=3)
         assert sampled.usage.completion_tokens == 20
         body = {"model": "tiny", "prompt": "The ", "max_tokens": CONTEXT - 2, "temperature": 0, "stream": True}
