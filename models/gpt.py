@@ -159,7 +159,7 @@ class TokenAndPositionEmbedding(layers.Layer):
     def call(self, inputs, reverse: bool = False, training=None):
         if reverse:
             return tf.einsum("btw,vw->btv", tf.cast(inputs, tf.float32), self.tokens)
-        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
+        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training, self.dropout > 0))
         return embed(self._params(), inputs, ctx, self.dropout, 0)
 
     def get_config(self):
@@ -187,7 +187,7 @@ class TransformerBlock(layers.Layer):
 
     def call(self, x, training=None):
         params = dict(zip(self.keys, self.weights))  # its own weights first, then its dropout clock
-        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
+        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training, self.dropout > 0))
         return block(params, self.name, x, ctx, self.dropout, SITES * block_index(self.name), epsilon=self.epsilon,
                      tanh_gelu=self.activation == "gelu_tanh")
 

@@ -141,7 +141,7 @@ class TokenEmbedding(layers.Layer):
     def call(self, inputs, reverse: bool = False, training=None):
         if reverse:
             return tf.einsum("btw,vw->btv", tf.cast(inputs, tf.float32), self.tokens)
-        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
+        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training, self.dropout > 0))
         return embed({"embed/tokens/embeddings": self.tokens}, inputs, ctx, self.dropout, 0)
 
     def get_config(self):
@@ -170,7 +170,7 @@ class LlamaBlock(layers.Layer):
 
     def call(self, x, training=None):
         params = dict(zip(self.keys, self.weights))  # its own weights first, then its dropout clock
-        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training and self.dropout > 0))
+        ctx = LocalContext(self.compute_dtype, training, self.clock.key(training, self.dropout > 0))
         return block(params, self.name, x, ctx, self.rope_theta, self.dropout, SITES * block_index(self.name),
                      epsilon=self.epsilon, scaling=self.rope_scaling)
 

@@ -280,12 +280,14 @@ class DropoutClock:
         layer.dropout_seed, layer.dropout_offset = 0, 0
         self.layer = layer
 
-    def key(self, training) -> DropoutKey | None:
-        """The key of this call (advancing the step) when training, else None."""
+    def key(self, training, active: bool = True) -> DropoutKey | None:
+        """The key of this call when training and the layer drops anything (``active``), else None. Every training
+        call advances the step, so that it counts the run's steps with or without dropout (as a checkpoint's step
+        does: a model file written from a sharded checkpoint holds the same)."""
         if not training:
             return None
         step = self.step.assign_add(1) - 1
-        return DropoutKey(self.layer.dropout_seed, step, self.layer.dropout_offset)
+        return DropoutKey(self.layer.dropout_seed, step, self.layer.dropout_offset) if active else None
 
 
 @dataclass(frozen=True)

@@ -96,12 +96,15 @@ ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/monmap" --keyring "$dir/keyring"
 ceph-mon -c "$conf" -i a
 
 log "starting the OSD (memory-backed)"
-osd_id=$(ceph -c "$conf" --connect-timeout 20 osd create)
+# The OSD's own uuid, given to the monitor and to the OSD's mkfs alike (Ceph's manual deployment, "long form"):
+# created without one, the map's osd.0 had none and the OSD's start could be refused as "wrong fsid", 8 times in a
+# row on 2026-12-07 (EPERM from its first mon command, `osd create` with the uuid its mkfs drew).
+osd_uuid=$(cat /proc/sys/kernel/random/uuid)
+osd_id=$(ceph -c "$conf" --connect-timeout 20 osd create "$osd_uuid")
 mkdir -p "$dir/osd/osd.$osd_id"
-ceph-osd -c "$conf" -i "$osd_id" --mkfs >/dev/null 2>&1
-# An OSD's first mon command can race its monitor client and be refused ("wrong fsid": the monmap not read yet);
-# the OSD then exits at start. It is harmless to start it again. On a loaded machine the race was lost three times
-# in a row (seen once, with both cores busy): up to 8 attempts, waiting longer each time.
+ceph-osd -c "$conf" -i "$osd_id" --mkfs --osd-uuid "$osd_uuid" >/dev/null 2>&1
+# Should a start still fail (the monitor's client racing its first command), starting it again is harmless: up to 8
+# attempts, waiting longer each time.
 for attempt in 1 2 3 4 5 6 7 8; do
   if ceph-osd -c "$conf" -i "$osd_id" 2>"$dir/log/osd-start.err"; then break; fi
   if [ "$attempt" = 8 ]; then cat "$dir/log/osd-start.err" >&2; stop; exit 1; fi
