@@ -164,7 +164,7 @@ def serve(listener, lockstep, cache, tok, template, name: str, max_queue: int, d
     from hvdtrain import memory
 
     weights = sum(int(v.shape.num_elements()) * v.dtype.size for v in decoder.params.values())
-    kv = int(cache.pool.shape.num_elements()) * 4
+    kv = int(cache.pool.shape.num_elements()) * cache.pool.dtype.size
     console.say(f"[hvdtrain] serving '{name}' at http://{url_host}:{port}/v1 ({decoder.plan.family}, context "
                 f"{decoder.context} tokens, {slots} slots{extra}); this rank holds {weights / 2**20:.1f} MB of "
                 f"weights and {kv / 2**20:.1f} MB of key-value cache, peak resident "
