@@ -145,6 +145,9 @@ class ParallelConfig:
     microbatches: int = 1  # micro-batches per step and replica (pipeline)
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     shard_optimizer: bool = False  # ZeRO stage 1: optimizer state split over the data-parallel ranks
+    # ZeRO stage 3 / FSDP: the weights themselves split over the data-parallel ranks (the optimizer state with
+    # them), each unit's gathered while it computes; with recompute its weights are gathered again for the backward
+    shard_params: bool = False
     recompute: bool = False  # recompute each Transformer block's activations in the backward pass
     # sequence parallelism at tensor > 1: between the split regions each tensor member holds 1/tensor of the
     # positions (norms, dropout and the residual stream of every block): less activation memory, the same bytes
@@ -604,10 +607,11 @@ def validate_parallel(cfg: Config) -> None:
     import models
 
     p = cfg.parallel
-    modelled = p.tensor > 1 or p.pipeline > 1 or p.recompute
+    modelled = p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_params
     if modelled and not models.has_plan(cfg.model.name):
         with_plan = [n for n in models.names() if models.has_plan(n)]
-        raise ConfigError(f"parallel.tensor, parallel.pipeline and parallel.recompute need a model family with a "
+        raise ConfigError(f"parallel.tensor, parallel.pipeline, parallel.recompute and parallel.shard_params need a "
+                          f"model family with a "
                           f"parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
                           "(parallel.shard_optimizer works for any model)")
     if p.sequence and p.tensor == 1:
@@ -619,7 +623,7 @@ def validate_parallel(cfg: Config) -> None:
         return
     if cfg.train.elastic:
         raise ConfigError("elastic training runs data parallelism only; set parallel.tensor=1, pipeline=1, "
-                          "shard_optimizer=false and recompute=false, or drop --elastic")
+                          "shard_optimizer=false, shard_params=false and recompute=false, or drop --elastic")
     d = cfg.distributed
     if d.backward_passes_per_step > 1 or d.grad_compression != "none" or d.reduce_op != "average":
         # they configure Horovod's DistributedOptimizer, which these layouts do not use: ignored, they would

@@ -229,6 +229,7 @@ class Parallel:
         p = cfg.parallel
         self.compute_dtype = COMPUTE_DTYPES[cfg.train.precision]
         self.param_dtype = self.compute_dtype if p.shard_optimizer else tf.float32
+        self.fsdp = p.shard_params  # the weights' own slices over the data group: the optimizer's with them
         self.pipeline = self.split = None
         if plan is None:
             model = keras_model()
@@ -246,7 +247,8 @@ class Parallel:
                 self.split_description = pipeline.describe_split(self.split)
                 units = self.split[mesh.stage]
             self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
-                                        self.compute_dtype, self.param_dtype, sequence=p.sequence, initial=initial)
+                                        self.compute_dtype, self.param_dtype, sequence=p.sequence, initial=initial,
+                                        shard=mesh.data_group if self.fsdp else None)
             self.full_bytes = 4 * plan.parameters
             if mesh.pipeline > 1:
                 positions, width = plan.activation
@@ -255,6 +257,7 @@ class Parallel:
                 self.pipeline = pipeline.Pipeline(self.module, mesh, p.schedule, p.microbatches, (positions, width),
                                                   self.compute_dtype)
         self.entries = self.module.entries
+        self.entry = {e.name: e for e in self.entries}
         self.variables = self.module.trainable
         self.zero = None
         self.training_model = ParallelTrainer(self)
@@ -273,11 +276,20 @@ class Parallel:
         if self.mesh.tie_group is None or self.plan is None:
             return []
         shared = {n for u in self.plan.units for n in u.shared}
+        if self.fsdp:  # a tied weight is a bucket of its own, of the same geometry on both stages
+            return [i for i, b in enumerate(self.module.buckets) if b.key in shared]
         return [i for i, e in enumerate(self.entries[: len(self.variables)]) if e.name in shared]
+
+    # ---- sharded parameters: what a rank's bucket slices hold
+
+    def bucket_ranges(self, select) -> list[list[tuple[int, int]]]:
+        """Per bucket, ``(start, stop)`` within this rank's slice of the weights whose entry ``select`` accepts."""
+        return [[(at, at + b - a) for i, a, b, at in bucket.flat.overlaps() if select(self.entry[bucket.names[i]])]
+                for bucket in self.module.buckets]
 
     def attach_optimizer(self, optimizer) -> None:
         """Build the optimizer's state for this rank's variables (a slice of them with ``shard_optimizer``)."""
-        if self.cfg.parallel.shard_optimizer:
+        if self.cfg.parallel.shard_optimizer and not self.fsdp:
             from hvdtrain.distributed.zero import ShardedOptimizer
 
             self.zero = ShardedOptimizer(optimizer, self.variables, self.mesh.data_group,
@@ -297,6 +309,15 @@ class Parallel:
     def checkpoint_pieces(self) -> list[Piece]:
         """This rank's unique state: its counted slices (first replica), or its ZeRO slice (every rank)."""
         pieces = []
+        if self.fsdp:
+            kinds, slots = slots_of(self.training_model.optimizer, self.variables)
+            for j, bucket in enumerate(self.module.buckets):
+                arrays = [("param", bucket.variable.numpy())] + [(k, per[j].numpy()) for k, per in zip(kinds, slots)]
+                for i, a, b, at in bucket.flat.overlaps():
+                    e = self.entry[bucket.names[i]]
+                    if e.counted:
+                        pieces += [Piece(e.name, kind, e.part, a, b, values[at: at + b - a]) for kind, values in arrays]
+            return pieces
         if self.zero is not None:
             for i, kind, a, b, values in self.zero.pieces():
                 e = self.entries[i]
@@ -337,7 +358,8 @@ class Parallel:
 
     def describe_layout(self) -> dict[str, Any]:
         return {"world": self.mesh.world, "data": self.mesh.data, "tensor": self.mesh.tensor,
-                "pipeline": self.mesh.pipeline, "shard_optimizer": self.cfg.parallel.shard_optimizer}
+                "pipeline": self.mesh.pipeline, "shard_optimizer": self.cfg.parallel.shard_optimizer,
+                "shard_params": self.fsdp}
 
     def load_checkpoint(self, uri: str, optimizer: bool = True) -> None:
         """Read this rank's slices of a checkpoint written at any layout (every rank reads its own); without
@@ -347,6 +369,9 @@ class Parallel:
                                   "parallel.tensor=1, pipeline=1 and shard_optimizer=false")
         reader = Reader(uri)
         _check_fits(reader, self.entries)
+        if self.fsdp:
+            self._load_buckets(reader, optimizer)
+            return
         variables = self.module.all_variables()
         boxes = [e.box() for e in self.entries]
         for e, var, box in zip(self.entries, variables, boxes):
@@ -362,6 +387,30 @@ class Parallel:
         _assign_scalars(reader, self._state_variables())
         self.module.set_step(int(self._state_variables()["iterations"].numpy()))  # dropout continues from there
 
+    def _load_buckets(self, reader: Reader, optimizer: bool) -> None:
+        """Fill this rank's slice of every bucket (and with ``optimizer`` the optimizer's state of it) from a
+        checkpoint of any layout; no collective."""
+        def fill(bucket, kind) -> np.ndarray:
+            out = np.zeros(bucket.flat.slice_size, np.float32)
+            for i, a, b, at in bucket.flat.overlaps():
+                e = self.entry[bucket.names[i]]
+                if kind not in reader.kinds(e.name):
+                    raise CheckpointError(f"{reader.uri} holds no optimizer state '{kind}' for {e.name}: was it "
+                                          "written with another train.optimizer?")
+                out[at: at + b - a] = reader.read(e.name, kind, e.box()).ravel()[a:b]
+            return out
+
+        for bucket in self.module.buckets:
+            bucket.variable.assign(fill(bucket, "param"))
+        if not optimizer:
+            return
+        kinds, slots = slots_of(self.training_model.optimizer, self.variables)
+        for kind, per_var in zip(kinds, slots):
+            for bucket, slot in zip(self.module.buckets, per_var):
+                slot.assign(fill(bucket, kind))
+        _assign_scalars(reader, self._state_variables())
+        self.module.set_step(int(self._state_variables()["iterations"].numpy()))
+
     def distribute_restored(self) -> None:
         """Every rank read its own part: nothing to send."""
 
@@ -369,7 +418,15 @@ class Parallel:
 
     def consistency_groups(self) -> list[tuple[list, Group]]:
         """Replicated variables must be identical over the stage; slices over their replicas; tied copies over the
-        first and last stage."""
+        first and last stage; with sharded parameters, the replicated weights' parts of the slices over the tensor
+        group and tied buckets over the first and last stage."""
+        if self.fsdp:
+            parts = [_Parts(bucket.variable, ranges) for bucket, ranges in
+                     zip(self.module.buckets, self.bucket_ranges(lambda e: e.axis is None)) if ranges]
+            groups = [(parts, self.mesh.tensor_group)]
+            if self.tied:
+                groups.append(([self.variables[i] for i in self.tied], self.mesh.tie_group))
+            return groups
         replicated = [v for v, e in zip(self.variables, self.entries) if e.axis is None]
         sharded = [v for v, e in zip(self.variables, self.entries) if e.axis is not None]
         groups = [(replicated, self.mesh.stage_group)]
@@ -385,6 +442,12 @@ class Parallel:
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds: its variables, its optimizer state (with ZeRO's float32 master slice)."""
+        if self.fsdp:
+            opt_vars = [v for kind in slots_of(self.training_model.optimizer, self.variables)[1] for v in kind]
+            held = self.variables + list(self.module.by_name.values())
+            return {"param_bytes_full": self.full_bytes, "param_bytes_per_rank": bytes_of(held),
+                    "sharded_param_bytes_per_rank": bytes_of(self.variables),
+                    "optimizer_bytes_per_rank": bytes_of(opt_vars)}
         if self.zero is not None:
             opt_vars = self.zero.slot_variables() + [self.zero.master]
         else:
@@ -397,6 +460,17 @@ class Parallel:
                                                       if e.axis is not None]),
             "optimizer_bytes_per_rank": bytes_of(opt_vars),
         }
+
+
+class _Parts:
+    """Parts of a variable, as the divergence guard reads a variable (``name``, ``numpy()``)."""
+
+    def __init__(self, variable, ranges):
+        self.variable, self.ranges, self.name = variable, ranges, variable.name
+
+    def numpy(self) -> np.ndarray:
+        values = self.variable.numpy()
+        return np.concatenate([values[a:b] for a, b in self.ranges])
 
 
 class ParallelTrainer(tf.keras.Model):
@@ -499,7 +573,9 @@ class ParallelTrainer(tf.keras.Model):
             for i, g in zip(layout.tied, summed):
                 grads[i] = g
         partial = self.module.partial
-        if partial:  # sequence parallelism: each member's gradient of these weights covers its positions only
+        if partial and layout.fsdp:
+            grads = self._sum_partial_slices(grads)
+        elif partial:  # sequence parallelism: each member's gradient of these weights covers its positions only
             summed = mesh.tensor_group.grouped_allreduce([grads[i] for i in partial], "sum",
                                                          name="sequence_gradients")
             for i, g in zip(partial, summed):
@@ -526,6 +602,24 @@ class ParallelTrainer(tf.keras.Model):
 
         tf.cond(finite, apply, skip)
 
+    def _sum_partial_slices(self, grads):
+        """With sharded parameters: the partial weights' parts of each slice's gradient summed over the tensor
+        group (every member's slices have the same geometry)."""
+        names = {self.layout.entries[i].name for i in self.module.partial}
+        ranges = self.layout.bucket_ranges(lambda e: e.name in names)
+        pieces = [grads[j][a:b] for j, rs in enumerate(ranges) for a, b in rs]
+        if not pieces:
+            return grads
+        summed = iter(self.layout.mesh.tensor_group.grouped_allreduce(pieces, "sum", name="sequence_gradients"))
+        out = []
+        for g, rs in zip(grads, ranges):
+            parts, at = [], 0
+            for a, b in rs:
+                parts += [g[at:a], next(summed)]
+                at = b
+            out.append(tf.concat(parts + [g[at:]], 0) if rs else g)
+        return out
+
     def _clip_factor(self, sum_of_squares, group: Group | None):
         """``clip / max(norm, clip)`` from this rank's share of the squared norm (as ``tf.clip_by_global_norm``)."""
         total = distributed.allreduce_tensor(sum_of_squares, "sum", name="clip_norm") if group is None else \
@@ -535,6 +629,14 @@ class ParallelTrainer(tf.keras.Model):
 
     def _step(self, grads) -> None:
         layout = self.layout
+        if layout.fsdp:  # each slice's gradient is already the average over the data group
+            if self.clip_norm > 0:  # the slices of every rank cover the model once (counted parts only)
+                squares = [tf.reduce_sum(tf.square(g[a:b])) for g, rs in
+                           zip(grads, layout.bucket_ranges(lambda e: e.counted)) for a, b in rs]
+                factor = self._clip_factor(tf.add_n(squares) if squares else tf.constant(0.0), None)
+                grads = [g * factor for g in grads]
+            self.optimizer.apply_gradients(zip(grads, layout.variables))
+            return
         if layout.zero is not None:
             mine = layout.zero.reduce(grads)
             if self.clip_norm > 0:  # the slices of every replica's every rank cover the model once

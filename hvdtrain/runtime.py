@@ -310,7 +310,7 @@ def make_layout(cfg: Config, source, mesh):
     lora = lora_setting(cfg, plan) if plan is not None else None
     checkpoint = pretrained_checkpoint(cfg, source)
     initial = huggingface.initial_values(checkpoint, plan) if checkpoint is not None else None
-    if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer or lora:
+    if p.tensor > 1 or p.pipeline > 1 or p.recompute or p.shard_optimizer or p.shard_params or lora:
         from models.lora import adapt
 
         layout = parallel.Parallel(cfg, mesh, adapt(plan, lora) if lora else plan,

@@ -100,6 +100,11 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
     if mesh.pipeline > 1:
         log(f"pipeline ({cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches): "
             f"{layout.split_description}")
+    if cfg.parallel.shard_params:
+        buckets = layout.module.buckets
+        log(f"parameters sharded over the data group: each of the {mesh.data} data ranks holds 1/{mesh.data} of "
+            f"{len(buckets)} buckets ({sum(b.flat.total for b in buckets):,} parameters of this rank's part), "
+            "gathered per unit" + (", again in the backward pass (recompute)" if cfg.parallel.recompute else ""))
     model = runtime.prepare(layout.training_model, cfg, runtime.learning_rate_schedule(cfg.train, plan),
                             elastic=cfg.train.elastic, layout=layout)
 
@@ -356,7 +361,8 @@ def finish(run: Run, plan: BatchPlan, rows: list[dict], fit_seconds: float) -> d
         "precision": cfg.train.precision,
         "controller": distributed.controller(),
         "parallel": {"data": layout.mesh.data, "tensor": layout.mesh.tensor, "pipeline": layout.mesh.pipeline,
-                     "shard_optimizer": cfg.parallel.shard_optimizer, "recompute": cfg.parallel.recompute},
+                     "shard_optimizer": cfg.parallel.shard_optimizer,
+                     "shard_params": cfg.parallel.shard_params, "recompute": cfg.parallel.recompute},
         # the largest footprint over the ranks is what has to fit one device
         **{key: max(r[key] for r in per_rank) for key in figures},
         "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from hvdtrain.distributed import fsdp
+from hvdtrain.distributed.fsdp import Bucket, Flat
 from hvdtrain.distributed.mesh import Group
 from hvdtrain.distributed.tensor import (SequenceContext, TensorContext, gather_to_replicated, scatter_to_sequence,
                                          split)
@@ -76,43 +78,74 @@ class ShardedModule(tf.Module):
     """
 
     def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
-                 param_dtype=tf.float32, sequence: bool = False, initial=None):
+                 param_dtype=tf.float32, sequence: bool = False, initial=None, shard: Group | None = None):
         super().__init__(name="stage")
         from models.plan import initial_value
 
         self.plan, self.units, self.group = plan, list(units), group
         self.recompute, self.dtype = recompute, tf.as_dtype(dtype)
+        self.shard = shard
         parts, part = group.size, (group.rank if group.size > 1 else 0)
         own = {w.name for u in self.units for w in u.weights}
+        tied = {n for u in plan.units for n in u.shared}
+        wanted = [(w, True, w.name if w.name in tied else u.name) for u in self.units for w in u.weights]
+        wanted += [(plan.weight(n), False, n) for u in self.units for n in u.shared if n not in own]
         entries: list[Entry] = []
-        self.by_name: dict[str, tf.Variable] = {}
-        wanted = [(w, True) for u in self.units for w in u.weights]
-        wanted += [(plan.weight(n), False) for u in self.units for n in u.shared if n not in own]
-        for weight, owner in wanted:
+        for weight, owner, _ in wanted:
             sliced = weight.split is not None and parts > 1
-            entry = Entry(weight.name, weight.shape, weight.split if sliced else None, part if sliced else 0,
-                          parts if sliced else 1, trainable=weight.trainable, counted=owner and (sliced or part == 0),
-                          frozen=not weight.trainable)
+            entries.append(Entry(weight.name, weight.shape, weight.split if sliced else None, part if sliced else 0,
+                                 parts if sliced else 1, trainable=weight.trainable,
+                                 counted=owner and (sliced or part == 0), frozen=not weight.trainable))
+        # with ``shard`` (parameters sharded over the data group) the trained weights live in buckets, one per unit
+        # and one per tied weight, each rank holding a float32 slice of each (hvdtrain.distributed.fsdp)
+        self.buckets: list[Bucket] = []
+        slices: dict[str, np.ndarray] = {}
+        if shard is not None:
+            keys: dict[str, list[Entry]] = {}
+            for (weight, _, key), entry in zip(wanted, entries):
+                if weight.trainable:
+                    keys.setdefault(key, []).append(entry)
+            for key, members in keys.items():
+                flat = Flat(tuple(int(np.prod(e.local_shape)) for e in members), shard.size,
+                            shard.rank if shard.size > 1 else 0)
+                self.buckets.append(Bucket(key, [e.name for e in members], [e.local_shape for e in members], flat))
+                slices[key] = np.zeros(flat.slice_size, np.float32)
+        self.bucket_of = {n: b for b in self.buckets for n in b.names}
+        self.by_name: dict[str, tf.Variable] = {}
+        for (weight, _, _), entry in zip(wanted, entries):
             value = initial(weight, entry.box()) if initial is not None else None
             if value is None:
                 value = split(initial_value(weight, seed), parts, part, weight.split)  # one variable's transient
-            dtype_kept = param_dtype if weight.trainable else self.dtype
-            self.by_name[weight.name] = tf.Variable(tf.cast(value, dtype_kept), name=weight.name,
-                                                    trainable=weight.trainable)
+            bucket = self.bucket_of.get(weight.name)
+            if bucket is not None:  # only this rank's slice of it is kept
+                index = bucket.names.index(weight.name)
+                values = np.asarray(value, np.float32).ravel()
+                for i, a, b, at in bucket.flat.overlaps():
+                    if i == index:
+                        slices[bucket.key][at: at + b - a] = values[a:b]
+                del values
+            else:
+                dtype_kept = param_dtype if weight.trainable else self.dtype
+                self.by_name[weight.name] = tf.Variable(tf.cast(value, dtype_kept), name=weight.name,
+                                                        trainable=weight.trainable)
             del value
-            entries.append(entry)
+        for bucket in self.buckets:
+            bucket.variable = tf.Variable(slices.pop(bucket.key), name=f"shard/{bucket.key}")
         # the trained variables first (the optimizer's and the gradients' order), then the frozen ones
         self.entries = [e for e in entries if e.trainable] + [e for e in entries if not e.trainable]
-        self.trainable = [self.by_name[e.name] for e in self.entries if e.trainable]
+        if shard is not None:
+            self.trainable = [b.variable for b in self.buckets]
+        else:
+            self.trainable = [self.by_name[e.name] for e in self.entries if e.trainable]
         self.sequence = sequence and parts > 1
         # a trained weight whose gradient covers a part of the computation only, summed over the group by the
         # trainer: with sequence parallelism a replicated weight of a unit that runs on split positions (each
         # member's gradient covers its positions), and a weight the plan marks (a replicated factor beside a split
-        # kernel covers the member's slice)
+        # kernel covers the member's slice); indices in ``entries``
         replicated = {w.name for u in self.units if u.pin is None for w in u.weights if w.split is None}
         marked = {w.name for u in self.units for w in u.weights if w.partial_gradient}
         partial = (replicated if self.sequence else set()) | (marked if parts > 1 else set())
-        self.partial = [i for i, e in enumerate(self.entries[: len(self.trainable)]) if e.name in partial]
+        self.partial = [i for i, e in enumerate(self.entries) if e.trainable and e.name in partial]
         with tf.init_scope():
             self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropout_draws")
         self.seed = seed
@@ -142,22 +175,36 @@ class ShardedModule(tf.Module):
         if not self.input_is_tokens:
             x = tf.cast(x, self.dtype)
         by_position = self.sequence and not self.input_is_tokens  # a later stage's input is split by position
+        previous = None  # the input of the unit before: a unit's gather starts when the one before it starts
         for unit in self.units:
-            params = {n: self.by_name[n] for n in [w.name for w in unit.weights] + list(unit.shared)}
+            names = [w.name for w in unit.weights] + list(unit.shared)
             ctx = whole if split_positions is None or unit.pin is not None else split_positions
             if by_position and ctx is whole:
                 x, by_position = gather_to_replicated(x, self.group), False
+            recomputed = self.recompute and unit.recompute and training
+            kept = None if recomputed else self._params(names, previous)
 
-            def forward(h, unit=unit, params=params, ctx=ctx):
+            def forward(h, unit=unit, ctx=ctx, names=names, kept=kept, previous=previous):
+                params = kept if kept is not None else self._params(names, previous)
                 return self.plan.apply(unit, params, h, ctx)
 
-            if self.recompute and unit.recompute and training:
-                x = tf.recompute_grad(forward)(x)
-            else:
-                x = forward(x)
+            previous = x
+            x = tf.recompute_grad(forward)(x) if recomputed else forward(x)
             if split_positions is not None and unit.pin == "first":
                 x, by_position = scatter_to_sequence(x, self.group), True
         return x
+
+    def _params(self, names, after=None) -> dict:
+        """The weights ``names`` (a unit's): the variables, or with sharded parameters their buckets gathered (once
+        ``after`` exists: see :class:`~hvdtrain.distributed.fsdp.Bucket`)."""
+        if not self.buckets:
+            return {n: self.by_name[n] for n in names}
+        out = {n: self.by_name[n] for n in names if n in self.by_name}  # frozen weights are kept whole
+        for bucket in dict.fromkeys(self.bucket_of[n] for n in names if n not in out):
+            with tf.control_dependencies([after] if after is not None else []):
+                full = fsdp.gather(bucket.variable, self.shard, bucket.flat, self.dtype)
+            out.update(bucket.split(full))
+        return {n: out[n] for n in names}
 
     def all_variables(self) -> list[tf.Variable]:
         """Every variable, aligned with :attr:`entries` (a checkpoint holds those not frozen)."""

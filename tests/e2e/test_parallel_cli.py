@@ -31,6 +31,11 @@ LAYOUTS = {
     "dp2xtp2": (4, ["data.batch_size_per_rank=8", "parallel.tensor=2", "parallel.shard_optimizer=true"]),
     "dp2xpp2": (4, ["data.batch_size_per_rank=8", "parallel.pipeline=2", "parallel.microbatches=2",
                     "parallel.shard_optimizer=true"]),
+    # the weights themselves sharded over the data group (ZeRO-3), alone and with tensor (recompute: gathered
+    # again in the backward pass)
+    "dp2_fsdp": (2, ["data.batch_size_per_rank=8", "parallel.shard_params=true"]),
+    "dp2xtp2_fsdp": (4, ["data.batch_size_per_rank=8", "parallel.tensor=2", "parallel.shard_params=true",
+                         "parallel.recompute=true"]),
 }
 # The second family through the same command: a llama (grouped-query attention, rotary positions, SwiGLU) over a
 # byte-level BPE of 384 tokens trained on the run's text, with dropout: the masks are the one-process masks at
@@ -110,7 +115,7 @@ def test_a_killed_tensor_x_pipeline_run_wrote_a_sharded_checkpoint_and_the_one_p
 
 # (at data=2 every rank reads each variable whole, as the one process does; data=2 x pipeline=2 resumes below;
 # tensor=2 with sequence parallelism: the checkpoint does not depend on it)
-@pytest.mark.parametrize("layout", ["tp2_sequence", "one"])
+@pytest.mark.parametrize("layout", ["tp2_sequence", "one", "dp2_fsdp"])
 def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_tp2xpp2, one, corpus, tmp_path,
                                                                          layout):
     out = tmp_path / "run"
@@ -121,6 +126,11 @@ def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_
     s = summary(out)
     assert s["test_loss"] == pytest.approx(summary(one)["test_loss"], rel=1e-5)
     assert len(s["peak_memory_bytes_per_rank"]) == LAYOUTS[layout][0] and s["memory_measured"] == "cpu_peak_rss"
+    if layout == "dp2_fsdp":  # it wrote its own checkpoint: each rank its slices of every variable
+        manifest = json.loads((out / "checkpoints" / "epoch-0002" / "manifest.json").read_text())
+        assert manifest["layout"]["shard_params"] is True
+        pieces = manifest["variables"]["embed/tokens/embeddings"]["pieces"]["param"]
+        assert {p[0] for p in pieces} == {"rank-00000", "rank-00001"}
     if layout == "tp2_sequence":
         assert "sequence-parallel: each tensor member holds 1/2 of the positions" in proc.stdout
         # the model a split run ends with is an ordinary Keras model, streamed from the checkpoint
@@ -170,13 +180,51 @@ def test_pipeline_run_logs_the_one_process_metrics_and_can_keep_no_model_file(on
     assert "cannot assemble the model of" in proc.stderr and "rank-00001" in proc.stderr
 
 
-def test_llama_with_dropout_killed_at_tensor_resumes_at_pipeline_equal_to_one_process(corpus, tmp_path):
+def test_sharded_parameters_killed_resume_at_tensor_equal_to_the_run_never_interrupted(one, corpus, tmp_path):
+    """data=2 with sharded parameters, SIGKILLed after its first checkpoint, resumed at tensor=2; the model.keras
+    the resumed run writes is the one process's."""
+    out = tmp_path / "run"
+    proc = train(corpus, out, "dp2_fsdp", failpoint="after-checkpoint@1", check=False)
+    assert proc.returncode != 0 and len(rows(out)) == 1
+    assert "parameters sharded over the data group" in proc.stdout
+    again = train(corpus, out, "tp2")
+    assert "resuming after epoch 1" in again.stdout
+    assert_same_metrics(out, one)
+    import numpy as np
+
+    from hvdtrain import formats
+
+    ours, theirs = formats.load_model(out / "model.keras"), formats.load_model(one / "model.keras")
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ours.get_weights(), theirs.get_weights())) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def llama_one(tmp_path_factory, corpus):
+    """The llama reference: one process, never interrupted."""
+    out = tmp_path_factory.mktemp("llama-one") / "run"
+    train(corpus, out, "one", recipe="llama-tiny", model=SMALL_LLAMA)
+    return out
+
+
+def test_llama_with_sharded_parameters_x_tensor_killed_resumes_sharded_at_data_2(llama_one, corpus, tmp_path):
+    """llama with dropout at data=2 sharded x tensor=2 with recompute (4 ranks), SIGKILLed after its first
+    checkpoint, resumed at data=2 sharded alone (other slices of every bucket): the one-process metrics."""
+    llama = {"recipe": "llama-tiny", "model": SMALL_LLAMA}
+    out = tmp_path / "run"
+    proc = train(corpus, out, "dp2xtp2_fsdp", failpoint="after-checkpoint@1", check=False, **llama)
+    assert proc.returncode != 0 and len(rows(out)) == 1
+    again = train(corpus, out, "dp2_fsdp", **llama)
+    assert "resuming after epoch 1" in again.stdout
+    assert_same_metrics(out, llama_one)
+    assert summary(out)["test_loss"] == pytest.approx(summary(llama_one)["test_loss"], rel=1e-5)
+
+
+def test_llama_with_dropout_killed_at_tensor_resumes_at_pipeline_equal_to_one_process(llama_one, corpus, tmp_path):
     """llama-tiny's family and tokenizer at tensor=2 (vocabulary-parallel embedding and logits over the BPE), with
     dropout, SIGKILLed after its first checkpoint, resumed at pipeline=2: every logged metric is the one-process
     run's, and the run's tokenizer is the one the first launch trained (not trained again on resume)."""
     llama = {"recipe": "llama-tiny", "model": SMALL_LLAMA}
-    one, out = tmp_path / "one", tmp_path / "run"
-    train(corpus, one, "one", **llama)
+    one, out = llama_one, tmp_path / "run"
     proc = train(corpus, out, "tp2", failpoint="after-checkpoint@1", check=False, **llama)
     assert proc.returncode != 0 and len(rows(out)) == 1
     tokenizer = (out / "tokenizer.json").read_bytes()
@@ -219,3 +267,36 @@ def test_a_layout_that_does_not_fit_the_ranks_fails_on_every_rank(tmp_path, corp
         assert len(lines) == 1 and "2 rank(s) cannot be laid out as tensor=4 x pipeline=1" in lines[0]
     assert not re.search(r"^\[(1,)?\d\]<stderr>:Traceback", proc.stderr, re.M)  # none from the ranks (horovodrun
     assert not out.exists()                                                    # prints its own for the exit)
+
+
+def test_sharded_parameters_at_data_4_each_rank_grows_by_at_most_035_of_one_process(tmp_path):
+    """Peak memory through the command, measured (the resident set's high-water mark in summary.json): the same
+    runs with a small gpt and a 25M-parameter one (8 blocks of width 512), in one process and at data=4 with sharded
+    parameters and recompute (4 ranks, the same batch per rank), on a corpus the test makes (seeded random words).
+    The larger model's growth over the small one's is what its size costs; each sharded rank holds a quarter of
+    the float32 weights and of Adam's state, one or two units' gathered weights, and their gradients' slices."""
+    import random
+
+    words = ["".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=1 + i % 9)) for i in range(2000)]
+    rng = random.Random(0)
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(40_000)))
+    runs = {}
+    for width in (64, 512):
+        model = [f"model.params={{num_layers: 8, width: {width}, num_heads: 8, dropout: 0.0}}",
+                 "data.context_length=64", "data.batch_size_per_rank=4", "train.steps=4", "train.eval_batches=1",
+                 "train.optimizer=adam"]
+        for layout, np_, sets in (("one", 1, []), ("fsdp", 4, ["parallel.shard_params=true",
+                                                              "parallel.recompute=true"])):
+            out = tmp_path / f"{layout}-{width}"
+            hvdtrain_at(np_, ["train", "--recipe", "gpt-tiny", "--set", f"data.path={path}",
+                              *(a for s in [*model, *sets] for a in ("--set", s)), "--output", out], timeout=900)
+            runs[layout, width] = summary(out)
+    parameters = runs["one", 512]["param_bytes_full"] // 4
+    one = runs["one", 512]["peak_memory_bytes_per_rank"][0] - runs["one", 64]["peak_memory_bytes_per_rank"][0]
+    growth = [a - b for a, b in zip(runs["fsdp", 512]["peak_memory_bytes_per_rank"],
+                                    runs["fsdp", 64]["peak_memory_bytes_per_rank"])]
+    print(f"peak growth for {parameters:,} parameters: one process {one / 2**20:.0f} MB; data=4 sharded per rank "
+          f"{', '.join(f'{g / 2**20:.0f}' for g in growth)} MB ({max(growth) / one:.2f} of one process)")
+    assert parameters > 24_000_000 and one > 16 * parameters  # weights, gradients, Adam's two slots at least
+    assert max(growth) <= 0.35 * one

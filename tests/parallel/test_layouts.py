@@ -33,6 +33,7 @@ ODD = "model.params={num_layers: 1, width: 33, num_heads: 3, mlp_ratio: 2, dropo
 LLAMA = ("model.name=llama&model.params={num_layers: 2, width: 32, num_heads: 4, kv_heads: 2, mlp_hidden: 48, "
          "dropout: %s}")
 ZERO = "parallel.shard_optimizer=true"
+FSDP = "parallel.shard_params=true"
 SEQ = "parallel.sequence=true"
 
 
@@ -70,6 +71,12 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
     "llama_tp2_bf16": f"{TP2}&{SGD}&{LLAMA % 0.0}&train.precision=mixed_bfloat16",
     "llama_tp2_bf16_vs_fp32": f"{TP2}&{SGD}&{LLAMA % 0.0}&train.precision=mixed_bfloat16&negative=reference_fp32",
     "llama_dp2_zero": f"{ZERO}&{LLAMA % 0.0}",
+    # sharded parameters (ZeRO-3): plain SGD with dropout; float16 with loss scaling and padding (an odd count);
+    # Adam with dropout (llama); negative controls: a sum in the reduce-scatter, a gather reused across steps
+    "dp2_fsdp_dropout": f"{FSDP}&{SGD}&{DROPOUT}", "dp2_fsdp_fp16_padding": f"{FSDP}&{SGD}&{ODD}&"
+                                                                        "train.precision=mixed_float16",
+    "dp2_fsdp_summed": f"{FSDP}&{SGD}&{ODD}&negative=zero_sum", "dp2_fsdp_stale": f"{FSDP}&{SGD}&negative=stale_gather",
+    "llama_dp2_fsdp": f"{FSDP}&{LLAMA % 0.1}",
 }
 FOUR_RANKS = {
     "dp2xtp2_zero_recompute": "parallel.tensor=2&parallel.shard_optimizer=true&parallel.recompute=true",
@@ -78,6 +85,12 @@ FOUR_RANKS = {
     # it: tests/e2e/test_parallel_cli.py, through the command)
     "llama_tp2xpp2_sequence": f"parallel.pipeline=2&parallel.tensor=2&parallel.microbatches=2&{SEQ}&{SGD}&"
                               f"{LLAMA % 0.1}",
+    # sharded parameters composed: with tensor (sequence parallelism, recompute: gathered again in the backward,
+    # dropout, clipping; bf16) and with pipeline (tied embeddings on two stages, dropout)
+    "dp2xtp2_fsdp_sequence_clip": f"{TP2}&{FSDP}&{SEQ}&parallel.recompute=true&{CLIP}&{DROPOUT}",
+    "dp2xtp2_fsdp_sequence_unsummed": f"{TP2}&{FSDP}&{SEQ}&{SGD}&{DROPOUT}&negative=sequence_unsummed",
+    "dp2xtp2_fsdp_bf16": f"{TP2}&{FSDP}&{SGD}&train.precision=mixed_bfloat16",
+    "dp2xpp2_fsdp_tied_dropout": f"parallel.pipeline=2&parallel.microbatches=2&{FSDP}&{SGD}&{TIED % 0.1}",
 }
 
 
@@ -407,3 +420,43 @@ def test_each_rank_reads_its_share_of_a_pretrained_checkpoint(pretrained_checkpo
     print(f"pretrained load: one process {one['growth'] / 2**20:.0f} MB; tensor=2 x pipeline=2 per rank "
           f"{', '.join(f'{g / 2**20:.0f}' for g in growth)} MB ({worst / one['growth']:.2f})")
     assert worst <= 0.35 * one["growth"]
+
+
+# ---- sharded parameters (ZeRO-3)
+
+
+def test_sharded_parameters_at_data_2_match_one_process_and_hold_half(two):
+    """Plain SGD (a sum would double), float16 with loss scaling and an odd parameter count, Adam with dropout:
+    equal to one process; each rank holds half of the weights and of the optimizer state, no whole gradient is
+    all-reduced over the data group (the weights are gathered, the gradients reduce-scattered)."""
+    assert equal(two[0]["dp2_fsdp_dropout"]) and equal(two[0]["llama_dp2_fsdp"])
+    assert equal(two[0]["dp2_fsdp_fp16_padding"], MIXED_RELATIVE)
+    assert (two[0]["dp2_fsdp_fp16_padding"]["reference_param_bytes"] // 4) % 2 == 1
+    for r in two:
+        case = r["llama_dp2_fsdp"]
+        full = case["memory"]["param_bytes_full"]
+        assert case["memory"]["param_bytes_per_rank"] == pytest.approx(full / 2, abs=64)  # float32 master slices
+        assert case["memory"]["optimizer_bytes_per_rank"] == pytest.approx(full, abs=128)  # Adam's two, halved
+        traffic = case["traffic"]
+        assert traffic["data_allgather"]["calls"] > 0 and traffic["data_reducescatter"]["calls"] > 0
+        assert "data_allreduce" not in traffic
+
+
+def test_sharded_parameters_negative_controls(two, four):
+    """A sum in the reduce-scatter, a gather reused across steps, sequence-parallel gradients left unsummed."""
+    for case in (two[0]["dp2_fsdp_summed"], two[0]["dp2_fsdp_stale"], four[0]["dp2xtp2_fsdp_sequence_unsummed"]):
+        diff, moved = apart(case)
+        assert diff > 100 * TOLERANCE and diff > 0.01 * moved
+
+
+def test_sharded_parameters_composed_with_tensor_and_pipeline_match_one_process(four):
+    ranks = [r["dp2xtp2_fsdp_sequence_clip"] for r in four]
+    assert equal(ranks[0])
+    assert apart(ranks[0])[1] <= 3 * 0.5 * 0.05  # the clip acted
+    assert equal(four[0]["dp2xtp2_fsdp_bf16"], MIXED_RELATIVE)
+    pipeline = [r["dp2xpp2_fsdp_tied_dropout"] for r in four]
+    assert equal(pipeline[0])
+    assert [(r["stage"], r["data_rank"]) for r in pipeline] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    tensor = four[0]["dp2xtp2_zero_recompute"]["memory"]["param_bytes_per_rank"]  # float32 weights at tensor=2
+    for r in ranks:  # a quarter of the weights: half of the tensor slice
+        assert r["memory"]["param_bytes_per_rank"] == pytest.approx(tensor / 2, rel=0.01)

@@ -13,7 +13,9 @@ Usage: layouts.py OUTDIR CASES
           activations as if it held them whole), ordered_receives (every pipeline receive waits for the stage's
           earlier transfers, as before transfers were ordered by their data: values unchanged, the graph check
           below sees it; combined with drop_grad in one case), sequence_unsummed (with sequence parallelism, the
-          gradients of the replicated weights that saw a member's positions only are not summed over the group).
+          gradients of the replicated weights that saw a member's positions only are not summed over the group),
+          stale_gather (sharded parameters: every step computes with the weights gathered at the first, while
+          the gradients still reach the slices).
 
 The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
 the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share
@@ -31,7 +33,7 @@ import tensorflow as tf
 
 from hvdtrain import config, data, distributed, runtime
 from hvdtrain.formats import checkpoint
-from hvdtrain.distributed import pipeline, sharded, tensor
+from hvdtrain.distributed import fsdp, pipeline, sharded, tensor
 from hvdtrain.distributed.mesh import Group, Traffic
 from hvdtrain.rundir import RunDir
 
@@ -44,7 +46,7 @@ SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
          "data.path=" + str(outdir / "corpus.txt")]
 
 original = {"g": tensor.reduce_from_group, "transfer": pipeline.Pipeline._transfer, "ctx": tensor.TensorContext,
-            "reducescatter": Group.reducescatter, "nothing": pipeline.Pipeline._nothing}
+            "reducescatter": Group.reducescatter, "nothing": pipeline.Pipeline._nothing, "gather": fsdp.gather}
 TRANSFER = re.compile(r"pp_[fb]\d+_m\d+")
 
 
@@ -54,6 +56,7 @@ def negative(kinds: str) -> None:
     pipeline.Pipeline._transfer = original["transfer"]
     pipeline.Pipeline._nothing = original["nothing"]
     Group.reducescatter = original["reducescatter"]
+    fsdp.gather = original["gather"]
     tensor.TensorContext = sharded.TensorContext = original["ctx"]
     for kind in kinds.split("+"):
         break_(kind)
@@ -63,6 +66,14 @@ def break_(kind: str) -> None:
     """Break one operator (the kinds in this module's docstring; others are handled where they act)."""
     if kind == "zero_sum":
         Group.reducescatter = lambda self, t, op="average", name=None: original["reducescatter"](self, t, "sum", name)
+    elif kind == "stale_gather":
+        def stale(variable, group, flat, dtype):
+            live = original["gather"](variable, group, flat, dtype)
+            with tf.init_scope():  # run once, when the step is traced: the weights of the first step
+                first = original["gather"](variable, group, flat, dtype)
+            return first + (live - tf.stop_gradient(live))
+
+        fsdp.gather = stale
     elif kind == "g":
         tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")
     elif kind == "ordered_receives":

@@ -1,0 +1,103 @@
+"""Parameters sharded over the data-parallel group: ZeRO stage 3 (Rajbhandari et al., 2020), PyTorch's FSDP.
+
+The trained weights of a rank's part (its tensor-parallel slices of its pipeline stage's weights) are grouped
+into buckets, one per unit (a Transformer block, the embedding, the head), and a weight tied across units (the
+embedding and the logits) in a bucket of its own. A bucket is one flat vector, padded to a multiple of the data
+group's size and cut into equal slices (ZeRO-1's geometry, :class:`Flat`); each data-parallel rank keeps only its
+slice, in float32: the master weights, the only copy. The optimizer steps the slices, so its state is sharded too.
+
+In a step a unit's weights exist whole only while it computes: :func:`gather` all-gathers the bucket in the
+compute dtype before the unit runs, and its gradient reduce-scatters the bucket's gradient (averaged over the
+group, in float32) back onto the slice. TensorFlow's autodiff keeps what a unit's backward pass needs, the gathered
+weights among it; with ``parallel.recompute`` the gather sits inside the recomputed region and is done again in the
+backward pass, so that at most two units' weights are whole at any moment (the unit computing and the next one,
+whose gather is started when the current unit starts: :class:`~hvdtrain.distributed.sharded.ShardedModule`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Flat:
+    """Variables of ``sizes`` elements seen as one vector, padded and cut into ``parts`` equal slices; ``part``'s
+    is ``[start, start + slice_size)``."""
+
+    sizes: tuple[int, ...]
+    parts: int
+    part: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def slice_size(self) -> int:
+        return -(-self.total // self.parts)
+
+    @property
+    def padded(self) -> int:
+        return self.slice_size * self.parts
+
+    @property
+    def start(self) -> int:
+        return self.part * self.slice_size
+
+    def overlaps(self) -> list[tuple[int, int, int, int]]:
+        """``(variable index, start, stop within the variable's flat values, start within the slice)`` of every
+        variable this slice covers."""
+        end, offsets, out = self.start + self.slice_size, self.offsets, []
+        for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+            a, b = max(lo, self.start), min(hi, end)
+            if a < b:
+                out.append((i, int(a - lo), int(b - lo), int(a - self.start)))
+        return out
+
+
+def gather(variable, group, flat: Flat, dtype):
+    """The whole bucket (``flat.total`` values in ``dtype``) from every member's slice ``variable``; its gradient
+    is the bucket's gradient averaged over ``group`` (in float32), this member's slice of it."""
+
+    @tf.custom_gradient
+    def whole(mine):
+        full = group.allgather(tf.cast(mine, dtype))
+        if flat.padded != flat.total:
+            full = full[: flat.total]
+
+        def grad(upstream):
+            upstream = tf.cast(upstream, tf.float32)
+            if flat.padded != flat.total:
+                upstream = tf.pad(upstream, [[0, flat.padded - flat.total]])
+            return group.reducescatter(upstream, "average")
+
+        return full, grad
+
+    return whole(variable.read_value() if isinstance(variable, tf.Variable) else variable)
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Weights gathered together: their names and shapes (this rank's tensor-parallel slices), the flat geometry
+    over the data group, and this rank's slice (a float32 variable)."""
+
+    key: str
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    flat: Flat
+    variable: tf.Variable | None = None
+
+    def split(self, full) -> dict[str, tf.Tensor]:
+        """The gathered vector as the bucket's weights."""
+        parts = tf.split(full, list(self.flat.sizes)) if len(self.names) > 1 else [full]
+        return {n: tf.reshape(p, s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def ranges(self, names) -> list[tuple[int, int]]:
+        """``(start, stop)`` within this rank's slice of the weights ``names``."""
+        return [(at, at + b - a) for i, a, b, at in self.flat.overlaps() if self.names[i] in names]
