@@ -225,12 +225,13 @@ MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
 
 
 def horovod_knobs(cfg: Config):
-    """``cfg.distributed``, with the cycle time hvdtrain chooses for a tensor layout without a pipeline under MPI
-    when unset."""
+    """``cfg.distributed``, with the cycle time hvdtrain chooses under MPI, when unset, for a layout without a
+    pipeline whose step waits on a chain of collectives: tensor parallelism (one per block), sharded parameters
+    (a gather and a reduce-scatter per unit)."""
     import dataclasses
 
     knobs = cfg.distributed
-    chained = cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1
+    chained = (cfg.parallel.tensor > 1 or cfg.parallel.shard_params) and cfg.parallel.pipeline == 1
     if not knobs.cycle_time_ms and chained and not distributed.launched_with_gloo():
         knobs = dataclasses.replace(knobs, cycle_time_ms=MODEL_PARALLEL_CYCLE_TIME_MS)
     return knobs

@@ -11,8 +11,8 @@ by :class:`hvdtrain.distributed.mesh.Traffic`; for pure data parallelism the gra
 reduces), and for pipelines the measured idle fraction of each stage in one step against GPipe's
 ``(p - 1) / (M + p - 1)``, with a timeline picture of that step.
 
-A layout is written ``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute,seq`` (defaults 1, 1, 1, 1, 1f1b, off, off, off;
-``seq``: sequence parallelism in the tensor group).
+A layout is written ``dp=2,tp=2,pp=2,m=4,gpipe,zero,fsdp,recompute,seq`` (defaults 1, 1, 1, 1, 1f1b, off, off, off,
+off; ``fsdp``: the weights sharded over the data group, ZeRO-3; ``seq``: sequence parallelism in the tensor group).
 """
 from __future__ import annotations
 
@@ -35,14 +35,15 @@ CONTROLLER_ARGS = {"gloo": ["--gloo"],
                    "mpi": ["--mpi", "--mpi-args=--mca mpi_yield_when_idle 1"]}
 
 
-FLAGS = {"zero": "shard_optimizer", "recompute": "recompute", "seq": "sequence"}
-SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "recompute", "sequence")
+FLAGS = {"zero": "shard_optimizer", "fsdp": "shard_params", "recompute": "recompute", "seq": "sequence"}
+SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "shard_params", "recompute",
+            "sequence")
 
 
 def parse(text: str) -> dict[str, Any]:
     """``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute,seq`` as a dict of the parallel settings and ``ranks``."""
     out = {"data": 1, "tensor": 1, "pipeline": 1, "microbatches": 1, "schedule": "1f1b", "shard_optimizer": False,
-           "recompute": False, "sequence": False}
+           "shard_params": False, "recompute": False, "sequence": False}
     keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches"}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if "=" in part:
@@ -56,7 +57,7 @@ def parse(text: str) -> dict[str, Any]:
             out[FLAGS[part]] = True
         else:
             raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, gpipe, 1f1b, zero, "
-                             "recompute, seq)")
+                             "fsdp, recompute, seq)")
     out["ranks"] = out["data"] * out["tensor"] * out["pipeline"]
     return out
 
@@ -258,8 +259,10 @@ def run(cfg: config.Config, layouts: list[str], controllers: list[str], repeats:
         # what splitting the model should leave per rank: 1 / (tensor x pipeline), and x data with ZeRO for the
         # optimizer state; against it the largest rank's counted bytes and its measured peak growth
         lay = r["layout"]
-        split, zero = lay["tensor"] * lay["pipeline"], lay["data"] if lay["shard_optimizer"] else 1
-        r["ideal_state_bytes_per_rank"] = (one["memory"]["param_bytes_per_rank"] / split
+        split = lay["tensor"] * lay["pipeline"]
+        zero = lay["data"] if lay["shard_optimizer"] or lay.get("shard_params") else 1
+        weights = lay["data"] if lay.get("shard_params") else 1
+        r["ideal_state_bytes_per_rank"] = (one["memory"]["param_bytes_per_rank"] / (split * weights)
                                            + one["memory"]["optimizer_bytes_per_rank"] / (split * zero))
         r["ideal_fraction"] = 1 / (split * zero)
         r["peak_growth_vs_one_rank"] = r["memory"]["peak_growth_bytes"] / max(1, one["memory"]["peak_growth_bytes"])

@@ -176,33 +176,45 @@ class ShardedModule(tf.Module):
             x = tf.cast(x, self.dtype)
         by_position = self.sequence and not self.input_is_tokens  # a later stage's input is split by position
         previous = None  # the input of the unit before: a unit's gather starts when the one before it starts
+        scattered = []  # the gradients' reduce-scatters, as the backward pass makes them
         for unit in self.units:
             names = [w.name for w in unit.weights] + list(unit.shared)
             ctx = whole if split_positions is None or unit.pin is not None else split_positions
             if by_position and ctx is whole:
                 x, by_position = gather_to_replicated(x, self.group), False
             recomputed = self.recompute and unit.recompute and training
-            kept = None if recomputed else self._params(names, previous)
+            kept = None if recomputed else self._params(names, previous, scattered)
+            calls = []
 
-            def forward(h, unit=unit, ctx=ctx, names=names, kept=kept, previous=previous):
-                params = kept if kept is not None else self._params(names, previous)
+            def forward(h, unit=unit, ctx=ctx, names=names, kept=kept, previous=previous, calls=calls,
+                        scattered=scattered):
+                # recomputed: the forward pass's gather starts with the unit before; the backward pass's once this
+                # unit's input is there again, which TensorFlow makes wait for the unit's output gradient (else
+                # every unit's weights would be gathered at once when the backward pass starts)
+                if kept is not None:
+                    params = kept
+                else:
+                    params = self._params(names, previous if not calls else h, scattered)
+                    calls.append(1)
                 return self.plan.apply(unit, params, h, ctx)
 
             previous = x
             x = tf.recompute_grad(forward)(x) if recomputed else forward(x)
+            if self.buckets and training:
+                x = fsdp.paced(x, scattered)
             if split_positions is not None and unit.pin == "first":
                 x, by_position = scatter_to_sequence(x, self.group), True
         return x
 
-    def _params(self, names, after=None) -> dict:
+    def _params(self, names, after=None, scattered=None) -> dict:
         """The weights ``names`` (a unit's): the variables, or with sharded parameters their buckets gathered (once
-        ``after`` exists: see :class:`~hvdtrain.distributed.fsdp.Bucket`)."""
+        ``after`` exists; their gradients' reduce-scatters appended to ``scattered``: :mod:`~hvdtrain.distributed.fsdp`)."""
         if not self.buckets:
             return {n: self.by_name[n] for n in names}
         out = {n: self.by_name[n] for n in names if n in self.by_name}  # frozen weights are kept whole
         for bucket in dict.fromkeys(self.bucket_of[n] for n in names if n not in out):
             with tf.control_dependencies([after] if after is not None else []):
-                full = fsdp.gather(bucket.variable, self.shard, bucket.flat, self.dtype)
+                full = fsdp.gather(bucket.variable, self.shard, bucket.flat, self.dtype, scattered)
             out.update(bucket.split(full))
         return {n: out[n] for n in names}
 

@@ -94,7 +94,7 @@ def test_tensor_layouts_get_a_short_horovod_cycle_under_mpi_unless_one_is_given(
 
     monkeypatch.delenv("HOROVOD_CONTROLLER", raising=False)
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")  # a rank that mpirun started
-    assert cycle("parallel.tensor=2") == "0.001"
+    assert cycle("parallel.tensor=2") == "0.001" and cycle("parallel.shard_params=true") == "0.001"
     assert cycle() is None and cycle("parallel.shard_optimizer=true") is None
     assert cycle("parallel.pipeline=2") is None and cycle("parallel.tensor=2", "parallel.pipeline=2") is None
     assert cycle("parallel.tensor=2", "distributed.cycle_time_ms=0.5") == "0.5"

@@ -67,8 +67,8 @@ def break_(kind: str) -> None:
     if kind == "zero_sum":
         Group.reducescatter = lambda self, t, op="average", name=None: original["reducescatter"](self, t, "sum", name)
     elif kind == "stale_gather":
-        def stale(variable, group, flat, dtype):
-            live = original["gather"](variable, group, flat, dtype)
+        def stale(variable, group, flat, dtype, scattered=None):
+            live = original["gather"](variable, group, flat, dtype, scattered)
             with tf.init_scope():  # run once, when the step is traced: the weights of the first step
                 first = original["gather"](variable, group, flat, dtype)
             return first + (live - tf.stop_gradient(live))
