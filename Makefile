@@ -30,7 +30,7 @@ setup-test:
 	VENV=$(VENV) HVDTRAIN_EXTRAS=ray HVDTRAIN_TEST_SERVERS=1 bash scripts/setup.sh
 
 demo: setup
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(BIN)/hvdtrain train --recipe digits-cnn --output runs/demo
+	NP=$(NP) VENV=$(VENV) bash scripts/train.sh --recipe digits-cnn --output runs/demo
 
 test: setup-test
 	$(PYTEST) $(TESTS) $(PYTEST_ARGS)

@@ -611,8 +611,7 @@ def validate_parallel(cfg: Config) -> None:
     if modelled and not models.has_plan(cfg.model.name):
         with_plan = [n for n in models.names() if models.has_plan(n)]
         raise ConfigError(f"parallel.tensor, parallel.pipeline, parallel.recompute and parallel.shard_params need a "
-                          f"model family with a "
-                          f"parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
+                          f"model family with a parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
                           "(parallel.shard_optimizer works for any model)")
     if p.sequence and p.tensor == 1:
         raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "

@@ -128,14 +128,12 @@ class DataParallel:
 
     def checkpoint_pieces(self) -> list[Piece]:
         """The whole model and optimizer state (the chief writes them)."""
-        pieces = [Piece(n, "param", 0, 0, int(np.prod(v.shape)), v.numpy()) for n, v in
-                  zip(self.names, self.variables)]
+        pieces = [Piece(n, "param", 0, 0, int(np.prod(v.shape)), v) for n, v in zip(self.names, self.variables)]
         trainable = self.model.trainable_variables
         names = {id(v): n for n, v in zip(self.names, self.variables)}
         kinds, slots = slots_of(self.model.optimizer, trainable)
         for kind, per_var in zip(kinds, slots):
-            pieces += [Piece(names[id(v)], kind, 0, 0, int(np.prod(v.shape)), s.numpy())
-                       for v, s in zip(trainable, per_var)]
+            pieces += [Piece(names[id(v)], kind, 0, 0, int(np.prod(v.shape)), s) for v, s in zip(trainable, per_var)]
         return pieces
 
     def variables_meta(self) -> dict[str, dict]:
@@ -336,10 +334,9 @@ class Parallel:
             if not e.counted or e.frozen:
                 continue
             size = int(np.prod(var.shape))
-            pieces.append(Piece(e.name, "param", e.part, 0, size, var.numpy()))
+            pieces.append(Piece(e.name, "param", e.part, 0, size, var))
             if i < trainable:
-                pieces += [Piece(e.name, kind, e.part, 0, size, per_var[i].numpy()) for kind, per_var in
-                           zip(kinds, slots)]
+                pieces += [Piece(e.name, kind, e.part, 0, size, per_var[i]) for kind, per_var in zip(kinds, slots)]
         return pieces
 
     def variables_meta(self) -> dict[str, dict]:

@@ -207,8 +207,8 @@ class ShardedModule(tf.Module):
         return x
 
     def _params(self, names, after=None, scattered=None) -> dict:
-        """The weights ``names`` (a unit's): the variables, or with sharded parameters their buckets gathered (once
-        ``after`` exists; their gradients' reduce-scatters appended to ``scattered``: :mod:`~hvdtrain.distributed.fsdp`)."""
+        """The weights ``names`` (a unit's): the variables, or with sharded parameters their buckets gathered once
+        ``after`` exists, their gradients' reduce-scatters appended to ``scattered`` (see ``fsdp``)."""
         if not self.buckets:
             return {n: self.by_name[n] for n in names}
         out = {n: self.by_name[n] for n in names if n in self.by_name}  # frozen weights are kept whole

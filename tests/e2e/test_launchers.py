@@ -1,6 +1,7 @@
 """Launch scripts and container files: linted, and the launchers run for real at 2 ranks."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 
@@ -49,10 +50,17 @@ def dry(script, *args, **extra):
                           check=True).stdout
 
 
-def test_train_sh_builds_the_horovodrun_command():
-    out = dry("train.sh", "--recipe", "digits-cnn", HOSTS="a:2,b:3", NETWORK_INTERFACE="eth0")
+def test_train_sh_builds_the_horovodrun_command(tmp_path):
+    out = dry("train.sh", "--recipe", "digits-cnn", HOSTS="a:2,b:3", NETWORK_INTERFACE="eth0", CONTROLLER="gloo")
     assert "-np 5 -H a:2\\,b:3 --gloo --network-interface eth0" in out
     assert out.strip().endswith("train --recipe digits-cnn")
+    # by default MPI's controller where mpirun is installed (ranks yield while they wait), else Gloo's
+    assert "--mpi --mpi-args=--mca\\ mpi_yield_when_idle\\ 1 " in dry("train.sh", "--recipe", "x")
+    no_mpi = tmp_path / "bin"
+    no_mpi.mkdir()
+    for tool in ("bash", "dirname"):
+        (no_mpi / tool).symlink_to(shutil.which(tool))
+    assert " --gloo " in dry("train.sh", "--recipe", "x", PATH=str(no_mpi))
 
 
 def test_slurm_script_builds_hosts_from_the_nodelist(tmp_path):
@@ -73,7 +81,7 @@ def test_train_sh_runs_at_two_ranks(tmp_path):
     run([str(ROOT / "scripts" / "train.sh"), "--recipe", "digits-mlp", "--set", "train.epochs=2",
          "--set", "train.precision=mixed_bfloat16", "--output", str(out)], env=e, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["controller"] == "gloo"
+    assert summary["world_size"] == 2 and summary["controller"] == "mpi"  # the default where mpirun is installed
     assert summary["precision"] == "mixed_bfloat16" and summary["test_accuracy"] > 0.5  # the CLI's bfloat16 run
 
 
