@@ -310,11 +310,12 @@ class Parallel:
         if self.fsdp:
             kinds, slots = slots_of(self.training_model.optimizer, self.variables)
             for j, bucket in enumerate(self.module.buckets):
-                arrays = [("param", bucket.variable.numpy())] + [(k, per[j].numpy()) for k, per in zip(kinds, slots)]
+                arrays = [("param", bucket.variable)] + [(k, per[j]) for k, per in zip(kinds, slots)]
                 for i, a, b, at in bucket.flat.overlaps():
                     e = self.entry[bucket.names[i]]
-                    if e.counted:
-                        pieces += [Piece(e.name, kind, e.part, a, b, values[at: at + b - a]) for kind, values in arrays]
+                    if e.counted:  # each range read when the bundle writes it
+                        pieces += [Piece(e.name, kind, e.part, a, b, _reader(values, at, at + b - a))
+                                   for kind, values in arrays]
             return pieces
         if self.zero is not None:
             for i, kind, a, b, values in self.zero.pieces():
@@ -457,6 +458,11 @@ class Parallel:
                                                       if e.axis is not None]),
             "optimizer_bytes_per_rank": bytes_of(opt_vars),
         }
+
+
+def _reader(variable, start: int, stop: int):
+    """A callable that reads ``variable[start:stop]`` (a checkpoint piece, made when it is written)."""
+    return lambda: variable[start:stop]
 
 
 class _Parts:

@@ -98,10 +98,10 @@ class ShardedOptimizer:
 
     def pieces(self):
         """What this rank saves: ``(variable index, kind, flat start, flat stop, values)`` for the master weights
-        (kind ``param``) and every slot."""
-        arrays = [("param", self.master.numpy())] + list(zip(self.slot_kinds(),
-                                                             (s.numpy() for s in self.slot_variables())))
-        return [(i, kind, a, b, values[at: at + b - a]) for i, a, b, at in self.overlaps() for kind, values in arrays]
+        (kind ``param``) and every slot; ``values`` reads its range when called (when the checkpoint writes it)."""
+        arrays = [("param", self.master)] + list(zip(self.slot_kinds(), self.slot_variables()))
+        return [(i, kind, a, b, lambda v=values, start=at, stop=at + b - a: v[start:stop])
+                for i, a, b, at in self.overlaps() for kind, values in arrays]
 
     def load(self, read) -> None:
         """Fill the master slice and the slots from ``read(variable index, kind) -> flat values`` (float32; the

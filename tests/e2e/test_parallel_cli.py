@@ -270,15 +270,13 @@ def test_a_layout_that_does_not_fit_the_ranks_fails_on_every_rank(tmp_path, corp
     assert not out.exists()                                                    # prints its own for the exit)
 
 
-def test_sharded_parameters_at_data_4_each_rank_grows_by_at_most_060_of_one_process(tmp_path):
+def test_sharded_parameters_at_data_4_each_rank_grows_by_at_most_035_of_one_process(tmp_path):
     """Peak memory through the command, measured (the resident set's high-water mark in summary.json): the same
     runs with a small gpt and a 28.6M-parameter one (16 blocks of width 384), in one process and at data=4 with sharded
     parameters and recompute (4 ranks, the same batch per rank), on a corpus the test makes (seeded random words).
     The larger model's growth over the small one's is what its size costs; each sharded rank holds a quarter of
     the float32 weights and of Adam's state, one or two units' gathered weights, and their gradients' slices.
-    Measured 0.44x (the issue's goal, 0.35x, is met inside the training loop, 0.33x, but not yet through the
-    command: docs/parallelism.md); a rank holding a whole copy of the weights and Adam's state (12 bytes per
-    parameter) would exceed 0.6x."""
+    Measured: one process 616 MB, each sharded rank 146-151 MB (0.24x)."""
     import random
 
     words = ["".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=1 + i % 9)) for i in range(2000)]
@@ -303,4 +301,4 @@ def test_sharded_parameters_at_data_4_each_rank_grows_by_at_most_060_of_one_proc
     print(f"peak growth for {parameters:,} parameters: one process {one / 2**20:.0f} MB; data=4 sharded per rank "
           f"{', '.join(f'{g / 2**20:.0f}' for g in growth)} MB ({max(growth) / one:.2f} of one process)")
     assert parameters > 24_000_000 and one > 16 * parameters  # weights, gradients, Adam's two slots at least
-    assert max(growth) <= 0.6 * one
+    assert max(growth) <= 0.35 * one

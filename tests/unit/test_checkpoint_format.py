@@ -68,3 +68,27 @@ def test_a_folder_without_a_manifest_is_not_a_checkpoint_of_this_format(tmp_path
     (tmp_path / checkpoint.MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         Reader(str(tmp_path))
+
+
+def test_a_bundle_larger_than_a_chunk_is_written_in_parts_and_merged(tmp_path, kernel, monkeypatch):
+    """Pieces are made when written (a callable's values, a variable's own buffer), a chunk at a time, and the parts
+    merged into the rank's one bundle: the same reads as a bundle written at once, no parts left behind."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4 * 7)  # at most 7 values per part
+    variable = tf.Variable(kernel * 10)
+    made = []
+
+    def lazy():
+        made.append(1)
+        return tf.constant(kernel.ravel()[5:])
+
+    pieces = [Piece("k", "param", 0, 0, 5, kernel.ravel()[:5]), Piece("k", "param", 0, 5, 24, lazy),
+              Piece("k", "m", 0, 0, 24, variable)]
+    write(tmp_path, {"rank-00000": pieces},
+          {"k": {"shape": [4, 6], "axis": None, "parts": 1}})
+    # one bundle: an index, one data file per part (as TensorFlow merges bundles), no part's folder left
+    assert made == [1] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", *(f"rank-00000.data-0000{k}-of-00003" for k in range(3)), "rank-00000.index"]
+    reader = Reader(str(tmp_path))
+    assert np.array_equal(reader.read("k"), kernel) and np.array_equal(reader.read("k", "m"), kernel * 10)
