@@ -336,9 +336,12 @@ def finish(run: Run, plan: BatchPlan, rows: list[dict], fit_seconds: float) -> d
     streamed = whole is None and run.output is not None and cfg.train.save_model
     final = final_checkpoint(run, plan, rows) if (streamed or not cfg.train.save_model) else None
     if run.run_dir is not None and cfg.train.save_model:
-        if whole is not None:
-            from hvdtrain.formats import keras_file
+        if whole is not None and getattr(layout, "plan", None) is not None:  # one weight at a time, no clone
+            from hvdtrain.formats.checkpoint import inner_optimizer
 
+            step = int(inner_optimizer(whole.optimizer).iterations.numpy())
+            keras_file.save_planned(whole, layout.plan, layout.spec, step, run.run_dir.path("model.keras"))
+        elif whole is not None:
             keras_file.save(whole, run.run_dir.path("model.keras"))
         elif final is not None:
             keras_file.write_from_checkpoint(final, run.run_dir.path("model.keras"))

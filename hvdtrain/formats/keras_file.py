@@ -31,18 +31,25 @@ def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
 
     ``values(name)``: a weight's whole value (default: the model's, :func:`~hvdtrain.formats.checkpoint.model_values`:
     a LoRA run's adapters merged into its pretrained weights)."""
+    from hvdtrain.formats.checkpoint import Reader, model_values, spec_of
+
+    reader = Reader(checkpoint_uri)
+    write_streamed(spec_of(reader), values or model_values(reader), int(reader.scalars.get("iterations", 0)), uri)
+
+
+def write_streamed(spec: dict, values, step: int, uri: str) -> None:
+    """Write the model ``spec`` names (``{name, params, input_shape, num_classes}``, a family with a plan) to
+    ``uri`` (``.keras``), each weight's whole value read by ``values(name)`` when written; its dropout step counters
+    at ``step``. Also how a whole model in memory is saved without a copy of it (:func:`save_planned`)."""
     import h5py
     import tensorflow as tf
 
     import models
     from models.plan import keras_variables, set_clocks
 
-    from hvdtrain.formats.checkpoint import Reader, model_values, plan_of_spec, spec_of
+    from hvdtrain.formats.checkpoint import plan_of_spec
 
-    reader = Reader(checkpoint_uri)
-    spec = spec_of(reader)
     plan = plan_of_spec(spec)
-    values = values or model_values(reader)
     twin_params = {**spec["params"], **plan.twin["params"]}
     twin = models.build(spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"],
                         **twin_params)
@@ -51,7 +58,6 @@ def write_from_checkpoint(checkpoint_uri: str, uri: str, values=None) -> None:
         var.assign(tf.fill(var.shape, float(k + 1)))
         names[k + 1] = name
     set_clocks(twin, CLOCK_MARK)  # the dropout step counters: the run's step, as a one-process model.keras has
-    step = int(reader.scalars.get("iterations", 0))
     with tempfile.TemporaryDirectory(prefix="hvdtrain-modelfile-") as tmp:
         tmp = Path(tmp)
         twin.save(tmp / "twin.keras")
@@ -122,6 +128,16 @@ def save(model, uri: str | Path, scope=None) -> None:
 
     with scope() if scope is not None else contextlib.nullcontext():
         clone = tf.keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
+        for target, source in zip(clone.weights, model.weights):  # one variable at a time, not a NumPy copy of all
+            target.assign(source)
         with storage.staged(str(uri)) as tmp:
             clone.save(tmp)
+
+
+def save_planned(model, plan, spec: dict, step: int, uri: str | Path) -> None:
+    """Save a whole model of a family with a plan as :func:`save` would, one weight at a time (no clone of it: a
+    clone and its weights' copies raised a one-process run's peak by 4 bytes per parameter)."""
+    from models.plan import keras_variables
+
+    variables = keras_variables(model, plan)
+    write_streamed(spec, lambda name: variables[name].numpy(), step, str(uri))
