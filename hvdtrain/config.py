@@ -148,6 +148,9 @@ class ParallelConfig:
     # ZeRO stage 3 / FSDP: the weights themselves split over the data-parallel ranks (the optimizer state with
     # them), each unit's gathered while it computes; with recompute its weights are gathered again for the backward
     shard_params: bool = False
+    # with shard_params: start each unit's gather while the unit before it computes (two units' weights whole at
+    # once); false: each unit gathers when it starts
+    prefetch: bool = True
     recompute: bool = False  # recompute each Transformer block's activations in the backward pass
     # sequence parallelism at tensor > 1: between the split regions each tensor member holds 1/tensor of the
     # positions (norms, dropout and the residual stream of every block): less activation memory, the same bytes

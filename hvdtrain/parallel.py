@@ -246,7 +246,7 @@ class Parallel:
                 units = self.split[mesh.stage]
             self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
                                         self.compute_dtype, self.param_dtype, sequence=p.sequence, initial=initial,
-                                        shard=mesh.data_group if self.fsdp else None)
+                                        shard=mesh.data_group if self.fsdp else None, prefetch=p.prefetch)
             self.full_bytes = 4 * plan.parameters
             if mesh.pipeline > 1:
                 positions, width = plan.activation

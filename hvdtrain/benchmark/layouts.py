@@ -36,14 +36,14 @@ CONTROLLER_ARGS = {"gloo": ["--gloo"],
 
 
 FLAGS = {"zero": "shard_optimizer", "fsdp": "shard_params", "recompute": "recompute", "seq": "sequence"}
-SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "shard_params", "recompute",
-            "sequence")
+SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "shard_params", "prefetch",
+            "recompute", "sequence")
 
 
 def parse(text: str) -> dict[str, Any]:
     """``dp=2,tp=2,pp=2,m=4,gpipe,zero,recompute,seq`` as a dict of the parallel settings and ``ranks``."""
     out = {"data": 1, "tensor": 1, "pipeline": 1, "microbatches": 1, "schedule": "1f1b", "shard_optimizer": False,
-           "shard_params": False, "recompute": False, "sequence": False}
+           "shard_params": False, "prefetch": True, "recompute": False, "sequence": False}
     keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches"}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if "=" in part:
@@ -55,9 +55,11 @@ def parse(text: str) -> dict[str, Any]:
             out["schedule"] = part
         elif part in FLAGS:
             out[FLAGS[part]] = True
+        elif part == "noprefetch":  # sharded parameters: each unit gathers when it starts
+            out["prefetch"] = False
         else:
             raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, gpipe, 1f1b, zero, "
-                             "fsdp, recompute, seq)")
+                             "fsdp, noprefetch, recompute, seq)")
     out["ranks"] = out["data"] * out["tensor"] * out["pipeline"]
     return out
 
@@ -68,7 +70,8 @@ def label(layout: dict[str, Any]) -> str:
     name = " x ".join(parts) or "1 rank"
     if layout["pipeline"] > 1:
         name += f" ({layout['schedule']}, M={layout['microbatches']})"
-    return name + "".join(f"+{flag}" for flag, key in FLAGS.items() if layout.get(key))
+    return name + "".join(f"+{flag}" for flag, key in FLAGS.items() if layout.get(key)) + (
+        "+noprefetch" if layout.get("prefetch") is False else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

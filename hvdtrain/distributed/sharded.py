@@ -78,13 +78,14 @@ class ShardedModule(tf.Module):
     """
 
     def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
-                 param_dtype=tf.float32, sequence: bool = False, initial=None, shard: Group | None = None):
+                 param_dtype=tf.float32, sequence: bool = False, initial=None, shard: Group | None = None,
+                 prefetch: bool = True):
         super().__init__(name="stage")
         from models.plan import initial_value
 
         self.plan, self.units, self.group = plan, list(units), group
         self.recompute, self.dtype = recompute, tf.as_dtype(dtype)
-        self.shard = shard
+        self.shard, self.prefetch = shard, prefetch
         parts, part = group.size, (group.rank if group.size > 1 else 0)
         own = {w.name for u in self.units for w in u.weights}
         tied = {n for u in plan.units for n in u.shared}
@@ -183,10 +184,11 @@ class ShardedModule(tf.Module):
             if by_position and ctx is whole:
                 x, by_position = gather_to_replicated(x, self.group), False
             recomputed = self.recompute and unit.recompute and training
-            kept = None if recomputed else self._params(names, previous, scattered)
+            after = previous if self.prefetch else x
+            kept = None if recomputed else self._params(names, after, scattered)
             calls = []
 
-            def forward(h, unit=unit, ctx=ctx, names=names, kept=kept, previous=previous, calls=calls,
+            def forward(h, unit=unit, ctx=ctx, names=names, kept=kept, after=after, calls=calls,
                         scattered=scattered):
                 # recomputed: the forward pass's gather starts with the unit before; the backward pass's once this
                 # unit's input is there again, which TensorFlow makes wait for the unit's output gradient (else
@@ -194,7 +196,7 @@ class ShardedModule(tf.Module):
                 if kept is not None:
                     params = kept
                 else:
-                    params = self._params(names, previous if not calls else h, scattered)
+                    params = self._params(names, after if not calls else h, scattered)
                     calls.append(1)
                 return self.plan.apply(unit, params, h, ctx)
 

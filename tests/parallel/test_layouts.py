@@ -77,6 +77,8 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
                                                                         "train.precision=mixed_float16",
     "dp2_fsdp_summed": f"{FSDP}&{SGD}&{ODD}&negative=zero_sum", "dp2_fsdp_stale": f"{FSDP}&{SGD}&negative=stale_gather",
     "llama_dp2_fsdp": f"{FSDP}&{LLAMA % 0.1}",
+    # gathered again in the backward pass (recompute), each unit gathering only when it starts
+    "dp2_fsdp_recompute_noprefetch": f"{FSDP}&parallel.recompute=true&parallel.prefetch=false&{SGD}&{DROPOUT}",
 }
 FOUR_RANKS = {
     "dp2xtp2_zero_recompute": "parallel.tensor=2&parallel.shard_optimizer=true&parallel.recompute=true",
@@ -430,6 +432,11 @@ def test_sharded_parameters_at_data_2_match_one_process_and_hold_half(two):
     equal to one process; each rank holds half of the weights and of the optimizer state, no whole gradient is
     all-reduced over the data group (the weights are gathered, the gradients reduce-scattered)."""
     assert equal(two[0]["dp2_fsdp_dropout"]) and equal(two[0]["llama_dp2_fsdp"])
+    assert equal(two[0]["dp2_fsdp_recompute_noprefetch"])
+    # gathered again in the backward pass: 4 units' gathers forward, the 2 blocks' again
+    kept, again = (two[0][c]["traffic"]["data_allgather"]["calls"] for c in ("dp2_fsdp_dropout",
+                                                                              "dp2_fsdp_recompute_noprefetch"))
+    assert (kept, again) == (4 * 3, 6 * 3)
     assert equal(two[0]["dp2_fsdp_fp16_padding"], MIXED_RELATIVE)
     assert (two[0]["dp2_fsdp_fp16_padding"]["reference_param_bytes"] // 4) % 2 == 1
     for r in two:

@@ -143,3 +143,15 @@ def test_threads_per_rank_default_to_a_share_of_the_cores_and_twice_that_for_lar
     wide = stage("parallel.pipeline=2", "parallel.microbatches=8", "data.batch_size_per_rank=64",
                  "model.params={num_layers: 4, width: 512, num_heads: 8, dropout: 0.0}")
     assert wide == pytest.approx(78_024_192 / 3 * 8 * 64 / 2) and wide >= runtime.DOUBLE_THREADS_FLOPS
+
+
+def test_benchmark_layouts_are_written_as_users_type_them():
+    from hvdtrain.benchmark import layouts
+    from hvdtrain.errors import UsageError
+
+    lay = layouts.parse("dp=2,fsdp,noprefetch,recompute")
+    assert lay["shard_params"] and lay["prefetch"] is False and lay["recompute"] and lay["ranks"] == 2
+    assert layouts.label(lay) == "dp2+fsdp+recompute+noprefetch"
+    assert layouts.parse("dp=4,fsdp")["prefetch"] is True
+    with pytest.raises(UsageError, match="unknown part 'fdsp'"):
+        layouts.parse("dp=2,fdsp")
