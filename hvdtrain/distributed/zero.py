@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from hvdtrain.distributed.fsdp import Flat
 from hvdtrain.distributed.mesh import Group
 
 
@@ -35,10 +36,8 @@ class ShardedOptimizer:
     def __init__(self, optimizer, variables, group: Group, counted=None):
         self.optimizer, self.variables, self.group = optimizer, list(variables), group
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
-        self.total = int(self.offsets[-1])
-        self.slice_size = -(-self.total // group.size)
-        self.start = (group.rank if group.size > 1 else 0) * self.slice_size
+        self.flat = Flat(tuple(self.sizes), group.size, group.rank if group.size > 1 else 0)
+        self.total, self.slice_size = self.flat.total, self.flat.slice_size
         self.counted = list(counted) if counted is not None else [True] * len(self.variables)
         with tf.init_scope():
             self.master = tf.Variable(self._initial_slice(), name="zero_master", trainable=False)
@@ -49,13 +48,7 @@ class ShardedOptimizer:
     def overlaps(self):
         """``(variable index, start, stop within the variable's flat values, start within the slice)`` of every
         variable this rank's slice covers."""
-        end = self.start + self.slice_size
-        out = []
-        for i, (lo, hi) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
-            a, b = max(lo, self.start), min(hi, end)
-            if a < b:
-                out.append((i, int(a - lo), int(b - lo), int(a - self.start)))
-        return out
+        return self.flat.overlaps()
 
     def _initial_slice(self) -> np.ndarray:
         out = np.zeros(self.slice_size, np.float32)
