@@ -122,7 +122,3 @@ class Bucket:
         """The gathered vector as the bucket's weights."""
         parts = tf.split(full, list(self.flat.sizes)) if len(self.names) > 1 else [full]
         return {n: tf.reshape(p, s) for n, p, s in zip(self.names, parts, self.shapes)}
-
-    def ranges(self, names) -> list[tuple[int, int]]:
-        """``(start, stop)`` within this rank's slice of the weights ``names``."""
-        return [(at, at + b - a) for i, a, b, at in self.flat.overlaps() if self.names[i] in names]
