@@ -90,8 +90,9 @@ def paced(x, scattered: list):
     """``x`` (a unit's output); in the backward pass its gradient waits until the reduce-scatter made two before the
     latest one in ``scattered`` is done: the backward pass runs at most two units ahead of its reduce-scatters.
 
-    Measured without it (8 blocks, 4 ranks under Gloo): the backward pass outran the collectives, and every unit's
-    whole gradient waited in Horovod's queue at once; the step's peak grew by 150 MB more than with it."""
+    Measured (8 blocks of width 512, 4 ranks under Gloo, recompute): the peak of the largest rank 947 MB without
+    it, 923 MB with it (16 blocks of width 384: 951 MB either way); it bounds how many units' gradients wait in
+    Horovod's queue when the backward pass outruns the collectives."""
 
     @tf.custom_gradient
     def identity(h):
