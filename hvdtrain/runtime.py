@@ -222,18 +222,27 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
 # Under Gloo a dependent collective stays about 5 ms at any cycle time, so Gloo keeps the default too: the polling
 # thread only costs CPU there.
 MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
+# Horovod's fusion threshold (MB) with sharded parameters, when unset. A bucket is already one flat tensor, so
+# fusing buckets that are ready together (two units' gathers, reduce-scatters queued in the backward pass) buys one
+# negotiation and costs a copy of each into Horovod's fusion buffer, which stays resident for the run. Measured
+# through `hvdtrain train` (a gpt of 16 blocks, width 64 -> 384, data=4, recompute; docs/performance.md): each rank's
+# peak grew 146-149 MB at Horovod's 64 MB and 122-132 MB with fusion off, i.e. 22.1-22.5 against 18.4-20.0 bytes
+# per parameter of its quarter. Below 1 MB small collectives (the metrics) still fuse; a bucket above it goes alone.
+SHARDED_FUSION_THRESHOLD_MB = 1.0
 
 
 def horovod_knobs(cfg: Config):
-    """``cfg.distributed``, with the cycle time hvdtrain chooses under MPI, when unset, for a layout without a
-    pipeline whose step waits on a chain of collectives: tensor parallelism (one per block), sharded parameters
-    (a gather and a reduce-scatter per unit)."""
+    """``cfg.distributed``, with what hvdtrain chooses when the config leaves it unset: under MPI the cycle time
+    for a layout without a pipeline whose step waits on a chain of collectives (tensor parallelism: one per block;
+    sharded parameters: a gather and a reduce-scatter per unit), and with sharded parameters the fusion threshold."""
     import dataclasses
 
     knobs = cfg.distributed
     chained = (cfg.parallel.tensor > 1 or cfg.parallel.shard_params) and cfg.parallel.pipeline == 1
     if not knobs.cycle_time_ms and chained and not distributed.launched_with_gloo():
         knobs = dataclasses.replace(knobs, cycle_time_ms=MODEL_PARALLEL_CYCLE_TIME_MS)
+    if not knobs.fusion_threshold_mb and cfg.parallel.shard_params:
+        knobs = dataclasses.replace(knobs, fusion_threshold_mb=SHARDED_FUSION_THRESHOLD_MB)
     return knobs
 
 
