@@ -15,7 +15,7 @@ import hvdtrain  # noqa: E402,F401 - sets TF_USE_LEGACY_KERAS (TF 2.21), for wor
 # Seconds each of the slowest test files took in a run of the whole suite (JUnit times, 2 cores). `make test` runs
 # two workers that take whole files; the longest start first, so that no worker is left alone with one at the end.
 FILE_SECONDS = {
-    "tests/e2e/test_parallel_cli.py": 560, "tests/parallel/test_layouts.py": 300, "tests/e2e/test_compression.py": 210,
+    "tests/e2e/test_parallel_cli.py": 480, "tests/parallel/test_layouts.py": 300, "tests/e2e/test_compression.py": 210,
     "tests/e2e/test_pretrained.py": 200,
     "tests/e2e/test_serving.py": 168, "tests/e2e/test_object_storage.py": 200, "tests/e2e/test_fault_tolerance.py": 138,
     "tests/e2e/test_train_cli.py": 132, "tests/e2e/test_ray.py": 120, "tests/e2e/test_benchmark.py": 110,

@@ -115,8 +115,8 @@ def test_a_killed_tensor_x_pipeline_run_wrote_a_sharded_checkpoint_and_the_one_p
 
 
 # (at data=2 every rank reads each variable whole, as the one process does; data=2 x pipeline=2 resumes below;
-# tensor=2 with sequence parallelism: the checkpoint does not depend on it)
-@pytest.mark.parametrize("layout", ["tp2_sequence", "one", "dp2_fsdp"])
+# tensor=2 with sequence parallelism: the checkpoint does not depend on it; data=2 with sharded parameters: below)
+@pytest.mark.parametrize("layout", ["tp2_sequence", "one"])
 def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_tp2xpp2, one, corpus, tmp_path,
                                                                          layout):
     out = tmp_path / "run"
@@ -127,11 +127,6 @@ def test_it_resumes_at_another_layout_equal_to_the_run_never_interrupted(killed_
     s = summary(out)
     assert s["test_loss"] == pytest.approx(summary(one)["test_loss"], rel=1e-5)
     assert len(s["peak_memory_bytes_per_rank"]) == LAYOUTS[layout][0] and s["memory_measured"] == "cpu_peak_rss"
-    if layout == "dp2_fsdp":  # it wrote its own checkpoint: each rank its slices of every variable
-        manifest = json.loads((out / "checkpoints" / "epoch-0002" / "manifest.json").read_text())
-        assert manifest["layout"]["shard_params"] is True
-        pieces = manifest["variables"]["embed/tokens/embeddings"]["pieces"]["param"]
-        assert {p[0] for p in pieces} == {"rank-00000", "rank-00001"}
     if layout == "tp2_sequence":
         assert "sequence-parallel: each tensor member holds 1/2 of the positions" in proc.stdout
         # the model a split run ends with is an ordinary Keras model, streamed from the checkpoint
@@ -181,16 +176,26 @@ def test_pipeline_run_logs_the_one_process_metrics_and_can_keep_no_model_file(on
     assert "cannot assemble the model of" in proc.stderr and "rank-00001" in proc.stderr
 
 
-def test_sharded_parameters_killed_resume_at_tensor_equal_to_the_run_never_interrupted(one, corpus, tmp_path):
-    """data=2 with sharded parameters, SIGKILLed after its first checkpoint, resumed at tensor=2; the model.keras
-    the resumed run writes is the one process's."""
+def test_sharded_parameters_resume_a_tensor_x_pipeline_run_killed_again_and_resumed_at_tensor(
+        killed_tp2xpp2, one, corpus, tmp_path):
+    """The tensor=2 x pipeline=2 run killed after epoch 1 resumes at data=2 with sharded parameters (each rank reads
+    its slices of every bucket), which writes epoch 2's checkpoint in slices and is SIGKILLed right after it; that
+    checkpoint resumes at tensor=2: every metric logged once and equal to the run never interrupted, and the
+    model.keras the last launch writes is the one process's."""
     out = tmp_path / "run"
-    proc = train(corpus, out, "dp2_fsdp", failpoint="after-checkpoint@1", check=False)
-    assert proc.returncode != 0 and len(rows(out)) == 1
+    shutil.copytree(killed_tp2xpp2[0], out)
+    proc = train(corpus, out, "dp2_fsdp", failpoint="after-checkpoint@2", check=False)
+    assert proc.returncode != 0 and "resuming after epoch 1" in proc.stdout
     assert "parameters sharded over the data group" in proc.stdout
+    manifest = json.loads((out / "checkpoints" / "epoch-0002" / "manifest.json").read_text())
+    assert manifest["layout"]["shard_params"] is True  # each rank wrote its slices of every variable
+    assert {p[0] for p in manifest["variables"]["embed/tokens/embeddings"]["pieces"]["param"]} == {"rank-00000",
+                                                                                                  "rank-00001"}
+    assert_same_metrics(out, one)  # epoch 2, trained sharded, logged before the kill
     again = train(corpus, out, "tp2")
-    assert "resuming after epoch 1" in again.stdout
+    assert "resuming after epoch 2" in again.stdout
     assert_same_metrics(out, one)
+    assert summary(out)["test_loss"] == pytest.approx(summary(one)["test_loss"], rel=1e-5)
     import numpy as np
 
     from hvdtrain import formats
