@@ -151,6 +151,10 @@ class ParallelConfig:
     # with shard_params: start each unit's gather while the unit before it computes (two units' weights whole at
     # once); false: each unit gathers when it starts
     prefetch: bool = True
+    # with shard_params: each unit's weights cut into this many buckets of near-equal size (at weight boundaries),
+    # gathered and reduce-scattered apart: a bucket's gradient is reduce-scattered while the rest of its unit's
+    # backward runs (less memory, more and smaller collectives; docs/performance.md)
+    buckets_per_unit: int = 1
     recompute: bool = False  # recompute each Transformer block's activations in the backward pass
     # sequence parallelism at tensor > 1: between the split regions each tensor member holds 1/tensor of the
     # positions (norms, dropout and the residual stream of every block): less activation memory, the same bytes
@@ -616,6 +620,8 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.tensor, parallel.pipeline, parallel.recompute and parallel.shard_params need a "
                           f"model family with a parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
                           "(parallel.shard_optimizer works for any model)")
+    if p.buckets_per_unit < 1:
+        raise ConfigError(f"parallel.buckets_per_unit={p.buckets_per_unit}: cut each unit into 1 or more buckets")
     if p.sequence and p.tensor == 1:
         raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "
                           "parallel.tensor > 1")

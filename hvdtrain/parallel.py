@@ -246,7 +246,8 @@ class Parallel:
                 units = self.split[mesh.stage]
             self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
                                         self.compute_dtype, self.param_dtype, sequence=p.sequence, initial=initial,
-                                        shard=mesh.data_group if self.fsdp else None, prefetch=p.prefetch)
+                                        shard=mesh.data_group if self.fsdp else None, prefetch=p.prefetch,
+                                        buckets_per_unit=p.buckets_per_unit)
             self.full_bytes = 4 * plan.parameters
             if mesh.pipeline > 1:
                 positions, width = plan.activation

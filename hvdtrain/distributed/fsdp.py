@@ -61,6 +61,18 @@ class Flat:
         return out
 
 
+def cut(key: str, members: list, size, parts: int) -> list[tuple[str, list]]:
+    """``members`` (a unit's weights, in order) as up to ``parts`` consecutive groups of near-equal ``size``, each
+    ``(key, its members)``: a cut goes at the weight boundary nearest to each multiple of ``total / parts`` (a unit
+    of one weight stays whole); one group keeps ``key``, several are ``key/0``, ``key/1``, ..."""
+    sizes = [size(m) for m in members]
+    total, bounds = sum(sizes), np.cumsum(sizes)[:-1]
+    cuts = sorted({int(np.argmin(np.abs(bounds - total * k / parts))) + 1 for k in range(1, parts)}) if len(
+        members) > 1 else []
+    groups = [members[a:b] for a, b in zip([0, *cuts], [*cuts, len(members)])]
+    return [(key, groups[0])] if len(groups) == 1 else [(f"{key}/{i}", g) for i, g in enumerate(groups)]
+
+
 def gather(variable, group, flat: Flat, dtype, scattered: list | None = None):
     """The whole bucket (``flat.total`` values in ``dtype``) from every member's slice ``variable``; its gradient
     is the bucket's gradient averaged over ``group`` (in float32), this member's slice of it (appended to

@@ -79,7 +79,7 @@ class ShardedModule(tf.Module):
 
     def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
                  param_dtype=tf.float32, sequence: bool = False, initial=None, shard: Group | None = None,
-                 prefetch: bool = True):
+                 prefetch: bool = True, buckets_per_unit: int = 1):
         super().__init__(name="stage")
         from models.plan import initial_value
 
@@ -106,6 +106,8 @@ class ShardedModule(tf.Module):
             for (weight, _, key), entry in zip(wanted, entries):
                 if weight.trainable:
                     keys.setdefault(key, []).append(entry)
+            keys = {k: part for key, members in keys.items()
+                    for k, part in fsdp.cut(key, members, lambda e: int(np.prod(e.local_shape)), buckets_per_unit)}
             for key, members in keys.items():
                 flat = Flat(tuple(int(np.prod(e.local_shape)) for e in members), shard.size,
                             shard.rank if shard.size > 1 else 0)

@@ -259,8 +259,8 @@ class Reader:
         shape, axis, parts = tuple(meta["shape"]), meta["axis"], meta["parts"]
         start, size = box or ((0,) * len(shape), shape)
         if axis is None:
-            whole = self._part(name, kind, 0)
-            return whole[tuple(slice(a, a + n) for a, n in zip(start, size))].copy()
+            whole = self._part(name, kind, 0)  # a fresh array: the whole of it needs no copy
+            return whole if box is None else whole[tuple(slice(a, a + n) for a, n in zip(start, size))].copy()
         out = np.empty(size, np.float32)
         width = shape[axis] // parts
         for part in range(parts):

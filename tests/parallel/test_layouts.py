@@ -76,7 +76,7 @@ TWO_RANKS = {  # one launch: every case at 2 ranks (the layouts share it)
     "dp2_fsdp_dropout": f"{FSDP}&{SGD}&{DROPOUT}", "dp2_fsdp_fp16_padding": f"{FSDP}&{SGD}&{ODD}&"
                                                                         "train.precision=mixed_float16",
     "dp2_fsdp_summed": f"{FSDP}&{SGD}&{ODD}&negative=zero_sum", "dp2_fsdp_stale": f"{FSDP}&{SGD}&negative=stale_gather",
-    "llama_dp2_fsdp": f"{FSDP}&{LLAMA % 0.1}",
+    "llama_dp2_fsdp": f"{FSDP}&{LLAMA % 0.1}&parallel.buckets_per_unit=2",  # each unit in two buckets
     # gathered again in the backward pass (recompute), each unit gathering only when it starts
     "dp2_fsdp_recompute_noprefetch": f"{FSDP}&parallel.recompute=true&parallel.prefetch=false&{SGD}&{DROPOUT}",
 }
@@ -92,7 +92,8 @@ FOUR_RANKS = {
     "dp2xtp2_fsdp_sequence_clip": f"{TP2}&{FSDP}&{SEQ}&parallel.recompute=true&{CLIP}&{DROPOUT}",
     "dp2xtp2_fsdp_sequence_unsummed": f"{TP2}&{FSDP}&{SEQ}&{SGD}&{DROPOUT}&negative=sequence_unsummed",
     "dp2xtp2_fsdp_bf16": f"{TP2}&{FSDP}&{SGD}&train.precision=mixed_bfloat16",
-    "dp2xpp2_fsdp_tied_dropout": f"parallel.pipeline=2&parallel.microbatches=2&{FSDP}&{SGD}&{TIED % 0.1}",
+    "dp2xpp2_fsdp_tied_dropout": f"parallel.pipeline=2&parallel.microbatches=2&{FSDP}&{SGD}&{TIED % 0.1}&"
+                                 "parallel.buckets_per_unit=2",
 }
 
 
@@ -437,6 +438,8 @@ def test_sharded_parameters_at_data_2_match_one_process_and_hold_half(two):
     kept, again = (two[0][c]["traffic"]["data_allgather"]["calls"] for c in ("dp2_fsdp_dropout",
                                                                               "dp2_fsdp_recompute_noprefetch"))
     assert (kept, again) == (4 * 3, 6 * 3)
+    # the llama's units in two buckets each (parallel.buckets_per_unit=2; the embedding is one weight): 7 per step
+    assert two[0]["llama_dp2_fsdp"]["traffic"]["data_allgather"]["calls"] == 7 * 3
     assert equal(two[0]["dp2_fsdp_fp16_padding"], MIXED_RELATIVE)
     assert (two[0]["dp2_fsdp_fp16_padding"]["reference_param_bytes"] // 4) % 2 == 1
     for r in two:

@@ -46,6 +46,7 @@ def test_config_is_frozen():
     ("train.jit_compile=3", ["train.jit_compile", "true or false"]),
     ("train.epochs=0", ["train.epochs must be at least 1"]),
     ("train.epochs", ["section.key=value"]),
+    ("parallel.buckets_per_unit=0", ["parallel.buckets_per_unit=0", "1 or more"]),
 ])
 def test_strict_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:
@@ -168,5 +169,6 @@ def test_benchmark_layouts_are_written_as_users_type_them():
     assert lay["shard_params"] and lay["prefetch"] is False and lay["recompute"] and lay["ranks"] == 2
     assert layouts.label(lay) == "dp2+fsdp+recompute+noprefetch"
     assert layouts.parse("dp=4,fsdp")["prefetch"] is True
+    assert layouts.label(layouts.parse("dp=2,fsdp,b=2")) == "dp2+fsdp+b2"
     with pytest.raises(UsageError, match="unknown part 'fdsp'"):
         layouts.parse("dp=2,fdsp")

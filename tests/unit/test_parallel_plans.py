@@ -63,6 +63,24 @@ def test_stages_are_balanced_by_parameters_with_the_embedding_first_and_the_head
         pipeline.split_stages(plan, 5)
 
 
+def test_a_unit_cut_into_buckets_keeps_its_weights_in_order_at_near_equal_sizes():
+    """parallel.buckets_per_unit: a gpt block in two is its attention and its MLP (the cut nearest the half), in
+    three near thirds; a unit of one weight stays whole."""
+    import models
+    from hvdtrain.distributed.fsdp import cut
+
+    plan = models.parallel_plan("gpt", input_shape=(16,), num_classes=256, num_layers=1, width=64, num_heads=4)
+    block, size = list(plan.units[1].weights), lambda w: int(np.prod(w.shape))
+    assert cut("block_0", block, size, 1) == [("block_0", block)]
+    two = cut("block_0", block, size, 2)
+    assert [k for k, _ in two] == ["block_0/0", "block_0/1"] and [w for _, g in two for w in g] == block
+    assert two[1][1][0].name == "block_0/mlp/fc/kernel"
+    thirds = [sum(map(size, g)) for _, g in cut("block_0", block, size, 3)]
+    assert max(thirds) - min(thirds) < 0.01 * sum(thirds)
+    embed = [plan.weight("embed/tokens/embeddings")]
+    assert cut("embed", embed, size, 4) == [("embed", embed)]
+
+
 def test_the_plan_names_every_weight_of_the_keras_model_with_its_shape():
     """The plan is the engines' only view of the model: it must list exactly the Keras model's variables."""
     import models
