@@ -48,6 +48,20 @@ def test_accumulation_matches_a_k_times_larger_batch_and_fp16_compression_stays_
                                (ranks[0]["tape_local"] + ranks[1]["tape_local"]) / 2, atol=1e-6)
 
 
+def test_reduce_scatter_in_the_inputs_buffer_gives_each_rank_its_part_and_leaves_shared_inputs_alone(worker_runs):
+    """Horovod patch 0006: Gloo reduce-scatters in the input's buffer when TensorFlow hands it over (nothing else
+    reads it) and in a copy otherwise; a wrong hand-over would change the tensor another op reads next."""
+    a = np.arange(12, dtype=np.float32)
+    whole = 3 * np.concatenate([a, a])  # ranks hold [a, a] and 2 [a, a]
+    for rank, r in enumerate(worker_runs["communication"]):
+        part = whole[rank * 12:(rank + 1) * 12]
+        got = r["reducescatter"]
+        np.testing.assert_array_equal(got["alone"], part)
+        np.testing.assert_array_equal(got["summed"], part)
+        np.testing.assert_allclose(got["averaged"], part / 2)
+        np.testing.assert_array_equal(got["input"], (rank + 1) * np.concatenate([a, a]))
+
+
 def test_horovod_knobs_reach_horovod(tmp_path):
     out = tmp_path / "run"
     horovodrun([BIN / "hvdtrain", "train", "--recipe", "digits-mlp", "--output", out,

@@ -3,7 +3,9 @@
 - ``accumulated``: backward_passes_per_step=K over K batches of size B, SGD;
 - ``large_batch``: one step on the K batches joined (size K*B), SGD — must match ``accumulated``;
 - ``fp32`` and ``fp16``: several steps without and with fp16 gradient compression — must stay close;
-- ``tape_local`` / ``tape_averaged``: a custom loop's gradients, plain and through ``distributed.gradient_tape``.
+- ``tape_local`` / ``tape_averaged``: a custom loop's gradients, plain and through ``distributed.gradient_tape``;
+- ``reducescatter``: Horovod's reduce-scatter of a tensor nothing else reads (patched: Gloo reduces in its buffer)
+  and of one read again afterwards (which must be left as it was).
 """
 import sys
 
@@ -62,8 +64,29 @@ def tape_gradients(wrap: bool):
     return np.concatenate([g.numpy().ravel() for g in grads]).tolist()
 
 
+def reduce_scattered() -> dict:
+    """Each rank's tensor is ``[a, a]`` with ``a = arange(12) * (rank + 1)``; the sum over 2 ranks is ``3 [a, a]``."""
+    import horovod.tensorflow as hvd
+
+    a = tf.constant(np.arange(12, dtype=np.float32) * (rank + 1))
+
+    @tf.function
+    def alone(a):  # the concatenation's buffer goes to the reduce-scatter only: TensorFlow can hand it over
+        return hvd.reducescatter(tf.concat([a, a], 0), op=hvd.Sum)
+
+    @tf.function
+    def read_again(a):  # read by two reduce-scatters and returned: no op may write in it
+        x = tf.concat([a, a], 0)
+        return hvd.reducescatter(x, op=hvd.Sum), hvd.reducescatter(x, op=hvd.Average), x
+
+    summed, averaged, x = read_again(a)
+    return {"alone": alone(a).numpy().tolist(), "summed": summed.numpy().tolist(),
+            "averaged": averaged.numpy().tolist(), "input": x.numpy().tolist()}
+
+
 common.report(
     outdir, rank,
+    reducescatter=reduce_scattered(),
     tape_local=tape_gradients(False),
     tape_averaged=tape_gradients(True),
     init=np.concatenate([w.ravel() for w in init]).tolist(),
