@@ -58,8 +58,8 @@ def parse(text: str) -> dict[str, Any]:
         elif part == "noprefetch":  # sharded parameters: each unit gathers when it starts
             out["prefetch"] = False
         else:
-            raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, b=N, gpipe, 1f1b, zero, "
-                             "fsdp, noprefetch, recompute, seq)")
+            raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, b=N, gpipe, 1f1b, "
+                             "zero, fsdp, noprefetch, recompute, seq)")
     out["ranks"] = out["data"] * out["tensor"] * out["pipeline"]
     return out
 
