@@ -214,13 +214,14 @@ def llama_one(tmp_path_factory, corpus):
 
 def test_llama_with_sharded_parameters_x_tensor_killed_resumes_sharded_at_data_2(llama_one, corpus, tmp_path):
     """llama with dropout at data=2 sharded x tensor=2 with recompute (4 ranks), SIGKILLed after its first
-    checkpoint, resumed at data=2 sharded alone (other slices of every bucket): the one-process metrics."""
+    checkpoint, resumed at data=2 sharded alone with two buckets per unit (other slices of other buckets): the
+    one-process metrics."""
     llama = {"recipe": "llama-tiny", "model": SMALL_LLAMA}
     out = tmp_path / "run"
     proc = train(corpus, out, "dp2xtp2_fsdp", failpoint="after-checkpoint@1", check=False, **llama)
     assert proc.returncode != 0 and len(rows(out)) == 1
-    again = train(corpus, out, "dp2_fsdp", **llama)
-    assert "resuming after epoch 1" in again.stdout
+    again = train(corpus, out, "dp2_fsdp", "parallel.buckets_per_unit=2", **llama)
+    assert "resuming after epoch 1" in again.stdout and "1/2 of 7 buckets" in again.stdout
     assert_same_metrics(out, llama_one)
     assert summary(out)["test_loss"] == pytest.approx(summary(llama_one)["test_loss"], rel=1e-5)
 
