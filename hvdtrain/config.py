@@ -622,6 +622,9 @@ def validate_parallel(cfg: Config) -> None:
                           "(parallel.shard_optimizer works for any model)")
     if p.buckets_per_unit < 1:
         raise ConfigError(f"parallel.buckets_per_unit={p.buckets_per_unit}: cut each unit into 1 or more buckets")
+    if p.buckets_per_unit > 1 and not p.shard_params:
+        raise ConfigError("parallel.buckets_per_unit cuts the buckets of sharded parameters: set "
+                          "parallel.shard_params=true or leave it at 1")
     if p.sequence and p.tensor == 1:
         raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "
                           "parallel.tensor > 1")

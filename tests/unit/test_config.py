@@ -47,6 +47,7 @@ def test_config_is_frozen():
     ("train.epochs=0", ["train.epochs must be at least 1"]),
     ("train.epochs", ["section.key=value"]),
     ("parallel.buckets_per_unit=0", ["parallel.buckets_per_unit=0", "1 or more"]),
+    ("parallel.buckets_per_unit=2", ["parallel.buckets_per_unit", "parallel.shard_params=true"]),
 ])
 def test_strict_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:
