@@ -89,11 +89,28 @@ rgw data = $dir/rgw
 rgw enable usage log = false
 EOF
 
+# A daemon that fails writes why to its log file, not to stderr: on any failed step, print each log's last lines and
+# stop what started (a start in CI once failed after "starting the monitor" with nothing else to read).
+failed() {
+  local status=$?
+  log "failed (exit $status) at line $1; the daemons' logs in $dir/log end with:"
+  for f in "$dir"/log/*; do [ -s "$f" ] && { printf -- '--- %s\n' "$f" >&2; tail -n 15 "$f" >&2; }; done
+  stop
+  exit "$status"
+}
+trap 'failed $LINENO' ERR
+
 log "starting the monitor"
 ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
 monmaptool --create --add a "v1:127.0.0.1:$mon_port" --fsid "$fsid" "$dir/monmap" >/dev/null
 ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/monmap" --keyring "$dir/keyring"
-ceph-mon -c "$conf" -i a
+# Its start is retried as the OSD's is (below): a monitor refused at start leaves nothing behind to stop.
+for attempt in 1 2 3; do
+  if ceph-mon -c "$conf" -i a 2>"$dir/log/mon-start.err"; then break; fi
+  if [ "$attempt" = 3 ]; then cat "$dir/log/mon-start.err" >&2; false; fi
+  log "the monitor stopped at start (attempt $attempt, see $dir/log/mon.a.log); starting it again"
+  sleep "$attempt"
+done
 
 log "starting the OSD (memory-backed)"
 # The OSD's own uuid, given to the monitor and to the OSD's mkfs alike (Ceph's manual deployment, "long form"):
@@ -107,7 +124,7 @@ ceph-osd -c "$conf" -i "$osd_id" --mkfs --osd-uuid "$osd_uuid" >/dev/null 2>&1
 # attempts, waiting longer each time.
 for attempt in 1 2 3 4 5 6 7 8; do
   if ceph-osd -c "$conf" -i "$osd_id" 2>"$dir/log/osd-start.err"; then break; fi
-  if [ "$attempt" = 8 ]; then cat "$dir/log/osd-start.err" >&2; stop; exit 1; fi
+  if [ "$attempt" = 8 ]; then cat "$dir/log/osd-start.err" >&2; false; fi
   log "the OSD stopped at start (attempt $attempt, see $dir/log/osd.$osd_id.log); starting it again"
   sleep "$attempt"
 done
@@ -135,5 +152,6 @@ export AWS_SECRET_ACCESS_KEY=$secret_key
 export AWS_REGION=us-east-1
 export AWS_EC2_METADATA_DISABLED=true
 EOF
+trap - ERR
 cat "$dir/env"
 log "ready: http://127.0.0.1:$port (source $dir/env)"
