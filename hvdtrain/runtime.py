@@ -222,27 +222,32 @@ def learning_rate_schedule(cfg: TrainConfig, plan):
 # Under Gloo a dependent collective stays about 5 ms at any cycle time, so Gloo keeps the default too: the polling
 # thread only costs CPU there.
 MODEL_PARALLEL_CYCLE_TIME_MS = 0.001
-# Horovod's fusion threshold (MB) with sharded parameters, when unset. A bucket is already one flat tensor, so
-# fusing buckets that are ready together (two units' gathers, reduce-scatters queued in the backward pass) buys one
-# negotiation and costs a copy of each into Horovod's fusion buffer, which stays resident for the run. Measured
-# through `hvdtrain train` (a gpt of 16 blocks, width 64 -> 384, data=4, recompute; docs/performance.md): each rank's
-# peak grew 146-149 MB at Horovod's 64 MB and 122-132 MB with fusion off, i.e. 22.1-22.5 against 18.4-20.0 bytes
-# per parameter of its quarter. Below 1 MB small collectives (the metrics) still fuse; a bucket above it goes alone.
-SHARDED_FUSION_THRESHOLD_MB = 1.0
+# Horovod's fusion threshold (MB), when unset, for the layouts that average their own gradients (tensor, pipeline,
+# sharded parameters). Horovod allocates a fusion buffer (64 MB by default) per process set the first time two of its
+# tensors fuse, which depends on timing, and keeps it for the run: a layout's data, tensor, pipeline and tie groups
+# can each get one. A bucket of sharded parameters is already one flat tensor, and a weight's gradient of a large
+# model is above 1 MB: fusion only copies them. Below 1 MB small collectives (biases, norms, metrics) still fuse;
+# above it a tensor goes alone. Measured (docs/performance.md, interleaved launches): a gpt of 16 blocks, width 64 ->
+# 384, data=4 sharded: 22.1-22.5 against 18.4-20.0 bytes per parameter of a rank's quarter; tensor=2 x pipeline=2 with
+# sequence parallelism at width 768: 19.7-24.1 against 18.2-19.3; a gpt of width 512 at data=2 x tensor=2 and data=2
+# x pipeline=2: 45-50 MB less per rank at the same tokens/s (0.97x and 1.13x, 0.98x and 0.99x; Gloo and MPI).
+LAYOUT_FUSION_THRESHOLD_MB = 1.0
 
 
 def horovod_knobs(cfg: Config):
     """``cfg.distributed``, with what hvdtrain chooses when the config leaves it unset: under MPI the cycle time
     for a layout without a pipeline whose step waits on a chain of collectives (tensor parallelism: one per block;
-    sharded parameters: a gather and a reduce-scatter per unit), and with sharded parameters the fusion threshold."""
+    sharded parameters: a gather and a reduce-scatter per unit), and for a layout that averages its own gradients
+    (tensor, pipeline, sharded parameters) a small fusion threshold."""
     import dataclasses
 
     knobs = cfg.distributed
     chained = (cfg.parallel.tensor > 1 or cfg.parallel.shard_params) and cfg.parallel.pipeline == 1
     if not knobs.cycle_time_ms and chained and not distributed.launched_with_gloo():
         knobs = dataclasses.replace(knobs, cycle_time_ms=MODEL_PARALLEL_CYCLE_TIME_MS)
-    if not knobs.fusion_threshold_mb and cfg.parallel.shard_params:
-        knobs = dataclasses.replace(knobs, fusion_threshold_mb=SHARDED_FUSION_THRESHOLD_MB)
+    own_gradients = cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1 or cfg.parallel.shard_params
+    if not knobs.fusion_threshold_mb and own_gradients:
+        knobs = dataclasses.replace(knobs, fusion_threshold_mb=LAYOUT_FUSION_THRESHOLD_MB)
     return knobs
 
 

@@ -283,7 +283,7 @@ def test_sharded_parameters_at_data_4_each_rank_grows_by_at_most_035_of_one_proc
     The larger model's growth over the small one's is what its size costs; each sharded rank holds a quarter of
     the float32 weights and of Adam's state, one or two units' gathered weights, and their gradients' slices.
     Measured: one process 497-507 MB, each sharded rank 112-133 MB (0.25-0.26x; 144-149 MB before hvdtrain set
-    Horovod's fusion threshold for sharded parameters, runtime.SHARDED_FUSION_THRESHOLD_MB). One step: 2 gave the
+    Horovod's fusion threshold for sharded parameters, runtime.LAYOUT_FUSION_THRESHOLD_MB). One step: 2 gave the
     same figures in 1.4x the time (306 against 213 s alone, one after the other)."""
     import random
 
