@@ -153,8 +153,9 @@ class ParallelConfig:
     prefetch: bool = True
     # with shard_params: each unit's weights cut into this many buckets of near-equal size (at weight boundaries),
     # gathered and reduce-scattered apart: a bucket's gradient is reduce-scattered while the rest of its unit's
-    # backward runs (less memory, more and smaller collectives; docs/performance.md)
-    buckets_per_unit: int = 1
+    # backward runs (less memory, more and smaller collectives; docs/performance.md). 0: as many as keep each bucket
+    # within 16 MB of float32 (hvdtrain.distributed.fsdp.BUCKET_MB): one for a block of width 512, two at 768
+    buckets_per_unit: int = 0
     recompute: bool = False  # recompute each Transformer block's activations in the backward pass
     # sequence parallelism at tensor > 1: between the split regions each tensor member holds 1/tensor of the
     # positions (norms, dropout and the residual stream of every block): less activation memory, the same bytes
@@ -620,8 +621,9 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.tensor, parallel.pipeline, parallel.recompute and parallel.shard_params need a "
                           f"model family with a parallel plan ({', '.join(with_plan)}), not '{cfg.model.name}' "
                           "(parallel.shard_optimizer works for any model)")
-    if p.buckets_per_unit < 1:
-        raise ConfigError(f"parallel.buckets_per_unit={p.buckets_per_unit}: cut each unit into 1 or more buckets")
+    if p.buckets_per_unit < 0:
+        raise ConfigError(f"parallel.buckets_per_unit={p.buckets_per_unit}: cut each unit into 1 or more buckets, "
+                          "or 0 to cut by size")
     if p.buckets_per_unit > 1 and not p.shard_params:
         raise ConfigError("parallel.buckets_per_unit cuts the buckets of sharded parameters: set "
                           "parallel.shard_params=true or leave it at 1")

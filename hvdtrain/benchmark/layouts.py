@@ -43,7 +43,7 @@ SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer",
 def parse(text: str) -> dict[str, Any]:
     """``dp=2,tp=2,pp=2,m=4,gpipe,zero,fsdp,b=2,recompute,seq`` as a dict of the parallel settings and ``ranks``."""
     out = {"data": 1, "tensor": 1, "pipeline": 1, "microbatches": 1, "schedule": "1f1b", "shard_optimizer": False,
-           "shard_params": False, "prefetch": True, "buckets_per_unit": 1, "recompute": False, "sequence": False}
+           "shard_params": False, "prefetch": True, "buckets_per_unit": 0, "recompute": False, "sequence": False}
     keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches", "b": "buckets_per_unit"}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if "=" in part:
@@ -72,7 +72,7 @@ def label(layout: dict[str, Any]) -> str:
         name += f" ({layout['schedule']}, M={layout['microbatches']})"
     return name + "".join(f"+{flag}" for flag, key in FLAGS.items() if layout.get(key)) + (
         "+noprefetch" if layout.get("prefetch") is False else "") + (
-        f"+b{layout['buckets_per_unit']}" if layout.get("buckets_per_unit", 1) > 1 else "")
+        f"+b{layout['buckets_per_unit']}" if layout.get("buckets_per_unit", 0) > 0 else "")  # 0: by size
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class ShardedModule(tf.Module):
 
     def __init__(self, plan, units, group: Group, seed: int, recompute: bool = False, dtype="float32",
                  param_dtype=tf.float32, sequence: bool = False, initial=None, shard: Group | None = None,
-                 prefetch: bool = True, buckets_per_unit: int = 1):
+                 prefetch: bool = True, buckets_per_unit: int = 0):
         super().__init__(name="stage")
         from models.plan import initial_value
 

@@ -250,7 +250,19 @@ class Reader:
         return out.reshape(shape)
 
     def read(self, name: str, kind: str = "param", box=None) -> np.ndarray:
-        """The values of ``box = (start, size)`` (default: all) of variable ``name``'s ``kind``, as float32."""
+        """The values of ``box = (start, size)`` (default: all) of variable ``name``'s ``kind``, as float32.
+
+        The bundles' readers are closed when it returns: TensorFlow's keeps a 1 MB buffer for each data file it has
+        read from until it is closed, and a rank's bundle is written in data files of 32 MB (``CHUNK_BYTES``), so
+        readers kept open over a whole checkpoint held one buffer per data file (measured: 52 MB more resident
+        after writing a 113M-parameter model.keras from a data=4 checkpoint's 44 data files). An index is a few KB
+        to read again."""
+        try:
+            return self._read(name, kind, box)
+        finally:
+            self._files.clear()
+
+    def _read(self, name: str, kind: str, box) -> np.ndarray:
         if name not in self.variables:
             raise CheckpointError(f"{self.uri} has no variable {name}")
         meta = self.variables[name]

@@ -92,3 +92,28 @@ def test_a_bundle_larger_than_a_chunk_is_written_in_parts_and_merged(tmp_path, k
         "manifest.json", *(f"rank-00000.data-0000{k}-of-00003" for k in range(3)), "rank-00000.index"]
     reader = Reader(str(tmp_path))
     assert np.array_equal(reader.read("k"), kernel) and np.array_equal(reader.read("k", "m"), kernel * 10)
+
+
+def test_reading_a_checkpoint_leaves_no_data_file_buffered(tmp_path, monkeypatch):
+    """TensorFlow's bundle reader keeps a 1 MB buffer for each data file it has read from until it is closed, and a
+    rank's bundle is written in data files of CHUNK_BYTES: readers kept open over a whole checkpoint held one buffer
+    per data file (52 MB more resident after writing a 113M-parameter model.keras from a data=4 checkpoint's 44 data
+    files). Here 40 data files of 1.2 MB, each variable read whole: the resident set grows by far less than 40 MB."""
+    import gc
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4 * 300_000)
+    values = [np.full(150_000, i, np.float32) for i in range(80)]  # two variables per data file
+    write(tmp_path, {"rank-00000": [Piece(f"w{i}", "param", 0, 0, v.size, v) for i, v in enumerate(values)]},
+          {f"w{i}": {"shape": [v.size], "axis": None, "parts": 1} for i, v in enumerate(values)})
+    assert len(list(tmp_path.glob("rank-00000.data-*"))) == 40
+
+    def resident_mb():
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+    reader = Reader(str(tmp_path))
+    gc.collect()
+    before = resident_mb()
+    for i, v in enumerate(values):
+        assert np.array_equal(reader.read(f"w{i}"), v)
+    grown = resident_mb() - before
+    assert grown < 15, f"{grown:.0f} MB more resident after reading 40 data files"

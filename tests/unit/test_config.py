@@ -46,7 +46,7 @@ def test_config_is_frozen():
     ("train.jit_compile=3", ["train.jit_compile", "true or false"]),
     ("train.epochs=0", ["train.epochs must be at least 1"]),
     ("train.epochs", ["section.key=value"]),
-    ("parallel.buckets_per_unit=0", ["parallel.buckets_per_unit=0", "1 or more"]),
+    ("parallel.buckets_per_unit=-1", ["parallel.buckets_per_unit=-1", "1 or more", "0 to cut by size"]),
     ("parallel.buckets_per_unit=2", ["parallel.buckets_per_unit", "parallel.shard_params=true"]),
 ])
 def test_strict_errors_name_the_key(override, words):

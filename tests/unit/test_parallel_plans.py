@@ -79,6 +79,10 @@ def test_a_unit_cut_into_buckets_keeps_its_weights_in_order_at_near_equal_sizes(
     assert max(thirds) - min(thirds) < 0.01 * sum(thirds)
     embed = [plan.weight("embed/tokens/embeddings")]
     assert cut("embed", embed, size, 4) == [("embed", embed)]
+    # 0 (the default): buckets of at most 16 MB of float32: a block of width 512 (12 MB) whole, of 768 (27 MB) in two
+    for width, parts in ((512, 1), (768, 2), (1024, 4)):
+        wide = models.parallel_plan("gpt", input_shape=(16,), num_classes=256, num_layers=1, width=width, num_heads=4)
+        assert len(cut("block_0", list(wide.units[1].weights), size, 0)) == parts
 
 
 def test_the_plan_names_every_weight_of_the_keras_model_with_its_shape():
