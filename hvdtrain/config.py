@@ -626,7 +626,7 @@ def validate_parallel(cfg: Config) -> None:
                           "or 0 to cut by size")
     if p.buckets_per_unit > 1 and not p.shard_params:
         raise ConfigError("parallel.buckets_per_unit cuts the buckets of sharded parameters: set "
-                          "parallel.shard_params=true or leave it at 1")
+                          "parallel.shard_params=true or leave it unset")
     if p.sequence and p.tensor == 1:
         raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "
                           "parallel.tensor > 1")

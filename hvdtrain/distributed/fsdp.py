@@ -65,8 +65,9 @@ class Flat:
 # bucket's gradient is reduce-scattered while the rest of its unit's backward pass runs, so smaller buckets hold less
 # at once; each costs a gather and a reduce-scatter of its own. Measured (docs/performance.md, interleaved, data=2
 # sharded): a Transformer block of width 768 (27 MB) in two buckets ran at the same tokens/s as in one (Gloo 1.02x,
-# MPI 1.00x) and a 16-block model's ranks at data=4 peaked 19.2-19.6 bytes per parameter of their quarter against
-# 19.8-20.2; a block of width 512 (12 MB) in two lost 7% under Gloo (0.93x): it stays one bucket.
+# MPI 1.00x), and at data=4 a 16-block model's ranks grew 19.2-19.6 bytes per parameter of their quarter from width 64
+# to 768 with two buckets per unit against 19.8-20.2 with one (Gloo); a block of width 512 (12 MB) in two lost 7%
+# under Gloo (0.93x): it stays one bucket.
 BUCKET_MB = 16
 
 
