@@ -80,6 +80,10 @@ mon data = $dir/mon/\$name
 osd data = $dir/osd/\$name
 osd objectstore = memstore
 memstore device bytes = 2147483648
+# the OSD's place in the CRUSH map is set below by mon_command: its own update at start is a monitor command that
+# can lose the race mon_command describes
+osd crush update on start = false
+osd class update on start = false
 osd max object name len = 460
 osd max object namespace len = 64
 keyring = $dir/keyring
@@ -100,6 +104,32 @@ failed() {
 }
 trap 'failed $LINENO' ERR
 
+# A monitor command, sent once the client holds the monitor's map. Ceph 16's clients (the `ceph` CLI, librados)
+# start from a map without the cluster's fsid and learn it from the monitor's reply to their subscription; a command
+# sent before that reply is refused as "wrong fsid" (EPERM). On a loaded machine the command wins that race: CI's
+# starts failed at their first `ceph` command, both times, with "problem getting command descriptions from mon". So
+# the command goes through librados (python3-rados, which the ceph CLI uses too) after the fsid has arrived.
+mon_command() {
+  /usr/bin/python3 - "$conf" "$1" <<'PY'
+import sys
+import time
+
+import rados
+
+conf, command = sys.argv[1:]
+cluster = rados.Rados(conffile=conf)
+cluster.connect(timeout=30)
+deadline = time.monotonic() + 30
+while cluster.get_fsid() == "00000000-0000-0000-0000-000000000000" and time.monotonic() < deadline:
+    time.sleep(0.05)
+ret, out, err = cluster.mon_command(command, b"", timeout=30)
+cluster.shutdown()
+if ret != 0:
+    sys.exit(f"{command}: {err} (error {ret})")
+print(out.decode().strip())
+PY
+}
+
 log "starting the monitor"
 ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
 monmaptool --create --add a "v1:127.0.0.1:$mon_port" --fsid "$fsid" "$dir/monmap" >/dev/null
@@ -117,7 +147,8 @@ log "starting the OSD (memory-backed)"
 # created without one, the map's osd.0 had none and the OSD's start could be refused as "wrong fsid", 8 times in a
 # row on 2026-12-07 (EPERM from its first mon command, `osd create` with the uuid its mkfs drew).
 osd_uuid=$(cat /proc/sys/kernel/random/uuid)
-osd_id=$(ceph -c "$conf" --connect-timeout 20 osd create "$osd_uuid")
+osd_id=$(mon_command "{\"prefix\": \"osd create\", \"uuid\": \"$osd_uuid\"}")
+mon_command "{\"prefix\": \"osd crush add\", \"id\": $osd_id, \"weight\": 1.0, \"args\": [\"host=localhost\", \"root=default\"]}" >/dev/null
 mkdir -p "$dir/osd/osd.$osd_id"
 ceph-osd -c "$conf" -i "$osd_id" --mkfs --osd-uuid "$osd_uuid" >/dev/null 2>&1
 # Should a start still fail (the monitor's client racing its first command), starting it again is harmless: up to 8

@@ -30,9 +30,10 @@ log() { printf '[setup] %s\n' "$*"; }
 # iproute2, openssh-server: the multi-host test runs two "hosts" in network namespaces, each with its own sshd.
 # patch: applies scripts/patches/ to Horovod's source on the current stack.
 debs=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client strace iproute2 openssh-server patch)
-# The real servers of the tests (scripts/s3_server.sh, scripts/slurm_cluster.sh): ~70 MB, for `make test` only.
+# The real servers of the tests (scripts/s3_server.sh, scripts/slurm_cluster.sh): ~70 MB, for `make test` only
+# (python3-rados: s3_server.sh sends its monitor commands through librados).
 if [ "${HVDTRAIN_TEST_SERVERS:-0}" = 1 ]; then
-  debs+=(ceph-mon ceph-osd radosgw slurmctld slurmd slurm-client munge)
+  debs+=(ceph-mon ceph-osd radosgw python3-rados slurmctld slurmd slurm-client munge)
 fi
 missing=()
 for p in "${debs[@]}"; do
