@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real S3 server on this machine for the tests and for trying hvdtrain with object storage: Ceph's S3 gateway
 # (radosgw) on a single-node Ceph cluster (one monitor, one OSD on memory-backed storage, authentication off,
-# pools of size 1), listening on 127.0.0.1 only, without systemd. Debian 12 packages: ceph-mon ceph-osd radosgw.
+# pools of size 1), listening on 127.0.0.1 only, without systemd. Debian 12 packages: ceph-mon ceph-osd radosgw
+# python3-rados.
 #
 #   scripts/s3_server.sh start DIR [PORT]   start it in DIR (state, logs), print the environment to use it
 #   scripts/s3_server.sh stop DIR           stop every daemon started in DIR
