@@ -156,6 +156,11 @@ class ParallelConfig:
     # backward runs (less memory, more and smaller collectives; docs/performance.md). 0: as many as keep each bucket
     # within 16 MB of float32 (hvdtrain.distributed.fsdp.BUCKET_MB): one for a block of width 512, two at 768
     buckets_per_unit: int = 0
+    # with shard_params: the ranks each weight is sharded over, a divisor of the data-parallel degree (0: all of
+    # them). Fewer: hybrid sharding (HSDP): the data ranks form groups of this size (consecutive ranks, on one host
+    # when hosts hold whole groups) that shard the weights, and the groups replicate each other (their slices'
+    # gradients averaged across groups): the gathers stay within a host, one allreduce per step crosses hosts
+    shard_degree: int = 0
     recompute: bool = False  # recompute each Transformer block's activations in the backward pass
     # sequence parallelism at tensor > 1: between the split regions each tensor member holds 1/tensor of the
     # positions (norms, dropout and the residual stream of every block): less activation memory, the same bytes
@@ -626,6 +631,12 @@ def validate_parallel(cfg: Config) -> None:
                           "or 0 to cut by size")
     if p.buckets_per_unit > 1 and not p.shard_params:
         raise ConfigError("parallel.buckets_per_unit cuts the buckets of sharded parameters: set "
+                          "parallel.shard_params=true or leave it unset")
+    if p.shard_degree < 0:
+        raise ConfigError(f"parallel.shard_degree={p.shard_degree}: shard each weight over 1 or more data ranks, "
+                          "or 0 for all of them")
+    if p.shard_degree and not p.shard_params:
+        raise ConfigError("parallel.shard_degree sets the ranks sharded parameters are split over: set "
                           "parallel.shard_params=true or leave it unset")
     if p.sequence and p.tensor == 1:
         raise ConfigError("parallel.sequence=true splits the positions over the tensor-parallel group: it needs "

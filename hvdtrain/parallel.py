@@ -228,6 +228,8 @@ class Parallel:
         self.compute_dtype = COMPUTE_DTYPES[cfg.train.precision]
         self.param_dtype = self.compute_dtype if p.shard_optimizer else tf.float32
         self.fsdp = p.shard_params  # the weights' own slices over the data group: the optimizer's with them
+        # hybrid sharding: slices over the shard group, the same slices on every member of the replicate group
+        self.replicas = mesh.replicate_group if self.fsdp else None
         self.pipeline = self.split = None
         if plan is None:
             model = keras_model()
@@ -246,7 +248,7 @@ class Parallel:
                 units = self.split[mesh.stage]
             self.module = ShardedModule(plan, units, mesh.tensor_group, cfg.train.seed, p.recompute,
                                         self.compute_dtype, self.param_dtype, sequence=p.sequence, initial=initial,
-                                        shard=mesh.data_group if self.fsdp else None, prefetch=p.prefetch,
+                                        shard=mesh.shard_group if self.fsdp else None, prefetch=p.prefetch,
                                         buckets_per_unit=p.buckets_per_unit)
             self.full_bytes = 4 * plan.parameters
             if mesh.pipeline > 1:
@@ -309,6 +311,8 @@ class Parallel:
         """This rank's unique state: its counted slices (first replica), or its ZeRO slice (every rank)."""
         pieces = []
         if self.fsdp:
+            if self.replicas.size > 1 and self.replicas.rank > 0:  # hybrid sharding: the first replica writes
+                return []
             kinds, slots = slots_of(self.training_model.optimizer, self.variables)
             for j, bucket in enumerate(self.module.buckets):
                 arrays = [("param", bucket.variable)] + [(k, per[j]) for k, per in zip(kinds, slots)]
@@ -358,7 +362,8 @@ class Parallel:
     def describe_layout(self) -> dict[str, Any]:
         return {"world": self.mesh.world, "data": self.mesh.data, "tensor": self.mesh.tensor,
                 "pipeline": self.mesh.pipeline, "shard_optimizer": self.cfg.parallel.shard_optimizer,
-                "shard_params": self.fsdp}
+                "shard_params": self.fsdp, **({"shard_degree": self.mesh.shard_group.size}
+                                              if self.fsdp and self.replicas.size > 1 else {})}
 
     def load_checkpoint(self, uri: str, optimizer: bool = True) -> None:
         """Read this rank's slices of a checkpoint written at any layout (every rank reads its own); without
@@ -423,6 +428,8 @@ class Parallel:
             parts = [_Parts(bucket.variable, ranges) for bucket, ranges in
                      zip(self.module.buckets, self.bucket_ranges(lambda e: e.axis is None)) if ranges]
             groups = [(parts, self.mesh.tensor_group)]
+            if self.replicas.size > 1:
+                groups.append((list(self.variables), self.replicas))
             if self.tied:
                 groups.append(([self.variables[i] for i in self.tied], self.mesh.tie_group))
             return groups
@@ -572,6 +579,8 @@ class ParallelTrainer(tf.keras.Model):
         # them row by row would count a token's rows apart in the norm)
         grads = [tf.zeros_like(v, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                  for g, v in zip(grads, layout.variables)]
+        if layout.fsdp and layout.replicas.size > 1:  # hybrid sharding: each slice's gradient averaged over replicas
+            grads = layout.replicas.grouped_allreduce(grads, "average", name="replicate_gradients")
         if layout.tied:  # the two copies of a tied weight take the sum of both stages' gradients
             summed = mesh.tie_group.grouped_allreduce([grads[i] for i in layout.tied], "sum", name="tied_gradients")
             for i, g in zip(layout.tied, summed):
@@ -634,10 +643,11 @@ class ParallelTrainer(tf.keras.Model):
     def _step(self, grads) -> None:
         layout = self.layout
         if layout.fsdp:  # each slice's gradient is already the average over the data group
-            if self.clip_norm > 0:  # the slices of every rank cover the model once (counted parts only)
+            if self.clip_norm > 0:  # the slices of every rank cover the model once (counted parts only) per replica
                 squares = [tf.reduce_sum(tf.square(g[a:b])) for g, rs in
                            zip(grads, layout.bucket_ranges(lambda e: e.counted)) for a, b in rs]
-                factor = self._clip_factor(tf.add_n(squares) if squares else tf.constant(0.0), None)
+                mine = (tf.add_n(squares) if squares else tf.constant(0.0)) / layout.replicas.size
+                factor = self._clip_factor(mine, None)
                 grads = [g * factor for g in grads]
             self.optimizer.apply_gradients(zip(grads, layout.variables))
             return

@@ -279,7 +279,8 @@ def init(cfg: Config, autotune_log: str = "", dynamic_process_sets: bool = False
     layouts made later with ``dynamic_process_sets``); a no-op when already initialised."""
     distributed.init(horovod_knobs(cfg), threads_per_rank=cfg.distributed.threads_per_rank,
                      enable_xla_ops=cfg.train.jit_compile, autotune_log=autotune_log,
-                     dynamic_process_sets=dynamic_process_sets or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1,
+                     dynamic_process_sets=dynamic_process_sets or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1
+                     or cfg.parallel.shard_degree > 0,
                      double_threads=stage_forward_flops(cfg) >= DOUBLE_THREADS_FLOPS)
 
 
@@ -302,7 +303,7 @@ def make_mesh(cfg: Config):
     """The rank grid of ``cfg.parallel`` at the current world size (a config error when it does not fit)."""
     from hvdtrain.distributed.mesh import make_mesh as mesh
 
-    return mesh(cfg.parallel.tensor, cfg.parallel.pipeline)
+    return mesh(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.shard_degree)
 
 
 def make_layout(cfg: Config, source, mesh):

@@ -102,9 +102,12 @@ def start(cfg: Config, output: str | None, callbacks=(), progress: str | None = 
             f"{layout.split_description}")
     if cfg.parallel.shard_params:
         buckets = layout.module.buckets
-        log(f"parameters sharded over the data group: each of the {mesh.data} data ranks holds 1/{mesh.data} of "
-            f"{len(buckets)} buckets ({sum(b.flat.total for b in buckets):,} parameters of this rank's part), "
-            "gathered per unit" + (", again in the backward pass (recompute)" if cfg.parallel.recompute else ""))
+        shard, replicas = mesh.shard_group.size, mesh.replicate_group.size
+        over = (f"the data group: each of the {mesh.data} data ranks holds" if replicas == 1 else
+                f"groups of {shard} data ranks, {replicas} groups replicating each other (hybrid): each rank holds")
+        log(f"parameters sharded over {over} 1/{shard} of {len(buckets)} buckets "
+            f"({sum(b.flat.total for b in buckets):,} parameters of this rank's part), gathered per unit"
+            + (", again in the backward pass (recompute)" if cfg.parallel.recompute else ""))
     model = runtime.prepare(layout.training_model, cfg, runtime.learning_rate_schedule(cfg.train, plan),
                             elastic=cfg.train.elastic, layout=layout)
 

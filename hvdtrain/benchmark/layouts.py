@@ -37,19 +37,22 @@ CONTROLLER_ARGS = {"gloo": ["--gloo"],
 
 FLAGS = {"zero": "shard_optimizer", "fsdp": "shard_params", "recompute": "recompute", "seq": "sequence"}
 SETTINGS = ("tensor", "pipeline", "microbatches", "schedule", "shard_optimizer", "shard_params", "prefetch",
-            "buckets_per_unit", "recompute", "sequence")
+            "buckets_per_unit", "shard_degree", "recompute", "sequence")
 
 
 def parse(text: str) -> dict[str, Any]:
-    """``dp=2,tp=2,pp=2,m=4,gpipe,zero,fsdp,b=2,recompute,seq`` as a dict of the parallel settings and ``ranks``."""
+    """``dp=2,tp=2,pp=2,m=4,gpipe,zero,fsdp,b=2,s=2,recompute,seq`` as a dict of the parallel settings and
+    ``ranks`` (``s``: the shard degree, hybrid sharding)."""
     out = {"data": 1, "tensor": 1, "pipeline": 1, "microbatches": 1, "schedule": "1f1b", "shard_optimizer": False,
-           "shard_params": False, "prefetch": True, "buckets_per_unit": 0, "recompute": False, "sequence": False}
-    keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches", "b": "buckets_per_unit"}
+           "shard_params": False, "prefetch": True, "buckets_per_unit": 0, "shard_degree": 0, "recompute": False,
+           "sequence": False}
+    keys = {"dp": "data", "tp": "tensor", "pp": "pipeline", "m": "microbatches", "b": "buckets_per_unit",
+            "s": "shard_degree"}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if "=" in part:
             key, value = part.split("=", 1)
             if key not in keys or not value.isdigit() or int(value) < 1:
-                raise UsageError(f"layout '{text}': '{part}' is not one of dp=N, tp=N, pp=N, m=N, b=N")
+                raise UsageError(f"layout '{text}': '{part}' is not one of dp=N, tp=N, pp=N, m=N, b=N, s=N")
             out[keys[key]] = int(value)
         elif part in ("gpipe", "1f1b"):
             out["schedule"] = part
@@ -58,8 +61,8 @@ def parse(text: str) -> dict[str, Any]:
         elif part == "noprefetch":  # sharded parameters: each unit gathers when it starts
             out["prefetch"] = False
         else:
-            raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, b=N, gpipe, 1f1b, "
-                             "zero, fsdp, noprefetch, recompute, seq)")
+            raise UsageError(f"layout '{text}': unknown part '{part}' (use dp=N, tp=N, pp=N, m=N, b=N, s=N, gpipe, "
+                             "1f1b, zero, fsdp, noprefetch, recompute, seq)")
     out["ranks"] = out["data"] * out["tensor"] * out["pipeline"]
     return out
 
@@ -72,7 +75,8 @@ def label(layout: dict[str, Any]) -> str:
         name += f" ({layout['schedule']}, M={layout['microbatches']})"
     return name + "".join(f"+{flag}" for flag, key in FLAGS.items() if layout.get(key)) + (
         "+noprefetch" if layout.get("prefetch") is False else "") + (
-        f"+b{layout['buckets_per_unit']}" if layout.get("buckets_per_unit", 0) > 0 else "")  # 0: by size
+        f"+b{layout['buckets_per_unit']}" if layout.get("buckets_per_unit", 0) > 0 else "") + (  # 0: by size
+        f"+s{layout['shard_degree']}" if layout.get("shard_degree", 0) > 0 else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

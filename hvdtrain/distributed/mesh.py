@@ -11,6 +11,11 @@ For 8 ranks at tensor=2, pipeline=2 (data=2)::
     tensor groups {0,1} {2,3} {4,5} {6,7}; data groups {0,2} {1,3} {4,6} {5,7}; pipelines {0,4} {1,5} {2,6} {3,7};
     replicas (every rank of one copy of the model) {0,1,4,5} {2,3,6,7}
 
+Hybrid sharding (``shard`` ranks per shard group, fewer than data): a data group's consecutive runs of ``shard``
+members shard the parameters among themselves ("shard" groups) and the members at the same place in each run
+replicate each other ("replicate" groups). At data=4, shard=2 (tensor=pipeline=1): shard groups {0,1} {2,3},
+replicate groups {0,2} {1,3}.
+
 Every rank registers every group's process set, in the same order (Horovod requires it); a group of one rank has
 no process set and its collectives are the identity; the group of all ranks is Horovod's global set.
 """
@@ -205,6 +210,8 @@ class Mesh:
     stage_group: Group  # every rank of this rank's pipeline stage (its replicated weights are identical)
     pipeline_group: Group  # the stages of this rank's pipeline (same replica and shard)
     replica_group: Group  # every rank of this rank's copy of the model (tensor x pipeline)
+    shard_group: Group  # the data ranks sharded parameters are split over (the data group unless hybrid)
+    replicate_group: Group  # the ranks holding the same slices (one rank unless hybrid sharding)
     prev_edge: Group | None  # [previous stage, this stage] for transfers
     next_edge: Group | None  # [this stage, next stage]
     tie_group: Group | None  # [first stage, last stage] of this pipeline, on those two stages (tied weights)
@@ -251,9 +258,18 @@ def layout(world: int, tensor: int, pipeline: int) -> int:
     return world // (tensor * pipeline)
 
 
-def all_groups(world: int, tensor: int, pipeline: int) -> dict[str, list[tuple[int, ...]]]:
+def shard_degree(data: int, shard: int) -> int:
+    """The ranks sharded parameters are split over: ``shard`` (0: all ``data``), which must divide ``data``."""
+    if shard and data % shard:
+        raise ConfigError(f"parallel.shard_degree={shard} must divide the data-parallel degree {data}: use one of "
+                          f"{', '.join(str(d) for d in range(1, data + 1) if data % d == 0)}")
+    return shard or data
+
+
+def all_groups(world: int, tensor: int, pipeline: int, shard: int = 0) -> dict[str, list[tuple[int, ...]]]:
     """Every group of the grid by kind, in the order every rank registers them."""
     data = layout(world, tensor, pipeline)
+    shard = shard_degree(data, shard)
     at = lambda s, d, t: rank_of(s, d, t, data, tensor)  # noqa: E731
     groups: dict[str, list[tuple[int, ...]]] = {
         "tensor": [tuple(at(s, d, t) for t in range(tensor)) for s in range(pipeline) for d in range(data)],
@@ -265,6 +281,10 @@ def all_groups(world: int, tensor: int, pipeline: int) -> dict[str, list[tuple[i
                  for t in range(tensor)],
         "tie": [(at(0, d, t), at(pipeline - 1, d, t)) for d in range(data) for t in range(tensor)] if pipeline > 1
         else [],
+        "shard": [tuple(at(s, d, t) for d in range(k, k + shard)) for s in range(pipeline) for t in range(tensor)
+                  for k in range(0, data, shard)],
+        "replicate": [tuple(at(s, d, t) for d in range(j, data, shard)) for s in range(pipeline)
+                      for t in range(tensor) for j in range(shard)],
     }
     return groups
 
@@ -272,7 +292,7 @@ def all_groups(world: int, tensor: int, pipeline: int) -> dict[str, list[tuple[i
 _SETS: dict[tuple[int, ...], Any] = {}  # the process sets this process registered, by their ranks
 
 
-def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
+def make_mesh(tensor: int = 1, pipeline: int = 1, shard: int = 0) -> Mesh:
     """The mesh of this job (call on every rank, after :func:`hvdtrain.distributed.init`).
 
     Registers a Horovod process set for every group of two or more ranks that is not the whole world (this needs
@@ -280,7 +300,7 @@ def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
     process is used again (Horovod refuses the same ranks twice).
     """
     world, me = core.size(), core.rank()
-    groups = all_groups(world, tensor, pipeline)
+    groups = all_groups(world, tensor, pipeline, shard)
     sets = _SETS
     needed = [g for kind in groups.values() for g in kind if 1 < len(g) < world]
     if needed:
@@ -309,6 +329,8 @@ def make_mesh(tensor: int = 1, pipeline: int = 1) -> Mesh:
         tensor_group=group("tensor", mine("tensor")), data_group=group("data", mine("data")),
         stage_group=group("stage", mine("stage")), pipeline_group=group("pipeline", mine("pipeline")),
         replica_group=group("replica", mine("replica")),
+        shard_group=group("shard", mine("shard")) if len(mine("shard")) < data else group("data", mine("data")),
+        replicate_group=group("replicate", mine("replicate")),
         prev_edge=group("edge", prev) if prev else None,
         next_edge=group("edge", edges[me]) if me in edges else None,
         tie_group=group("tie", tie) if tie else None,

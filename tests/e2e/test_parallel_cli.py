@@ -36,6 +36,8 @@ LAYOUTS = {
     "dp2_fsdp": (2, ["data.batch_size_per_rank=8", "parallel.shard_params=true"]),
     "dp2xtp2_fsdp": (4, ["data.batch_size_per_rank=8", "parallel.tensor=2", "parallel.shard_params=true",
                          "parallel.recompute=true"]),
+    # hybrid sharding: data=4 as two groups of 2 ranks that shard the weights and replicate each other
+    "dp4_hsdp2": (4, ["data.batch_size_per_rank=4", "parallel.shard_params=true", "parallel.shard_degree=2"]),
 }
 # The second family through the same command: a llama (grouped-query attention, rotary positions, SwiGLU) over a
 # byte-level BPE of 384 tokens trained on the run's text, with dropout: the masks are the one-process masks at
@@ -212,16 +214,17 @@ def llama_one(tmp_path_factory, corpus):
     return out
 
 
-def test_llama_with_sharded_parameters_x_tensor_killed_resumes_sharded_at_data_2(llama_one, corpus, tmp_path):
+def test_llama_with_sharded_parameters_x_tensor_killed_resumes_hybrid_sharded_at_data_4(llama_one, corpus, tmp_path):
     """llama with dropout at data=2 sharded x tensor=2 with recompute (4 ranks), SIGKILLed after its first
-    checkpoint, resumed at data=2 sharded alone with two buckets per unit (other slices of other buckets): the
-    one-process metrics."""
+    checkpoint, resumed at data=4 with hybrid sharding (two groups of 2 ranks sharding the weights, replicating each
+    other) and two buckets per unit (other slices of other buckets): the one-process metrics."""
     llama = {"recipe": "llama-tiny", "model": SMALL_LLAMA}
     out = tmp_path / "run"
     proc = train(corpus, out, "dp2xtp2_fsdp", failpoint="after-checkpoint@1", check=False, **llama)
     assert proc.returncode != 0 and len(rows(out)) == 1
-    again = train(corpus, out, "dp2_fsdp", "parallel.buckets_per_unit=2", **llama)
+    again = train(corpus, out, "dp4_hsdp2", "parallel.buckets_per_unit=2", **llama)
     assert "resuming after epoch 1" in again.stdout and "1/2 of 7 buckets" in again.stdout
+    assert "groups of 2 data ranks, 2 groups replicating each other" in again.stdout
     assert_same_metrics(out, llama_one)
     assert summary(out)["test_loss"] == pytest.approx(summary(llama_one)["test_loss"], rel=1e-5)
 

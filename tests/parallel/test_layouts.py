@@ -94,6 +94,11 @@ FOUR_RANKS = {
     "dp2xtp2_fsdp_bf16": f"{TP2}&{FSDP}&{SGD}&train.precision=mixed_bfloat16",
     "dp2xpp2_fsdp_tied_dropout": f"parallel.pipeline=2&parallel.microbatches=2&{FSDP}&{SGD}&{TIED % 0.1}&"
                                  "parallel.buckets_per_unit=2",
+    # hybrid sharding: data=4 as two shard groups of 2 replicating each other (clipping: the replicas' slices are
+    # counted once in the norm); the negative control leaves the slices' gradients unaveraged across the groups
+    # (unclipped, which would bound how far the groups drift apart)
+    "dp4_hsdp2_clip_dropout": f"{FSDP}&parallel.shard_degree=2&{CLIP}&{DROPOUT}",
+    "dp4_hsdp2_unreplicated": f"{FSDP}&parallel.shard_degree=2&{SGD}&{DROPOUT}&negative=unreplicated",
 }
 
 
@@ -457,6 +462,25 @@ def test_sharded_parameters_negative_controls(two, four):
     for case in (two[0]["dp2_fsdp_summed"], two[0]["dp2_fsdp_stale"], four[0]["dp2xtp2_fsdp_sequence_unsummed"]):
         diff, moved = apart(case)
         assert diff > 100 * TOLERANCE and diff > 0.01 * moved
+
+
+def test_hybrid_sharding_matches_one_process_and_fails_without_the_replicas_average(four):
+    """data=4 as two groups of 2 that shard the weights (each rank holds half) and replicate each other: plain SGD,
+    clipping, dropout, equal to one process; the gathers and reduce-scatters stay within the shard group and one
+    grouped allreduce per step crosses the groups. Without that average each group trains on its half of the batch
+    alone (negative control)."""
+    ranks = [r["dp4_hsdp2_clip_dropout"] for r in four]
+    assert equal(ranks[0])
+    assert apart(ranks[0])[1] <= 3 * 0.5 * 0.05  # the clip acted
+    diff, moved = apart(four[0]["dp4_hsdp2_unreplicated"])
+    assert diff > 100 * TOLERANCE and diff > 0.01 * moved
+    for r in ranks:
+        assert r["memory"]["sharded_param_bytes_per_rank"] == pytest.approx(r["memory"]["param_bytes_full"] / 2,
+                                                                            abs=64)
+        traffic = r["traffic"]
+        assert traffic["shard_allgather"]["calls"] > 0 and traffic["shard_reducescatter"]["calls"] > 0
+        assert traffic["replicate_allreduce"]["calls"] == 3  # one grouped allreduce per step
+        assert not any(traffic.get(f"data_{kind}", {}).get("calls") for kind in ("allgather", "allreduce"))
 
 
 def test_sharded_parameters_composed_with_tensor_and_pipeline_match_one_process(four):

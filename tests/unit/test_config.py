@@ -48,6 +48,8 @@ def test_config_is_frozen():
     ("train.epochs", ["section.key=value"]),
     ("parallel.buckets_per_unit=-1", ["parallel.buckets_per_unit=-1", "1 or more", "0 to cut by size"]),
     ("parallel.buckets_per_unit=2", ["parallel.buckets_per_unit", "parallel.shard_params=true"]),
+    ("parallel.shard_degree=2", ["parallel.shard_degree", "parallel.shard_params=true"]),
+    ("parallel.shard_degree=-1", ["parallel.shard_degree=-1", "0 for all of them"]),
 ])
 def test_strict_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:
@@ -175,5 +177,6 @@ def test_benchmark_layouts_are_written_as_users_type_them():
     assert layouts.label(lay) == "dp2+fsdp+recompute+noprefetch"
     assert layouts.parse("dp=4,fsdp")["prefetch"] is True
     assert layouts.label(layouts.parse("dp=2,fsdp,b=2")) == "dp2+fsdp+b2"
+    assert layouts.label(layouts.parse("dp=4,fsdp,s=2")) == "dp4+fsdp+s2"
     with pytest.raises(UsageError, match="unknown part 'fdsp'"):
         layouts.parse("dp=2,fdsp")

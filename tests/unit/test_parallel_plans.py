@@ -18,6 +18,21 @@ def test_rank_grid_puts_tensor_groups_on_consecutive_ranks():
     assert groups["tie"] == [(0, 4), (1, 5), (2, 6), (3, 7)]  # first and last stage (tied embeddings)
 
 
+def test_hybrid_sharding_groups_run_of_consecutive_data_ranks_that_replicate_each_other():
+    """parallel.shard_degree: within a data group, runs of consecutive members shard (on one host when hosts hold
+    whole runs), the members at the same place in each run replicate; without it the shard group is the data
+    group and nothing replicates. A degree that does not divide the data degree is a one-line config error."""
+    groups = mesh.all_groups(8, tensor=1, pipeline=1, shard=2)
+    assert groups["shard"] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert groups["replicate"] == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    grid = mesh.all_groups(8, tensor=2, pipeline=1, shard=2)  # data=4: data groups (0,2,4,6) and (1,3,5,7)
+    assert grid["shard"] == [(0, 2), (4, 6), (1, 3), (5, 7)] and grid["replicate"] == [(0, 4), (2, 6), (1, 5), (3, 7)]
+    whole = mesh.all_groups(8, tensor=2, pipeline=2)
+    assert whole["shard"] == whole["data"] and all(len(g) == 1 for g in whole["replicate"])
+    with pytest.raises(ConfigError, match="shard_degree=3 must divide the data-parallel degree 4: use one of 1, 2, 4"):
+        mesh.all_groups(4, tensor=1, pipeline=1, shard=3)
+
+
 def test_a_layout_that_does_not_divide_the_world_is_a_config_error():
     assert mesh.layout(4, 2, 1) == 2
     with pytest.raises(ConfigError, match="cannot be laid out as tensor=3 x pipeline=1"):

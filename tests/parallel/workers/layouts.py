@@ -15,7 +15,8 @@ Usage: layouts.py OUTDIR CASES
           below sees it; combined with drop_grad in one case), sequence_unsummed (with sequence parallelism, the
           gradients of the replicated weights that saw a member's positions only are not summed over the group),
           stale_gather (sharded parameters: every step computes with the weights gathered at the first, while
-          the gradients still reach the slices).
+          the gradients still reach the slices), unreplicated (hybrid sharding: the slices' gradients are not
+          averaged across the shard groups).
 
 The parallel run's weights are read back from the sharded checkpoint it writes (every rank its part), through
 the same reader a resumed run uses. Each rank writes rank{r}.json: {case: {...}}. Cases at different layouts share
@@ -46,7 +47,8 @@ SMALL = ["data.context_length=16", "data.batch_size_per_rank=8",
          "data.path=" + str(outdir / "corpus.txt")]
 
 original = {"g": tensor.reduce_from_group, "transfer": pipeline.Pipeline._transfer, "ctx": tensor.TensorContext,
-            "reducescatter": Group.reducescatter, "nothing": pipeline.Pipeline._nothing, "gather": fsdp.gather}
+            "reducescatter": Group.reducescatter, "nothing": pipeline.Pipeline._nothing, "gather": fsdp.gather,
+            "grouped_allreduce": Group.grouped_allreduce}
 TRANSFER = re.compile(r"pp_[fb]\d+_m\d+")
 
 
@@ -57,6 +59,7 @@ def negative(kinds: str) -> None:
     pipeline.Pipeline._nothing = original["nothing"]
     Group.reducescatter = original["reducescatter"]
     fsdp.gather = original["gather"]
+    Group.grouped_allreduce = original["grouped_allreduce"]
     tensor.TensorContext = sharded.TensorContext = original["ctx"]
     for kind in kinds.split("+"):
         break_(kind)
@@ -74,6 +77,13 @@ def break_(kind: str) -> None:
             return first + (live - tf.stop_gradient(live))
 
         fsdp.gather = stale
+    elif kind == "unreplicated":  # hybrid sharding without the slices' gradients averaged across the shard groups
+        def unreplicated(self, tensors, op="average", name=None):
+            if name == "replicate_gradients":
+                return list(tensors)
+            return original["grouped_allreduce"](self, tensors, op, name)
+
+        Group.grouped_allreduce = unreplicated
     elif kind == "g":
         tensor.reduce_from_group = lambda x, group: group.allreduce(x, "sum")
     elif kind == "ordered_receives":
