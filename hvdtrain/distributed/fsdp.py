@@ -84,10 +84,10 @@ def cut(key: str, members: list, size, parts: int) -> list[tuple[str, list]]:
     ``(key, its members)``: a cut goes at the weight boundary nearest to each multiple of ``total / parts`` (a unit
     of one weight stays whole); one group keeps ``key``, several are ``key/0``, ``key/1``, ... ``parts`` 0: by
     size (:func:`buckets_for`)."""
-    parts = buckets_for([size(m) for m in members], parts)
+    sizes = [size(m) for m in members]
+    parts = buckets_for(sizes, parts)
     if parts == 1 or len(members) == 1:
         return [(key, members)]
-    sizes = [size(m) for m in members]
     before = np.cumsum(sizes)[:-1]  # the size before each weight but the first: where a cut can go
     cuts = sorted({int(np.argmin(np.abs(before - sum(sizes) * k / parts))) + 1 for k in range(1, parts)})
     return [(f"{key}/{i}", members[a:b]) for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(members)]))]

@@ -97,8 +97,9 @@ def test_a_bundle_larger_than_a_chunk_is_written_in_parts_and_merged(tmp_path, k
 def test_reading_a_checkpoint_leaves_no_data_file_buffered(tmp_path, monkeypatch):
     """TensorFlow's bundle reader keeps a 1 MB buffer for each data file it has read from until it is closed, and a
     rank's bundle is written in data files of CHUNK_BYTES: readers kept open over a whole checkpoint held one buffer
-    per data file (52 MB more resident after writing a 113M-parameter model.keras from a data=4 checkpoint's 44 data
-    files). Here 40 data files of 1.2 MB, each variable read whole: the resident set grows by far less than 40 MB."""
+    per data file (writing a 113M-parameter model.keras from a data=4 checkpoint's 44 data files grew the resident
+    set 69 MB with them kept open, 21 MB closed). Here 40 data files of 1.2 MB, each variable read whole: the
+    resident set grows by far less than 40 MB."""
     import gc
 
     monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4 * 300_000)
